@@ -1,0 +1,5 @@
+"""Data: tokenizers (`data.tokenizers`), preparation of token files (`data.prepare`) and batches (`data.loader`).
+
+Nothing is re-exported here, so that `python -m data.prepare` does not import torch (the loader's dependency)
+before forking its tokenising workers; import from the submodules.
+"""

@@ -1,0 +1,173 @@
+"""Read prepared token files and draw training, Hessian and validation batches as pure functions of their index.
+
+A batch has no hidden RNG state: for (seed, stream, step) the *global* batch's window offsets are drawn with
+`numpy.random.default_rng([seed, stream, step])`, and rank r at micro-step k takes rows
+`(k * world_size + r) * micro_batch_size` onwards. Resuming is therefore exact, runs with the same seed see the
+same tokens whatever the optimizer, and 1 process × 2 micro-steps sees the same sequences as 2 ranks × 1
+micro-step. The validation set is fixed: sequence j is drawn from `default_rng([VAL_SEED, VAL_STREAM, j])`,
+independent of the training seed, the micro-batch size and the world size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.errors import UserError
+from data.prepare import FORMAT_VERSION
+
+TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
+VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
+
+
+class TokenData:
+    """The prepared files of one dataset folder: `meta.json` plus a read-only memmap per split."""
+
+    def __init__(self, dir: str | Path, *, tokenizer: str | None = None, vocab_size: int | None = None):
+        self.dir = Path(dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(
+                f"{self.dir} holds no prepared data (no meta.json; a preparation may have been interrupted). "
+                f"Run: python -m data.prepare data=<name> data.dir={self.dir}"
+            )
+        self._meta: dict[str, Any] = json.loads(meta_path.read_text())
+        if self._meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(
+                f"{meta_path} has format version {self._meta.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}; prepare the data again into a new data.dir"
+            )
+        for key, expected in (("tokenizer", tokenizer), ("vocab_size", vocab_size)):
+            if expected is not None and self._meta[key] != expected:
+                raise UserError(
+                    f"{self.dir} was prepared with {key} {self._meta[key]!r} but {expected!r} is expected; "
+                    "set data.tokenizer to match, or prepare the data for it"
+                )
+        dtype = np.dtype(self._meta["dtype"]).newbyteorder("<")
+        self._splits: dict[str, np.memmap] = {}
+        for name, counts in self._meta["splits"].items():
+            path = self.dir / f"{name}.bin"
+            expected_bytes = counts["tokens"] * dtype.itemsize
+            actual_bytes = path.stat().st_size if path.is_file() else None
+            if actual_bytes != expected_bytes:
+                raise UserError(
+                    f"{path} has {actual_bytes} bytes but meta.json promises {counts['tokens']} tokens = "
+                    f"{expected_bytes} bytes (truncated or replaced); delete {self.dir} and prepare it again"
+                )
+            self._splits[name] = np.memmap(path, dtype=dtype, mode="r")
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self._meta
+
+    @property
+    def vocab_size(self) -> int:
+        return self._meta["vocab_size"]
+
+    @property
+    def eot_id(self) -> int:
+        return self._meta["eot_id"]
+
+    @property
+    def tokenizer(self) -> str:
+        return self._meta["tokenizer"]
+
+    def split(self, name: str) -> np.memmap:
+        return self._splits[name]
+
+
+class BatchLoader:
+    """Deterministic (x, y) batches of `block_size` tokens for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        data: TokenData,
+        *,
+        block_size: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if seed < 0:
+            raise UserError(f"seed must be >= 0, got {seed}")
+        self.data = data
+        self.block_size = block_size
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.device = torch.device(device)
+        self.grad_accum_steps = self._accum_steps(global_batch_size, "global_batch_size")
+        for name in ("train", "val"):
+            if len(data.split(name)) < block_size + 1:
+                raise UserError(
+                    f"the {name} split of {data.dir} has {len(data.split(name))} tokens, fewer than "
+                    f"block_size + 1 = {block_size + 1}; use a smaller block_size or a larger corpus"
+                )
+
+    def hessian_accum_steps(self, global_batch_size: int | None = None) -> int:
+        """Micro-steps per Hessian estimate; its batch may differ from the training batch."""
+        if global_batch_size is None:
+            global_batch_size = self.global_batch_size
+        return self._accum_steps(global_batch_size, "hessian global batch size")
+
+    def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._global_batch_rows(TRAIN_STREAM, step, micro_step, self.global_batch_size)
+
+    def hessian_batch(
+        self, step: int, micro_step: int, global_batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences for Sophia's curvature estimate: their own stream over the train split, so they are not
+        the sequences of `step`'s training batch."""
+        if global_batch_size is None:
+            global_batch_size = self.global_batch_size
+        return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size)
+
+    def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `index`-th micro-batch of the fixed validation set (sequences index·mbs … (index+1)·mbs − 1)."""
+        high = len(self.data.split("val")) - self.block_size
+        first = index * self.micro_batch_size
+        offsets = [
+            np.random.default_rng([VAL_SEED, VAL_STREAM, j]).integers(0, high)
+            for j in range(first, first + self.micro_batch_size)
+        ]
+        return self._windows("val", np.array(offsets))
+
+    def _accum_steps(self, global_batch_size: int, what: str) -> int:
+        per_micro_step = self.micro_batch_size * self.world_size
+        if global_batch_size <= 0 or global_batch_size % per_micro_step:
+            raise UserError(
+                f"{what} {global_batch_size} is not a multiple of micro_batch_size × world_size = "
+                f"{self.micro_batch_size} × {self.world_size} = {per_micro_step}; change one of them so it divides"
+            )
+        return global_batch_size // per_micro_step
+
+    def _global_batch_rows(
+        self, stream: int, step: int, micro_step: int, global_batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        accum_steps = self._accum_steps(global_batch_size, "global batch size")
+        if not 0 <= micro_step < accum_steps:
+            raise ValueError(f"micro_step {micro_step} is outside 0..{accum_steps - 1}")
+        high = len(self.data.split("train")) - self.block_size
+        offsets = np.random.default_rng([self.seed, stream, step]).integers(0, high, size=global_batch_size)
+        first = (micro_step * self.world_size + self.rank) * self.micro_batch_size
+        return self._windows("train", offsets[first : first + self.micro_batch_size])
+
+    def _windows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x = tokens[o : o+T], y = tokens[o+1 : o+T+1] for each offset o, as int64 tensors on the device."""
+        rows = self.data.split(split)[offsets[:, None] + np.arange(self.block_size + 1)]
+        x = torch.from_numpy(rows[:, :-1].astype(np.int64))
+        y = torch.from_numpy(rows[:, 1:].astype(np.int64))
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)

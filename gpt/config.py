@@ -1,0 +1,154 @@
+"""Typed schema of the training config, and the values derived from it in one place.
+
+Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
+type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
+tokens per step (Sophia's `bs`), decay steps — that must never be duplicated in YAML. The `optim` and `data`
+groups have per-choice keys: the optimizer registry and the data package validate those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+STRATEGIES = ("auto", "single", "ddp", "fsdp")
+
+
+@dataclass
+class ModelSettings:
+    name: str = "custom"
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304
+    dropout: float = 0.0
+    bias: bool = False
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 100000
+    global_batch_size: int = 480
+    micro_batch_size: int = 12
+    eval_interval: int = 1000
+    eval_steps: int = 200
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    grad_clip: float = 1.0
+    dtype: str = "bfloat16"
+    compile: bool = False
+    device: str = "auto"
+    strategy: str = "auto"
+    on_nonfinite: str = "stop"
+    max_skipped: int = 10
+    dry_run: bool = False
+    gpu: str = "auto"
+    assumed_mfu: float = 0.4
+
+
+@dataclass
+class ScheduleSettings:
+    name: str = "cosine"
+    warmup_steps: int = 2000
+    min_lr: float = 3e-5
+    decay_steps: int | None = None
+
+
+@dataclass
+class WandbSettings:
+    enabled: bool = False
+    project: str = "sophia-gpt"
+    mode: str = "online"
+    name: str | None = None
+
+
+@dataclass
+class Settings:
+    out_dir: str
+    model: ModelSettings
+    train: TrainSettings
+    schedule: ScheduleSettings
+    wandb: WandbSettings
+    optim: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def _typed(section: str, schema: type, values: Any) -> Any:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except OmegaConfBaseException as e:
+        first_line = str(e).splitlines()[0]
+        raise UserError(f"config group '{section}': {first_line}") from None
+
+
+def load_settings(cfg: DictConfig) -> Settings:
+    """Validate a composed config; every error names the key and what is allowed."""
+    for key in ("out_dir", "model", "train", "schedule", "optim", "data"):
+        if key not in cfg:
+            raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    settings = Settings(
+        out_dir=str(container["out_dir"]),
+        model=_typed("model", ModelSettings, container["model"]),
+        train=_typed("train", TrainSettings, container["train"]),
+        schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
+        wandb=_typed("wandb", WandbSettings, container.get("wandb", {})),
+        optim=dict(container["optim"]),
+        data=dict(container["data"]),
+    )
+    _check(settings)
+    return settings
+
+
+def _check(s: Settings) -> None:
+    t, m = s.train, s.model
+    if t.dtype not in DTYPES:
+        raise UserError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
+    if t.strategy not in STRATEGIES:
+        raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_steps",
+                "log_interval", "ckpt_interval", "keep_checkpoints"):
+        if getattr(t, key) < 1:
+            raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
+    if m.n_embd % m.n_head:
+        raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if s.schedule.warmup_steps < 0:
+        raise UserError("schedule.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic for one run: the vocabulary of STYLE.md, computed once."""
+
+    world_size: int
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    block_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predictions per optimizer step over all ranks and micro-steps: Sophia's `bs`."""
+        return self.global_batch_size * self.block_size
+
+
+def plan_batches(train: TrainSettings, block_size: int, world_size: int) -> BatchPlan:
+    per_pass = train.micro_batch_size * world_size
+    if train.global_batch_size % per_pass:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{train.micro_batch_size} × world size {world_size}; pick sizes whose product divides it"
+        )
+    return BatchPlan(world_size, train.global_batch_size, train.micro_batch_size,
+                     train.global_batch_size // per_pass, block_size)

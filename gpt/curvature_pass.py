@@ -1,0 +1,94 @@
+"""The trainer's side of curvature estimation: micro-batching, gradient sync and precision around the
+estimators of `optim.curvature`.
+
+GNB (Sophia-G): forward on the loader's Hessian stream, labels sampled from the model's own logits, mean
+cross-entropy, backward with accumulation (all-reduced under DDP exactly like a training step), optional
+global-norm clip, then `optimizer.update_hessian()`. Hutchinson (Sophia-H, AdaHessian): one Rademacher probe
+u shared by all ranks, u ⊙ Hu summed over micro-batches by double backward through the math attention
+kernel on the unwrapped model, averaged over ranks, then `optimizer.update_hessian(estimates)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from data.loader import BatchLoader
+from gpt.distributed import Runtime, gradient_sync, unwrap
+from gpt.model import math_attention
+from gpt.seeding import derive_seed
+from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
+
+
+@dataclass(frozen=True)
+class CurvatureSchedule:
+    kind: str  # gnb | hutchinson
+    interval: int
+    batch_size: int  # sequences per pass over all ranks
+    grad_clip: float  # 0: no clip of the GNB gradient
+    at_start: bool  # the optimizer needs an estimate before its first step
+
+    def due(self, step: int) -> bool:
+        """Runs at the start of step s: the parameters equal those after step s-1, where the official code runs."""
+        return step % self.interval == 0 and (step > 0 or self.at_start)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def run_curvature_pass(
+    schedule: CurvatureSchedule,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: BatchLoader,
+    step: int,
+    seed: int,
+    runtime: Runtime,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> float:
+    """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds."""
+    start = time.perf_counter()
+    accum = loader.hessian_accum_steps(schedule.batch_size)
+    params = _params(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    if schedule.kind == "gnb":
+        for micro in range(accum):
+            x, _ = loader.hessian_batch(step, micro, schedule.batch_size)
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(derive_seed(seed, "gnb", step, micro, runtime.rank))
+            with gradient_sync(model, micro == accum - 1):
+                with autocast():
+                    logits, _ = model(x)
+                (gnb_loss(logits, generator) / accum).backward()
+        if schedule.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+        optimizer.update_hessian()
+    elif schedule.kind == "hutchinson":
+        generator = torch.Generator(device=runtime.device)
+        generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank
+        probes = rademacher_like(params, generator)
+        estimates = [torch.zeros_like(p) for p in params]
+        raw = unwrap(model)
+        with math_attention():
+            for micro in range(accum):
+                x, y = loader.hessian_batch(step, micro, schedule.batch_size)
+                with autocast():
+                    _, loss = raw(x, y)
+                products = hessian_vector_products(loss / accum, params, probes)
+                torch._foreach_add_(estimates, torch._foreach_mul(products, probes))
+        if runtime.distributed:
+            flat = torch.cat([e.reshape(-1) for e in estimates])
+            runtime.all_reduce(flat, "mean")
+            estimates = list(torch.split(flat, [e.numel() for e in estimates]))
+            estimates = [e.view_as(p) for e, p in zip(estimates, params, strict=True)]
+        optimizer.update_hessian(estimates)
+    else:
+        raise ValueError(f"unknown curvature estimator {schedule.kind!r}")
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start

@@ -1,0 +1,133 @@
+"""Process-group setup and the collectives the trainer needs, for one process or many under torchrun.
+
+One `Runtime` describes this process (rank, world, device); everything the trainer does across ranks goes
+through it, so the single-process path is the same code with a world of one. NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data.errors import UserError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    strategy: str  # single | ddp | fsdp
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum, max or mean); a no-op for one process."""
+        if self.distributed:
+            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "mean": dist.ReduceOp.SUM}[op]
+            dist.all_reduce(tensor, op=reduce_op)
+            if op == "mean":
+                tensor.div_(self.world_size)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: object) -> object:
+        """Rank 0's value on every rank (e.g. a decision only rank 0 can make)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def _pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise UserError(f"train.device={requested!r} is not one of auto, cpu, cuda")
+
+
+def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
+    """Read torchrun's environment, join the process group, pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if strategy == "auto":
+        strategy = "ddp" if world_size > 1 else "single"
+    if strategy == "single" and world_size > 1:
+        raise UserError(f"train.strategy=single but WORLD_SIZE={world_size}; use ddp or fsdp under torchrun")
+    if strategy in ("ddp", "fsdp") and world_size == 1:
+        strategy = "single"  # one rank: wrapping would only add overhead
+    torch_device = _pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=(
+            torch_device if torch_device.type == "cuda" else None))
+    return Runtime(rank, local_rank, world_size, torch_device, strategy)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+    """The module the training forward/backward goes through: the model itself, DDP, or FSDP2-sharded."""
+    if runtime.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+    if runtime.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on all but the last micro-step (entered before that micro-step's forward)."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield

@@ -1,0 +1,98 @@
+"""Run metrics: `metrics.jsonl` (the file every plot and analysis reads), the console line, and wandb.
+
+Only rank 0 writes. On resume the file is cut back to the records of steps the checkpoint already covers, so
+a run killed after logging but before checkpointing never leaves duplicated or torn lines. wandb mirrors the
+same records when enabled (offline mode needs no network) and continues the same run id across resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Valid records of a metrics file, skipping a torn last line."""
+    records = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so the file stays valid for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.path = Path(out_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.wandb_run = None
+        if enabled:
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def start_wandb(self, settings: Any, config: dict[str, Any], run_id: str | None, out_dir: Path) -> str | None:
+        """Start or continue the wandb run; returns its id for the checkpoint."""
+        if not (self.enabled and settings.enabled):
+            return run_id
+        import wandb
+
+        self.wandb_run = wandb.init(
+            project=settings.project, name=settings.name, id=run_id, resume="allow", mode=settings.mode,
+            dir=str(out_dir), config=config,
+        )
+        return self.wandb_run.id
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def format_line(record: dict[str, Any]) -> str:
+    """One readable console line for a metrics record."""
+    parts = [f"step {record['step']:>6}"]
+    for key, fmt in (("train_loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+                     ("grad_norm", "gnorm {:.3f}"), ("win_rate", "win {:.3f}"),
+                     ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
+        if record.get(key) is not None:
+            parts.append(fmt.format(record[key]))
+    return " | ".join(parts)

@@ -1,0 +1,69 @@
+"""What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
+memory, and the wall-clock it should take on a named GPU at a stated MFU.
+
+FLOPs per token are 6N + 12·L·H·Q·T (PaLM's accounting); a curvature pass adds a forward and backward over
+its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
+dense bf16 tensor-core numbers from the vendors' data sheets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gpt.config import BatchPlan, Settings
+
+# Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
+GPU_PEAKS = {"A100": 312e12, "H100": 989e12, "A5000": 111e12, "L40S": 362e12}
+# Full-size state tensors per parameter (the plan's memory estimate; Adam-mini keeps only m in full).
+STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai": 1, "adam_mini": 1,
+                 "adahessian": 2}
+
+
+def peak_flops(device: torch.device, dtype: str, gpu: str = "auto") -> float | None:
+    """Peak FLOP/s of this device, or None where no peak is known (CPU): MFU is then reported as null."""
+    if device.type != "cuda":
+        return None
+    name = gpu if gpu != "auto" else torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAKS.items():
+        if key.lower() in name.lower():
+            return peak if dtype != "float32" else peak / 2
+    return None
+
+
+def _human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: Any, runtime: Any) -> str:
+    t, optim = settings.train, settings.optim
+    n_params = model.num_params()
+    flops_per_step = model.flops_per_token() * plan.tokens_per_step
+    curvature = getattr(optimizer, "curvature", None)
+    if curvature is not None:
+        interval = optim.get("hessian_interval") or 1
+        share = (optim.get("hessian_batch_size") or t.global_batch_size) / t.global_batch_size
+        flops_per_step *= 1 + share * (2 if curvature == "hutchinson" else 1) / interval
+    total_flops = flops_per_step * t.max_steps
+    state_bytes = STATE_TENSORS.get(optim["name"], 2) * n_params * 4
+    lines = [
+        f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']} on {settings.data['name']}",
+        f"  ranks: {plan.world_size} ({runtime.strategy}, {runtime.device.type}, {t.dtype})",
+        f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps} × world {plan.world_size}"
+        f" = {plan.global_batch_size} sequences × {plan.block_size} tokens = {plan.tokens_per_step:,} tokens/step",
+        f"  steps: {t.max_steps:,} → {t.max_steps * plan.tokens_per_step / 1e9:.2f} B tokens",
+        f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
+        + (f" (incl. {curvature} curvature passes)" if curvature else ""),
+        f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32, optimizer state ≈ {state_bytes / 2**30:.2f} GiB",
+    ]
+    gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
+    count = plan.world_size if runtime.device.type == "cuda" else 8
+    for gpu in gpus:
+        gpu_hours = total_flops / (GPU_PEAKS[gpu] * t.assumed_mfu) / 3600
+        lines.append(f"  time at {t.assumed_mfu:.0%} MFU on {gpu}: {gpu_hours:,.0f} GPU-hours = "
+                     f"{gpu_hours / count:,.1f} h on {count} GPUs")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""The run directory: its `config.yaml`, its `train.log`, and the rule for what may change on resume.
+
+Rerunning with the same `out_dir` resumes; rerunning with a different model, optimizer, data or seed into
+the same `out_dir` would silently mix two experiments, so it is refused with the list of differences.
+Settings that do not change what is being trained (step budget, eval and log cadence, checkpointing) may change.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "train.log"
+# Prefixes of config keys that define the experiment: a resume must not change them.
+IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
+                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps")
+
+
+def setup_logging(out_dir: Path, is_main: bool) -> None:
+    """Rank 0 logs to the console and train.log; other ranks only report warnings."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(out_dir / LOG_FILE)
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable `key: old -> new` lines for every experiment-defining key that differs."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    lines = []
+    for key in sorted(set(flat_old) | set(flat_new)):
+        if key.startswith(IDENTITY_KEYS) and flat_old.get(key) != flat_new.get(key):
+            lines.append(f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}")
+    return lines
+
+
+def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    differences = identity_differences(old, new)
+    if differences:
+        raise UserError(
+            f"{where} holds a different experiment ({'; '.join(differences)}); "
+            "use another out_dir, or the original settings to resume it"
+        )
+
+
+def read_config(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / CONFIG_FILE
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def write_config(out_dir: Path, config: dict[str, Any]) -> None:
+    tmp = out_dir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    tmp.replace(out_dir / CONFIG_FILE)

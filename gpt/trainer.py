@@ -1,0 +1,309 @@
+"""The training loop: build everything from a validated config, resume if a checkpoint exists, train.
+
+Read top to bottom: setup (runtime, data, model, optimizer, resume), then per step: the curvature pass when
+due, gradient accumulation, the non-finite check, clipping, the optimizer step, logging, evaluation and
+checkpoints. Every random draw is derived from (seed, step, ...), and the data order is a pure function of
+the step, so a resumed run continues exactly as the straight run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.errors import UserError
+from data.loader import BatchLoader, TokenData
+from data.prepare import is_prepared, prepare
+from gpt.checkpoint import CheckpointDir, load_state_file, read_manifest, save_state_file
+from gpt.config import Settings, load_settings, plan_batches
+from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
+from gpt.distributed import Runtime, gradient_sync, init_runtime, shutdown, unwrap, wrap_model
+from gpt.metrics import MetricsLog, format_line
+from gpt.model import GPT, GPTConfig
+from gpt.plan import describe_plan, peak_flops
+from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.seeding import derive_seed
+from optim import build_optimizer, lr_at, trainer_settings
+
+log = logging.getLogger(__name__)
+SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorded as a spike
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) the job described by a composed config; returns the final metrics record."""
+    settings = load_settings(cfg)
+    runtime = init_runtime(settings.train.strategy, settings.train.device)
+    try:
+        return Trainer(settings, runtime).run()
+    finally:
+        shutdown(runtime)
+
+
+def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype == "float32":
+        return contextlib.nullcontext
+    torch_dtype = getattr(torch, dtype)
+    return lambda: torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+class Trainer:
+    def __init__(self, settings: Settings, runtime: Runtime) -> None:
+        self.s, self.rt = settings, runtime
+        t = settings.train
+        self.out_dir = Path(settings.out_dir)
+        setup_logging(self.out_dir, runtime.is_main)
+        self.config = {"out_dir": settings.out_dir, **{k: v for k, v in asdict(settings).items() if k != "out_dir"}}
+        if runtime.is_main:
+            previous = read_config(self.out_dir)
+            if previous is not None:
+                check_compatible(previous, self.config, f"out_dir {self.out_dir}")
+        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
+        if t.dtype == "float16" and runtime.device.type == "cpu":
+            raise UserError("train.dtype=float16 needs CUDA; use bfloat16 on CPU")
+        if runtime.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        torch.manual_seed(t.seed)  # initialisation depends on the seed only: identical across optimizers
+        model_config = GPTConfig(**{k: v for k, v in asdict(settings.model).items() if k != "name"})
+        self.model = GPT(model_config).to(runtime.device)
+        self.wrapped = wrap_model(self.model, runtime)
+        self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
+        self.curvature = self._curvature_schedule()
+        self.autocast = autocast_factory(runtime.device, t.dtype)
+        self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
+        self.ckpts = CheckpointDir(self.out_dir / "checkpoints", keep=t.keep_checkpoints)
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak = peak_flops(runtime.device, t.dtype, t.gpu)
+
+    def _open_loader(self) -> BatchLoader:
+        d, t = self.s.data, self.s.train
+        if not is_prepared(d):
+            if not d.get("auto_prepare", False):
+                raise UserError(
+                    f"no prepared data in {d['dir']}; run: python -m data.prepare data={d['name']}"
+                    + (f" data.tokenizer={d['tokenizer']}" if d.get("tokenizer") else "")
+                )
+            if self.rt.is_main:
+                log.info("preparing %s into %s", d["name"], d["dir"])
+                prepare(d)
+            self.rt.barrier()
+        data = TokenData(d["dir"], tokenizer=d["tokenizer"])
+        if data.vocab_size > self.s.model.vocab_size:
+            raise UserError(
+                f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
+                f"model.vocab_size={self.s.model.vocab_size}; set model.vocab_size >= {data.vocab_size}"
+            )
+        return BatchLoader(
+            data, block_size=self.s.model.block_size, global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size, world_size=self.rt.world_size, rank=self.rt.rank,
+            seed=t.seed, device=self.rt.device,
+        )
+
+    def _curvature_schedule(self) -> CurvatureSchedule | None:
+        kind = getattr(self.optimizer, "curvature", None)
+        if kind is None:
+            return None
+        interval, batch_size, clip = trainer_settings(self.s.optim)
+        if kind == "hutchinson" and self.rt.strategy == "fsdp":
+            raise UserError(f"optim={self.s.optim['name']} needs Hessian-vector products, which FSDP cannot "
+                            "run; use train.strategy=ddp")
+        if kind == "hutchinson" and self.s.train.dtype == "float16":
+            raise UserError(f"optim={self.s.optim['name']} cannot run its double backward in float16; "
+                            "use bfloat16")
+        clip_value = self.s.train.grad_clip if clip else 0.0
+        return CurvatureSchedule(kind, interval, batch_size or self.s.train.global_batch_size, clip_value,
+                                 getattr(self.optimizer, "requires_initial_hessian", False))
+
+    # ----------------------------------------------------------------------------------------- resume
+
+    def _resume(self) -> dict[str, Any]:
+        """Load the newest complete checkpoint (rank 0 chooses, all ranks load); {} if there is none."""
+        path = self.ckpts.newest_valid() if self.rt.is_main else None
+        path = self.rt.broadcast_object(path)
+        if path is None:
+            return {}
+        check_compatible(read_manifest(path)["config"], self.config, f"checkpoint {path}")
+        state = load_state_file(path, map_location=self.rt.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state
+
+    def _save(self, step: int, elapsed: float, wandb_id: str | None) -> None:
+        if not self.rt.is_main:
+            self.rt.barrier()
+            return
+        state = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "elapsed_s": elapsed, "wandb_id": wandb_id}
+        path = self.ckpts.save(step, lambda d: save_state_file(d, state), {"config": self.config})
+        log.info("saved %s", path)
+        self.rt.barrier()
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation set, split across ranks."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.rt.device)
+        for index in range(self.rt.rank, self.s.train.eval_steps, self.rt.world_size):
+            x, y = self.loader.val_batch(index)
+            with self.autocast():
+                _, loss = self.model(x, y)
+            total += torch.stack([loss.float(), torch.ones((), device=self.rt.device)])
+        self.rt.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def run(self) -> dict[str, Any]:
+        t, rt = self.s.train, self.rt
+        plan = describe_plan(self.s, self.plan, self.model, self.optimizer, rt)
+        log.info(plan)
+        if rt.is_main and not t.dry_run:
+            (self.out_dir / "plan.txt").write_text(plan + "\n")
+        if t.dry_run:
+            return {}
+        self.loader = self._open_loader()
+        if rt.is_main:
+            self.ckpts.remove_partial()
+        state = self._resume()
+        start_step = state.get("step", 0)
+        elapsed_before = state.get("elapsed_s", 0.0)
+        if rt.is_main:
+            write_config(self.out_dir, self.config)
+        metrics = MetricsLog(self.out_dir, rt.is_main, resume_step=start_step)
+        wandb_id = metrics.start_wandb(self.s.wandb, self.config, state.get("wandb_id"), self.out_dir)
+        del state
+        if start_step >= t.max_steps:
+            log.info("already trained to step %d (train.max_steps=%d): nothing to do", start_step, t.max_steps)
+            return {"step": start_step}
+
+        stop = StopRequested()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        decay_steps = self.s.schedule.decay_steps or t.max_steps
+        tokens_per_step = self.plan.tokens_per_step
+        recent_losses: deque[float] = deque(maxlen=100)
+        clipped_count = skipped_in_row = 0
+        hessian_time = None
+        run_start = time.perf_counter()
+        interval_start, interval_steps = run_start, 0
+        record: dict[str, Any] = {}
+
+        if start_step == 0:
+            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0}
+            metrics.write(record)
+            log.info(format_line(record))
+
+        for step in range(start_step, t.max_steps):
+            torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
+            lr = lr_at(self.s.schedule.name, step, lr=self.s.optim["lr"], warmup_steps=self.s.schedule.warmup_steps,
+                       decay_steps=decay_steps, min_lr=self.s.schedule.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if self.curvature is not None and self.curvature.due(step):
+                hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
+                                                  step, t.seed, rt, self.autocast)
+
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=rt.device)
+            accum = self.plan.grad_accum_steps
+            for micro in range(accum):
+                x, y = self.loader.train_batch(step, micro)
+                with gradient_sync(self.forward, micro == accum - 1):
+                    with self.autocast():
+                        _, loss = self.forward(x, y)
+                    self.scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+            stats = torch.stack([loss_sum / accum, grad_norm.float()])
+            rt.all_reduce(stats, "mean")
+            train_loss, grad_norm_value = stats.tolist()
+
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm_value)) and not self.scaler.is_enabled():
+                skipped_in_row += 1
+                message = (f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
+                           f"{step} (loss {train_loss}, grad norm {grad_norm_value})")
+                if t.on_nonfinite == "stop" or skipped_in_row > t.max_skipped:
+                    last = self.ckpts.complete_steps()
+                    where = f"last good checkpoint: step {last[0]}" if last else "no checkpoint was written"
+                    raise UserError(f"{message}; stopped before the update ({where}). Lower optim.lr or "
+                                    "set train.on_nonfinite=skip")
+                log.warning("%s: update skipped (%d in a row)", message, skipped_in_row)
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            skipped_in_row = 0
+            clipped = t.grad_clip > 0 and grad_norm_value > t.grad_clip
+            clipped_count += clipped
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            interval_steps += 1
+            done = step + 1
+
+            spike = len(recent_losses) >= 10 and train_loss > SPIKE_FACTOR * statistics.median(recent_losses)
+            recent_losses.append(train_loss)
+            is_log = done % t.log_interval == 0 or done == t.max_steps or spike
+            is_eval = done % t.eval_interval == 0 or done == t.max_steps
+            if is_log or is_eval:
+                now = time.perf_counter()
+                tokens_per_sec = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
+                record = {
+                    "step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
+                    "grad_norm": grad_norm_value, "clipped": bool(clipped),
+                    "clip_fraction": clipped_count / interval_steps, "tokens_per_sec": tokens_per_sec,
+                    "mfu": (self.flops_per_token * tokens_per_sec / (self.peak * rt.world_size)
+                            if self.peak else None),
+                    "elapsed_s": elapsed_before + now - run_start,
+                }
+                if spike:
+                    record["loss_spike"] = True
+                if hasattr(self.optimizer, "win_rate"):
+                    record["win_rate"] = self.optimizer.win_rate()
+                    record["hessian_norm"] = self.optimizer.hessian_norm()
+                    record["hessian_time_s"] = hessian_time
+                if is_eval:
+                    record["val_loss"] = self.evaluate()
+                metrics.write(record)
+                log.info(format_line(record))
+                interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
+
+            stop_now = torch.tensor(float(stop.signal is not None), device=rt.device)
+            rt.all_reduce(stop_now, "max")
+            if done % t.ckpt_interval == 0 or done == t.max_steps or stop_now.item():
+                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id)
+            if stop_now.item():
+                log.info("stopped by signal after step %d; checkpoint saved, rerun the same command to resume", done)
+                break
+
+        metrics.close()
+        if rt.is_main:
+            log.info("run directory: %s (metrics.jsonl, train.log, checkpoints/)", self.out_dir)
+        return record

@@ -1,0 +1,212 @@
+"""Data preparation: the token files must hold every document intact, split by documents, written atomically."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+from omegaconf import OmegaConf
+
+import data.prepare as prep
+from data.errors import UserError
+from data.loader import TokenData
+from data.prepare import is_prepared, prepare
+
+REPO = Path(__file__).resolve().parents[2]
+GPT2 = tiktoken.get_encoding("r50k_base")
+DOCS = [f"Document {i}: " + "naïve café, 東京 🎭 " * (i % 4) + "line\n" * i + "<|endoftext|> is text" * (i % 3 == 0)
+        for i in range(20)]
+
+
+def data_cfg(tmp_path, name="text", **overrides):
+    """The shipped data config `name` with the output (and any datasets cache) under tmp_path."""
+    cfg = OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml")
+    cfg.dir = str(tmp_path / "out")
+    if "cache_dir" in cfg:
+        cfg.cache_dir = str(tmp_path / "hf")
+    return OmegaConf.merge(cfg, overrides)
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"title": f"t{i}", "text": d}) + "\n" for i, d in enumerate(docs)))
+
+
+def read_documents(path, eot_id, decode):
+    """Cut a .bin file at its EOT tokens and decode each piece; the file must end with EOT."""
+    tokens = np.fromfile(path, dtype="<u2")
+    assert tokens[-1] == eot_id
+    ends = np.flatnonzero(tokens == eot_id)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [decode(tokens[s:e].tolist()) for s, e in zip(starts, ends)]
+
+
+def decode_bytes(ids):
+    return bytes(ids).decode()
+
+
+def test_jsonl_corpus_with_gpt2_holds_every_document_once(tmp_path):
+    """Otherwise documents are lost, duplicated, altered, not EOT-terminated, or miscounted in meta.json."""
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    out = prepare(data_cfg(tmp_path, files=str(tmp_path / "*.jsonl"), val_fraction=0.2))
+    train = read_documents(out / "train.bin", 50256, GPT2.decode)
+    val = read_documents(out / "val.bin", 50256, GPT2.decode)
+    assert sorted(train + val) == sorted(DOCS)
+    assert len(val) == math.ceil(0.2 * len(DOCS))
+    expected_tokens = sum(len(GPT2.encode_ordinary(d)) + 1 for d in DOCS)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == expected_tokens
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (len(train), len(val))
+    assert os.path.getsize(out / "val.bin") == 2 * meta["splits"]["val"]["tokens"]
+
+
+def test_txt_json_and_parquet_files_with_byte_tokenizer(tmp_path):
+    """Otherwise a file type is read wrongly: a .txt file must be one document, a record of .json or .parquet
+    one document each; the byte tokenizer's token count is the UTF-8 length plus one EOT."""
+    (tmp_path / "txt").mkdir()
+    for i, doc in enumerate(DOCS[:8]):
+        (tmp_path / "txt" / f"{i}.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps([{"text": d} for d in DOCS[8:14]]))
+    pq.write_table(pa.table({"text": DOCS[14:]}), tmp_path / "c.parquet")
+    files = [str(tmp_path / "txt" / "*.txt"), str(tmp_path / "b.json"), str(tmp_path / "*.parquet")]
+    out = prepare(data_cfg(tmp_path, files=files, tokenizer="byte", val_fraction=0.25))
+    docs = read_documents(out / "train.bin", 0, decode_bytes) + read_documents(out / "val.bin", 0, decode_bytes)
+    assert sorted(docs) == sorted(DOCS)
+    total = os.path.getsize(out / "train.bin") + os.path.getsize(out / "val.bin")
+    assert total == 2 * sum(len(d.encode()) + 1 for d in DOCS)
+
+
+def test_split_is_by_documents_and_fixed_by_the_seed(tmp_path):
+    """Otherwise the validation set changes between preparations, or depends on nothing the user controls."""
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    files = str(tmp_path / "corpus.jsonl")
+    a = prepare(data_cfg(tmp_path / "a", files=files, tokenizer="byte", val_fraction=0.2))
+    b = prepare(data_cfg(tmp_path / "b", files=files, tokenizer="byte", val_fraction=0.2))
+    c = prepare(data_cfg(tmp_path / "c", files=files, tokenizer="byte", val_fraction=0.2, split_seed=1))
+    for name in ("train.bin", "val.bin"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    val_a, val_c = (set(read_documents(d / "val.bin", 0, decode_bytes)) for d in (a, c))
+    assert val_a != val_c and len(val_a) == len(val_c) == 4
+    assert not val_a & set(read_documents(a / "train.bin", 0, decode_bytes))
+
+
+def test_meta_json_records_format_and_provenance(tmp_path):
+    """Otherwise the loader, or a person, cannot tell how the files were made."""
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    out = prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), val_fraction=0.1, split_seed=7))
+    meta = json.loads((out / "meta.json").read_text())
+    assert {k: meta[k] for k in ("format_version", "tokenizer", "vocab_size", "eot_id", "dtype")} == {
+        "format_version": 1, "tokenizer": "gpt2", "vocab_size": 50257, "eot_id": 50256, "dtype": "uint16"}
+    assert (meta["val_fraction"], meta["split_seed"]) == (0.1, 7)
+    assert meta["source"]["kind"] == "files" and meta["source"]["num_files"] == 1
+    assert meta["splits"]["val"]["documents"] == 2 and len(meta["fingerprint"]) == 64
+
+
+def test_rerun_with_same_settings_does_nothing_and_other_settings_are_refused(tmp_path):
+    """Otherwise a rerun redoes hours of work, or silently overwrites prepared data with other settings."""
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
+    out = prepare(cfg)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert is_prepared(cfg)
+    assert prepare(cfg) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    with pytest.raises(UserError, match="val_fraction: 0.2 on disk, 0.5 requested"):
+        prepare(OmegaConf.merge(cfg, {"val_fraction": 0.5}))
+
+
+def test_interrupted_preparation_is_refused_then_completed(tmp_path, monkeypatch):
+    """Otherwise a killed preparation leaves files the loader trains on, or blocks the rerun."""
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
+    write_split = prep._write_split
+
+    def killed_at_val(split, path, *args):
+        if path.name == "val.bin":
+            path.with_name("val.bin.tmp").write_bytes(b"\x01\x02\x03")  # a half-written file
+            raise KeyboardInterrupt
+        return write_split(split, path, *args)
+
+    monkeypatch.setattr(prep, "_write_split", killed_at_val)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    assert not (tmp_path / "out" / "meta.json").exists() and not is_prepared(cfg)
+    with pytest.raises(UserError, match="python -m data.prepare"):
+        TokenData(tmp_path / "out")
+    monkeypatch.setattr(prep, "_write_split", write_split)
+    out = prepare(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    docs = read_documents(out / "train.bin", 0, decode_bytes) + read_documents(out / "val.bin", 0, decode_bytes)
+    assert sorted(docs) == sorted(DOCS)
+
+
+@pytest.mark.parametrize(("tokenizer", "count_tokens"), [
+    ("byte", lambda text: len(text.encode())),
+    ("gpt2", lambda text: len(GPT2.encode_ordinary(text))),
+])
+def test_shipped_shakespeare_sample_prepares(tmp_path, tokenizer, count_tokens):
+    """Otherwise the quick start, which trains on the shipped sample without a download, breaks."""
+    works = [json.loads(line)["text"] for line in (REPO / "data" / "samples" / "shakespeare.jsonl").open()]
+    data = TokenData(prepare(data_cfg(tmp_path, "shakespeare", tokenizer=tokenizer)), tokenizer=tokenizer)
+    splits = data.meta["splits"]
+    assert len(works) == 9 and (splits["train"]["documents"], splits["val"]["documents"]) == (8, 1)
+    assert len(data.split("train")) + len(data.split("val")) == sum(count_tokens(w) + 1 for w in works)
+
+
+def run_cli(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "-m", "data.prepare", *overrides], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "CI": "true"},
+    )
+
+
+def test_command_line_prepares_local_files(tmp_path):
+    """Otherwise the documented `python -m data.prepare data=text ...` command does not work."""
+    for i, doc in enumerate(DOCS):
+        (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
+    result = run_cli(tmp_path, "data=text", f"data.files={tmp_path}/*.txt", f"data.dir={tmp_path / 'out'}",
+                     f"data.cache_dir={tmp_path / 'hf'}", "data.val_fraction=0.1")
+    assert result.returncode == 0, result.stderr
+    data = TokenData(tmp_path / "out", tokenizer="gpt2")
+    assert data.meta["splits"]["val"]["documents"] == 2
+    assert len(data.split("train")) + len(data.split("val")) == sum(len(GPT2.encode_ordinary(d)) + 1 for d in DOCS)
+
+
+def test_command_line_reports_user_errors_without_traceback(tmp_path):
+    """Otherwise a user's mistake looks like a crash of the program."""
+    result = run_cli(tmp_path, "data=text", f"data.files={tmp_path}/missing/*.txt", f"data.dir={tmp_path / 'out'}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "matches no files" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_sources_are_user_errors(tmp_path):
+    """Otherwise a wrong data.files or data.text_field fails deep inside `datasets` with a traceback."""
+    with pytest.raises(UserError, match="matches no files"):
+        prepare(data_cfg(tmp_path, files=str(tmp_path / "*.jsonl")))
+    (tmp_path / "a.csv").write_text("text\nhello\n")
+    with pytest.raises(UserError, match=r"unsupported file types \['.csv'\]"):
+        prepare(data_cfg(tmp_path, files=str(tmp_path / "a.csv")))
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    with pytest.raises(UserError, match="no field 'body'"):
+        prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), text_field="body"))
+    with pytest.raises(UserError, match="data.files is not set"):
+        prepare(data_cfg(tmp_path))
+
+
+def test_vocabulary_beyond_uint16_is_refused(tmp_path, monkeypatch):
+    """Otherwise token ids above 65535 would silently wrap around in the uint16 files."""
+
+    class Big:
+        name, vocab_size, eot_id = "big", 70_000, 69_999
+
+    monkeypatch.setattr(prep, "get_tokenizer", lambda name: Big())
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    with pytest.raises(UserError, match="uint16"):
+        prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl")))

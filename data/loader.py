@@ -1,9 +1,9 @@
-"""Read prepared token files and draw training, Hessian and validation batches as pure functions of their index.
+"""Read prepared token files; draw training, Hessian and validation batches as pure functions of their index.
 
 A batch has no hidden RNG state: for (seed, stream, step) the *global* batch's window offsets are drawn with
 `numpy.random.default_rng([seed, stream, step])`, and rank r at micro-step k takes rows
-`(k * world_size + r) * micro_batch_size` onwards. Resuming is therefore exact, runs with the same seed see the
-same tokens whatever the optimizer, and 1 process × 2 micro-steps sees the same sequences as 2 ranks × 1
+`(k * world_size + r) * micro_batch_size` onwards. Resuming is therefore exact, runs with the same seed see
+the same tokens whatever the optimizer, and 1 process × 2 micro-steps sees the same sequences as 2 ranks × 1
 micro-step. The validation set is fixed: sequence j is drawn from `default_rng([VAL_SEED, VAL_STREAM, j])`,
 independent of the training seed, the micro-batch size and the world size.
 """
@@ -97,8 +97,11 @@ class BatchLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if seed < 0:
-            raise UserError(f"seed must be >= 0, got {seed}")
+        if block_size < 1 or micro_batch_size < 1 or seed < 0:
+            raise UserError(
+                f"need block_size >= 1, micro_batch_size >= 1 and seed >= 0; got {block_size}, "
+                f"{micro_batch_size} and {seed}"
+            )
         self.data = data
         self.block_size = block_size
         self.global_batch_size = global_batch_size
@@ -134,7 +137,7 @@ class BatchLoader:
         return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size)
 
     def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `index`-th micro-batch of the fixed validation set (sequences index·mbs … (index+1)·mbs − 1)."""
+        """Micro-batch `index` of the fixed validation set: its sequences index·mbs … (index+1)·mbs − 1."""
         high = len(self.data.split("val")) - self.block_size
         first = index * self.micro_batch_size
         offsets = [
@@ -148,7 +151,7 @@ class BatchLoader:
         if global_batch_size <= 0 or global_batch_size % per_micro_step:
             raise UserError(
                 f"{what} {global_batch_size} is not a multiple of micro_batch_size × world_size = "
-                f"{self.micro_batch_size} × {self.world_size} = {per_micro_step}; change one of them so it divides"
+                f"{self.micro_batch_size} × {self.world_size} = {per_micro_step}; change one so that it does"
             )
         return global_batch_size // per_micro_step
 
@@ -168,6 +171,6 @@ class BatchLoader:
         rows = self.data.split(split)[offsets[:, None] + np.arange(self.block_size + 1)]
         x = torch.from_numpy(rows[:, :-1].astype(np.int64))
         y = torch.from_numpy(rows[:, 1:].astype(np.int64))
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        if self.device.type == "cuda":  # pinned host memory makes the copy asynchronous
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -1,7 +1,7 @@
 """Data preparation: turn a text corpus into `train.bin`, `val.bin` and `meta.json` in nanoGPT's format.
 
 Documents are split into train/val with the same call nanoGPT uses (`train_test_split(test_size=val_fraction,
-seed=split_seed, shuffle=True)`), so OpenWebText comes out identical to nanoGPT's files. Each split is
+seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is
 tokenised in parallel with `Dataset.map` into a (disk-backed) dataset; the lengths are summed first, then the
 tokens are copied batch by batch into a preallocated memmap, so memory stays flat for billions of tokens.
 Files are written under `.tmp` names, fsynced and renamed; `meta.json` is written last and is the commit
@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from data.errors import UserError
 from data.tokenizers import Tokenizer, get_tokenizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
 
 FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
@@ -40,21 +41,27 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 WRITE_BATCH_DOCS = 1024
 
 
-def is_prepared(data_cfg: DictConfig) -> bool:
-    """True when `data_cfg.dir` holds complete files made with exactly these settings."""
-    out = Path(data_cfg.dir)
+def is_prepared(data_cfg: Mapping[str, Any]) -> bool:
+    """True when the data folder holds complete files made with exactly these settings."""
+    out = Path(data_cfg["dir"])
     meta = _read_meta(out)
-    return meta is not None and meta.get("fingerprint") == _fingerprint(_settings(data_cfg)) and _complete(out, meta)
+    return (
+        meta is not None
+        and meta.get("fingerprint") == _fingerprint(_settings(data_cfg))
+        and _complete(out, meta)
+    )
 
 
-def prepare(data_cfg: DictConfig) -> Path:
+def prepare(data_cfg: Mapping[str, Any]) -> Path:
     """Write the token files for `data_cfg` (or find them already written) and return their folder."""
-    out = Path(data_cfg.dir)
+    out = Path(data_cfg["dir"])
     settings = _settings(data_cfg)
     fingerprint = _fingerprint(settings)
-    tokenizer = get_tokenizer(data_cfg.tokenizer)
+    tokenizer = get_tokenizer(data_cfg["tokenizer"])
     if tokenizer.vocab_size > np.iinfo(DTYPE).max + 1:
-        raise UserError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most")
+        raise UserError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most"
+        )
 
     meta = _read_meta(out)
     if meta is not None:
@@ -82,7 +89,7 @@ def prepare(data_cfg: DictConfig) -> Path:
     documents = _load_documents(data_cfg)
     splits = _split(documents, settings["val_fraction"], settings["split_seed"])
     counts = {
-        name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg.num_proc, quiet)
+        name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
         for name, split in splits.items()
     }
     meta = {
@@ -94,31 +101,48 @@ def prepare(data_cfg: DictConfig) -> Path:
         "splits": counts,
     }
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
-    log.info("wrote %s: %s", out, ", ".join(f"{k} {v['tokens']:,} tokens / {v['documents']:,} docs" for k, v in counts.items()))
+    log.info(
+        "wrote %s: %s",
+        out,
+        ", ".join(f"{k} {v['tokens']:,} tokens / {v['documents']:,} docs" for k, v in counts.items()),
+    )
     return out
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
+def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that determines the files' content; its hash is the fingerprint in meta.json."""
-    if cfg.source == "hub":
-        source = {"kind": "hub", "hf_path": cfg.hf_path, "hf_revision": cfg.hf_revision, "hf_split": cfg.hf_split}
-    elif cfg.source == "files":
-        paths = _resolve_files(cfg.files)
+    if cfg["source"] == "hub":
+        source = {
+            "kind": "hub",
+            "hf_path": cfg["hf_path"],
+            "hf_revision": cfg["hf_revision"],
+            "hf_split": cfg["hf_split"],
+        }
+    elif cfg["source"] == "files":
+        paths = _resolve_files(cfg["files"])
         stats = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
-        source = {"kind": "files", "files": _patterns(cfg.files), "num_files": len(paths),
-                  "files_digest": hashlib.sha256(stats.encode()).hexdigest()}
-    elif cfg.source == "sample":
-        path = _sample_path(cfg.files)
-        source = {"kind": "sample", "file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        source = {
+            "kind": "files",
+            "files": _patterns(cfg["files"]),
+            "num_files": len(paths),
+            "files_digest": hashlib.sha256(stats.encode()).hexdigest(),
+        }
+    elif cfg["source"] == "sample":
+        path = _sample_path(cfg["files"])
+        source = {
+            "kind": "sample",
+            "file": path.name,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
     else:
-        raise UserError(f"unknown data.source {cfg.source!r}; choose one of: hub, files, sample")
-    source["text_field"] = cfg.text_field
+        raise UserError(f"unknown data.source {cfg['source']!r}; choose one of: hub, files, sample")
+    source["text_field"] = cfg["text_field"]
     return {
         "format_version": FORMAT_VERSION,
-        "tokenizer": cfg.tokenizer,
+        "tokenizer": cfg["tokenizer"],
         "source": source,
-        "val_fraction": float(cfg.val_fraction),
-        "split_seed": int(cfg.split_seed),
+        "val_fraction": float(cfg["val_fraction"]),
+        "split_seed": int(cfg["split_seed"]),
     }
 
 
@@ -135,13 +159,21 @@ def _patterns(files: Any) -> list[str]:
 def _resolve_files(files: Any) -> list[Path]:
     """Expand globs (relative to the working directory) into a sorted list of absolute paths."""
     patterns = _patterns(files)
-    paths = sorted({Path(p).resolve() for pattern in patterns for p in glob.glob(os.path.expanduser(pattern), recursive=True)})
+    paths = sorted(
+        {
+            Path(p).resolve()
+            for pattern in patterns
+            for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+        }
+    )
     paths = [p for p in paths if p.is_file()]
     if not paths:
         raise UserError(f"data.files={patterns} matches no files (globs are relative to {Path.cwd()})")
     unsupported = sorted({p.suffix for p in paths} - set(BUILDERS))
     if unsupported:
-        raise UserError(f"data.files includes unsupported file types {unsupported}; use {', '.join(BUILDERS)}")
+        raise UserError(
+            f"data.files includes unsupported file types {unsupported}; use {', '.join(BUILDERS)}"
+        )
     return paths
 
 
@@ -153,32 +185,41 @@ def _sample_path(name: str) -> Path:
     return path
 
 
-def _load_documents(cfg: DictConfig):  # -> datasets.Dataset with one column "text"
-    """Load the source as a dataset of documents; imported lazily so HF_DATASETS_OFFLINE set by users applies."""
+def _load_documents(cfg: Mapping[str, Any]):  # -> datasets.Dataset with one column "text"
+    """The source as a dataset of documents; `datasets` is imported late so users' HF_*_OFFLINE apply."""
     import datasets
 
-    if cfg.source == "sample":
-        with open(_sample_path(cfg.files), encoding="utf-8") as f:
-            return datasets.Dataset.from_dict({"text": [json.loads(line)[cfg.text_field] for line in f]})
-    if cfg.source == "hub":
+    if cfg["source"] == "sample":
+        with open(_sample_path(cfg["files"]), encoding="utf-8") as f:
+            return datasets.Dataset.from_dict({"text": [json.loads(line)[cfg["text_field"]] for line in f]})
+    if cfg["source"] == "hub":
         try:
-            table = datasets.load_dataset(cfg.hf_path, revision=cfg.hf_revision, split=cfg.hf_split,
-                                          cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
+            table = datasets.load_dataset(
+                cfg["hf_path"],
+                revision=cfg["hf_revision"],
+                split=cfg["hf_split"],
+                cache_dir=cfg.get("cache_dir"),
+                num_proc=cfg["num_proc"],
+            )
         except Exception as err:  # network, offline mode, unknown repo or revision: all fixable by the user
             raise UserError(
-                f"cannot load {cfg.hf_path} (revision {cfg.hf_revision}) from the Hugging Face Hub: "
+                f"cannot load {cfg['hf_path']} (revision {cfg['hf_revision']}) from the Hugging Face Hub: "
                 f"{type(err).__name__}: {err}. Check the internet connection and that HF_DATASETS_OFFLINE/"
                 "HF_HUB_OFFLINE are unset (or the dataset is already in the cache)"
             ) from err
-        return _text_column(table, cfg.text_field, cfg.hf_path)
+        return _text_column(table, cfg["text_field"], cfg["hf_path"])
     by_builder: dict[str, list[str]] = {}
-    for path in _resolve_files(cfg.files):
+    for path in _resolve_files(cfg["files"]):
         by_builder.setdefault(BUILDERS[path.suffix], []).append(str(path))
     parts = []
     for builder, paths in by_builder.items():
         extra = {"sample_by": "document"} if builder == "text" else {}
-        table = datasets.load_dataset(builder, data_files=paths, split="train", cache_dir=cfg.cache_dir, **extra)
-        parts.append(_text_column(table, "text" if builder == "text" else cfg.text_field, f"{builder} files"))
+        table = datasets.load_dataset(
+            builder, data_files=paths, split="train", cache_dir=cfg.get("cache_dir"), **extra
+        )
+        parts.append(
+            _text_column(table, "text" if builder == "text" else cfg["text_field"], f"{builder} files")
+        )
     return datasets.concatenate_datasets(parts)
 
 
@@ -193,14 +234,16 @@ def _split(documents, val_fraction: float, split_seed: int) -> dict[str, Any]:
     """Split by documents exactly as nanoGPT does, so the val set is a fixed set of whole documents."""
     n = len(documents)
     if not 0 < val_fraction < 1 or not 1 <= math.ceil(val_fraction * n) < n:
-        raise UserError(f"data.val_fraction={val_fraction} with {n} documents leaves no train or no val document")
+        raise UserError(
+            f"data.val_fraction={val_fraction} with {n} documents leaves no train or no val document"
+        )
     parts = documents.train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
     return {"train": parts["train"], "val": parts["test"]}
 
 
 def _tokenize(batch: dict[str, list], tokenizer_name: str) -> dict[str, list]:
     tokenizer = get_tokenizer(tokenizer_name)
-    ids = [doc + [tokenizer.eot_id] for doc in tokenizer.encode_batch(batch["text"])]
+    ids = [[*doc, tokenizer.eot_id] for doc in tokenizer.encode_batch(batch["text"])]
     return {"ids": ids, "len": [len(doc) for doc in ids]}
 
 
@@ -209,10 +252,17 @@ def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: 
     import datasets
     import pyarrow.compute as pc
 
-    features = datasets.Features({"ids": datasets.List(datasets.Value("uint16")), "len": datasets.Value("int64")})
+    features = datasets.Features(
+        {"ids": datasets.List(datasets.Value("uint16")), "len": datasets.Value("int64")}
+    )
     tokenized = split.map(
-        _tokenize, batched=True, num_proc=min(num_proc, len(split)), remove_columns=split.column_names,
-        fn_kwargs={"tokenizer_name": tokenizer.name}, features=features, desc=f"tokenising {path.stem}",
+        _tokenize,
+        batched=True,
+        num_proc=min(num_proc, len(split)),
+        remove_columns=split.column_names,
+        fn_kwargs={"tokenizer_name": tokenizer.name},
+        features=features,
+        desc=f"tokenising {path.stem}",
     )
     total = pc.sum(tokenized.data.column("len")).as_py()
     tmp = path.with_name(path.name + ".tmp")
@@ -269,7 +319,10 @@ def _quiet() -> bool:
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handler = logging.StreamHandler()  # only ours: a root handler would print `datasets` warnings twice
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         prepare(cfg.data)
     except UserError as err:  # Hydra would print a traceback for anything raised out of here

@@ -42,8 +42,8 @@ class GPT2Tokenizer(Tokenizer):
             self._encoding = tiktoken.get_encoding("r50k_base")
         except Exception as err:  # tiktoken fails with network or cache errors of several types
             raise UserError(
-                f"cannot load the GPT-2 BPE ranks (tiktoken r50k_base): {err}. Allow internet access once, or "
-                "set TIKTOKEN_CACHE_DIR to a folder holding the cached r50k_base.tiktoken"
+                f"cannot load the GPT-2 BPE ranks (tiktoken r50k_base): {err}. Allow internet access once, "
+                "or set TIKTOKEN_CACHE_DIR to a folder holding the cached r50k_base.tiktoken"
             ) from err
         self.vocab_size = self._encoding.n_vocab
         self.eot_id = self._encoding.eot_token
@@ -74,7 +74,7 @@ class ByteTokenizer(Tokenizer):
 TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
     """Return the named tokenizer; cached because the GPT-2 ranks take a moment to load."""
     if name not in TOKENIZERS:

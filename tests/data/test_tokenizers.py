@@ -1,4 +1,4 @@
-"""Tokenizers: GPT-2 ids must equal tiktoken's published ones, and both tokenizers must round-trip any text."""
+"""Tokenizers: GPT-2 ids must equal tiktoken's published ones; both tokenizers must round-trip any text."""
 
 import pytest
 import tiktoken
@@ -6,7 +6,12 @@ import tiktoken
 from data.errors import UserError
 from data.tokenizers import get_tokenizer
 
-TEXTS = ["hello world", "Grüße, 東京! naïve café — ☃\n\ttabs and  spaces", "emoji 🤖🎭 and <|endoftext|> as text", ""]
+TEXTS = [
+    "hello world",
+    "Grüße, 東京! naïve café — ☃\n\ttabs and  spaces",
+    "emoji 🤖🎭 and <|endoftext|> as text",
+    "",
+]
 
 
 def test_gpt2_encodes_hello_world_as_published():
@@ -34,7 +39,7 @@ def test_round_trip(name):
 
 
 def test_byte_tokens_are_utf8_bytes_and_nul_is_dropped():
-    """Otherwise the byte tokenizer is not plain UTF-8, or a NUL in a document would pose as the EOT separator."""
+    """Otherwise the byte tokenizer is not plain UTF-8, or a NUL in a document would pose as the EOT."""
     tokenizer = get_tokenizer("byte")
     assert tokenizer.encode("é!") == list("é!".encode())
     assert tokenizer.encode("a\x00b") == [ord("a"), ord("b")]

@@ -1,0 +1,149 @@
+"""Batch loader: token files are checked against meta.json; every batch is a pure function of its index."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from data.errors import UserError
+from data.loader import BatchLoader, TokenData
+
+T = 8  # block_size
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """Hand-written files (independent of data.prepare): token i of train is i, of val 30000 + i, so a
+    window's first token is its offset."""
+    splits = {"train": np.arange(5000, dtype="<u2"), "val": np.arange(30000, 31000, dtype="<u2")}
+    for name, tokens in splits.items():
+        tokens.tofile(tmp_path / f"{name}.bin")
+    meta = {
+        "format_version": 1,
+        "tokenizer": "byte",
+        "vocab_size": 256,
+        "eot_id": 0,
+        "dtype": "uint16",
+        "splits": {name: {"tokens": len(tokens), "documents": 1} for name, tokens in splits.items()},
+    }
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def loader(data_dir, **kwargs):
+    args = {"block_size": T, "global_batch_size": 8, "micro_batch_size": 2, "seed": 0} | kwargs
+    return BatchLoader(TokenData(data_dir), **args)
+
+
+def test_truncated_token_file_is_refused(data_dir):
+    """Otherwise training would silently read a half-copied or half-written dataset."""
+    with open(data_dir / "train.bin", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(
+        UserError, match=re.escape("has 1000 bytes but meta.json promises 5000 tokens = 10000 bytes")
+    ):
+        TokenData(data_dir)
+
+
+def test_missing_folder_says_how_to_prepare(tmp_path):
+    """Otherwise a user with no prepared data gets a FileNotFoundError instead of the command to run."""
+    with pytest.raises(UserError, match=r"python -m data\.prepare data=<name>"):
+        TokenData(tmp_path / "nothing")
+
+
+def test_tokenizer_or_vocab_mismatch_is_refused(data_dir):
+    """Otherwise a model would train on ids from another tokenizer than the one it is built for."""
+    with pytest.raises(UserError, match="tokenizer 'byte' but 'gpt2' is expected"):
+        TokenData(data_dir, tokenizer="gpt2")
+    with pytest.raises(UserError, match="vocab_size 256 but 50257 is expected"):
+        TokenData(data_dir, vocab_size=50257)
+    data = TokenData(data_dir, tokenizer="byte", vocab_size=256)
+    assert (data.tokenizer, data.vocab_size, data.eot_id) == ("byte", 256, 0)
+
+
+def test_batch_follows_the_documented_formula(data_dir):
+    """Otherwise a batch is not the pure function of (seed, step) that exact resume and fair comparison need:
+    offsets are default_rng([seed, 0, step]) over [0, len - T - 1], rank r at micro-step k takes the rows
+    (k * world_size + r) * micro_batch_size onwards, and y is x shifted by one token."""
+    offsets = np.random.default_rng([5, 0, 3]).integers(0, 5000 - T, size=8)
+    x, y = loader(data_dir, seed=5, world_size=2, rank=1).train_batch(step=3, micro_step=1)
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (2, T)
+    expected_x = offsets[(1 * 2 + 1) * 2 :][:2, None] + np.arange(T)
+    assert torch.equal(x, torch.from_numpy(expected_x)) and torch.equal(y, x + 1)
+
+
+def test_same_arguments_give_same_batches(data_dir):
+    """Otherwise resuming a run would not replay the same data."""
+    a, b = loader(data_dir), loader(data_dir)
+    for step, micro_step in [(0, 0), (7, 3), (100_000, 1)]:
+        assert all(
+            torch.equal(u, v)
+            for u, v in zip(a.train_batch(step, micro_step), b.train_batch(step, micro_step), strict=True)
+        )
+
+
+def test_ranks_micro_steps_and_steps_see_different_sequences(data_dir):
+    """Otherwise ranks would duplicate each other's work, or training would repeat one batch."""
+    x0, _ = loader(data_dir, world_size=2, rank=0).train_batch(0, 0)
+    x1, _ = loader(data_dir, world_size=2, rank=1).train_batch(0, 0)
+    assert not torch.equal(x0, x1)
+    single = loader(data_dir)
+    assert not torch.equal(single.train_batch(0, 0)[0], single.train_batch(0, 1)[0])
+    assert not torch.equal(single.train_batch(0, 0)[0], single.train_batch(1, 0)[0])
+
+
+def test_two_ranks_see_the_global_batch_of_one_process(data_dir):
+    """Otherwise a DDP run would not train on the same sequences as the single-process run it must match."""
+    single = loader(data_dir, global_batch_size=8, micro_batch_size=2)
+    assert single.grad_accum_steps == 4
+    one_process = torch.cat([single.train_batch(5, k)[0] for k in range(4)])
+    ranks = [
+        loader(data_dir, global_batch_size=8, micro_batch_size=2, world_size=2, rank=r) for r in range(2)
+    ]
+    assert ranks[0].grad_accum_steps == 2
+    two_ranks = torch.cat([ranks[r].train_batch(5, k)[0] for k in range(2) for r in range(2)])
+    assert torch.equal(one_process, two_ranks)
+    big_micro = loader(data_dir, global_batch_size=8, micro_batch_size=4)
+    assert torch.equal(torch.cat([big_micro.train_batch(5, k)[0] for k in range(2)]), one_process)
+
+
+def test_hessian_stream_differs_from_training_and_has_its_own_size(data_dir):
+    """Otherwise Sophia's curvature would be estimated on the very sequences of the training step."""
+    batches = loader(data_dir)
+    assert not torch.equal(batches.hessian_batch(3, 0)[0], batches.train_batch(3, 0)[0])
+    assert batches.hessian_accum_steps() == 4 and batches.hessian_accum_steps(4) == 2
+    assert batches.hessian_batch(3, 1, global_batch_size=4)[0].shape == (2, T)
+    with pytest.raises(UserError, match="hessian global batch size 5"):
+        batches.hessian_accum_steps(5)
+
+
+def test_validation_batches_are_fixed_and_from_the_val_split(data_dir):
+    """Otherwise runs with different seeds would be evaluated on different data, or on training tokens."""
+    a, b = loader(data_dir, seed=1), loader(data_dir, seed=2, micro_batch_size=4)
+    assert torch.equal(a.val_batch(0)[0], b.val_batch(0)[0][:2]) and torch.equal(
+        a.val_batch(1)[0], b.val_batch(0)[0][2:]
+    )
+    assert not torch.equal(a.val_batch(0)[0], a.val_batch(1)[0])
+    x, y = a.val_batch(3)
+    assert x.min() >= 30000 and x.max() + 1 < 31000 and torch.equal(y, x + 1)
+
+
+def test_whole_split_fits_exactly_one_window(tmp_path, data_dir):
+    """Otherwise offsets would read past the end of a split, or refuse a split that just fits."""
+    data = TokenData(data_dir)
+    assert torch.equal(
+        BatchLoader(data, block_size=999, global_batch_size=2, micro_batch_size=2, seed=0).val_batch(0)[0][0],
+        torch.arange(30000, 30999),
+    )
+    with pytest.raises(UserError, match="fewer than block_size \\+ 1 = 1001"):
+        BatchLoader(data, block_size=1000, global_batch_size=2, micro_batch_size=2, seed=0)
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(data_dir):
+    """Otherwise gradient accumulation would silently use another global batch than the configured one."""
+    with pytest.raises(UserError, match=r"global_batch_size 10 is not a multiple of .* 3 × 1 = 3"):
+        loader(data_dir, global_batch_size=10, micro_batch_size=3)
+    with pytest.raises(UserError, match=r"global_batch_size 8 is not a multiple of .* 2 × 3 = 6"):
+        loader(data_dir, global_batch_size=8, micro_batch_size=2, world_size=3)

@@ -15,15 +15,19 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from data.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
+SHARDED_DIR = "sharded"
 log = logging.getLogger(__name__)
 
 
@@ -74,14 +78,20 @@ class CheckpointDir:
                     continue
         return sorted(steps, reverse=True)
 
-    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-        """Build a checkpoint with `write(tmp_dir)`, seal it with a manifest, rename it into place, prune."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final, tmp = self._final(step), self.root / f"step_{step:08d}.tmp"
+    def staging(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}.tmp"
+
+    def begin(self, step: int) -> Path:
+        """A fresh staging directory for the checkpoint of `step` (on one rank; others write into it)."""
+        tmp = self.staging(step)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, step: int, meta: dict[str, Any]) -> Path:
+        """Seal the staged checkpoint with its manifest, rename it into place, then prune old ones."""
+        final, tmp = self._final(step), self.staging(step)
         try:
-            write(tmp)
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
                 with open(path, "rb+") as f:
@@ -138,12 +148,43 @@ class CheckpointDir:
         return None
 
 
-def save_state_file(directory: Path, state: dict[str, Any]) -> None:
-    torch.save(state, directory / STATE_FILE)
+def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
+                        sharded: bool, is_main: bool) -> None:
+    """Model and optimizer state into `directory`: one `state.pt` written by rank 0, or (FSDP) one shard per
+    rank through torch.distributed.checkpoint, which `scripts/export_checkpoint.py` merges into one file."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state, **extra}
+        dcp.save(state, checkpoint_id=directory / SHARDED_DIR)
+    elif is_main:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
+                   directory / STATE_FILE)
 
 
-def load_state_file(directory: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(directory / STATE_FILE, map_location=map_location, weights_only=True)
+def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
+                        sharded: bool, device: torch.device) -> dict[str, Any]:
+    """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        if not (directory / SHARDED_DIR).is_dir():
+            raise UserError(f"{directory} is a single-file checkpoint; resume it with train.strategy=ddp")
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state, **extra}
+        dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        return {k: state[k] for k in extra}
+    if not (directory / STATE_FILE).is_file():
+        raise UserError(f"{directory} is a sharded (FSDP) checkpoint; resume it with train.strategy=fsdp or "
+                        "export it with scripts/export_checkpoint.py")
+    state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return {k: state[k] for k in extra if k in state}
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

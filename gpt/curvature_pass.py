@@ -34,7 +34,7 @@ class CurvatureSchedule:
     at_start: bool  # the optimizer needs an estimate before its first step
 
     def due(self, step: int) -> bool:
-        """Runs at the start of step s: the parameters equal those after step s-1, where the official code runs."""
+        """At the start of step s: the parameters equal those after step s-1, where the official code runs."""
         return step % self.interval == 0 and (step > 0 or self.at_start)
 
 

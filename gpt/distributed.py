@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -70,8 +71,23 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     raise UserError(f"train.device={requested!r} is not one of auto, cpu, cuda")
 
 
+def _adopt_slurm_environment() -> None:
+    """Without torchrun (e.g. one Slurm task per GPU from hydra-submitit-launcher), take ranks from Slurm."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0]
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
 def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
-    """Read torchrun's environment, join the process group, pick this rank's device."""
+    """Read torchrun's (or Slurm's) environment, join the process group, pick this rank's device."""
+    _adopt_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -117,7 +133,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce on all but the last micro-step (entered before that micro-step's forward)."""
+    """Skip the gradient all-reduce on all but the last micro-step (entered before its forward)."""
     if enabled:
         yield
     elif hasattr(model, "no_sync"):  # DDP

@@ -59,7 +59,9 @@ class MetricsLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def start_wandb(self, settings: Any, config: dict[str, Any], run_id: str | None, out_dir: Path) -> str | None:
+    def start_wandb(
+        self, settings: Any, config: dict[str, Any], run_id: str | None, out_dir: Path
+    ) -> str | None:
         """Start or continue the wandb run; returns its id for the checkpoint."""
         if not (self.enabled and settings.enabled):
             return run_id

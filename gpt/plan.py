@@ -51,14 +51,17 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     total_flops = flops_per_step * t.max_steps
     state_bytes = STATE_TENSORS.get(optim["name"], 2) * n_params * 4
     lines = [
-        f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']} on {settings.data['name']}",
+        f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"
+        f" on {settings.data['name']}",
         f"  ranks: {plan.world_size} ({runtime.strategy}, {runtime.device.type}, {t.dtype})",
-        f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps} × world {plan.world_size}"
-        f" = {plan.global_batch_size} sequences × {plan.block_size} tokens = {plan.tokens_per_step:,} tokens/step",
+        f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps}"
+        f" × world {plan.world_size} = {plan.global_batch_size} sequences × {plan.block_size} tokens"
+        f" = {plan.tokens_per_step:,} tokens/step",
         f"  steps: {t.max_steps:,} → {t.max_steps * plan.tokens_per_step / 1e9:.2f} B tokens",
         f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
         + (f" (incl. {curvature} curvature passes)" if curvature else ""),
-        f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32, optimizer state ≈ {state_bytes / 2**30:.2f} GiB",
+        f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
+        f" optimizer state ≈ {state_bytes / 2**30:.2f} GiB",
     ]
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8

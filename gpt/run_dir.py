@@ -2,7 +2,7 @@
 
 Rerunning with the same `out_dir` resumes; rerunning with a different model, optimizer, data or seed into
 the same `out_dir` would silently mix two experiments, so it is refused with the list of differences.
-Settings that do not change what is being trained (step budget, eval and log cadence, checkpointing) may change.
+Settings that do not change what is trained (step budget, eval and log cadence, checkpointing) may.
 """
 
 from __future__ import annotations

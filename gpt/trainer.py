@@ -21,15 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+from torch import nn
 
 from data.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import is_prepared, prepare
-from gpt.checkpoint import CheckpointDir, load_state_file, read_manifest, save_state_file
+from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
-from gpt.distributed import Runtime, gradient_sync, init_runtime, shutdown, unwrap, wrap_model
+from gpt.distributed import Runtime, gradient_sync, init_runtime, shutdown, wrap_model
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops
@@ -59,15 +60,32 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextli
 
 
 class StopRequested:
-    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves and exits cleanly."""
+    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop finishes the step, saves, then hands the signal to the
+    handler that was installed before (e.g. submitit's requeue on USR1) or exits cleanly."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    def __enter__(self) -> StopRequested:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        self.restore()
+        handler = self.previous.get(self.signal)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(self.signal, None)
 
 
 class Trainer:
@@ -76,7 +94,7 @@ class Trainer:
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
-        self.config = {"out_dir": settings.out_dir, **{k: v for k, v in asdict(settings).items() if k != "out_dir"}}
+        self.config = asdict(settings)  # the resolved config, as written to config.yaml
         if runtime.is_main:
             previous = read_config(self.out_dir)
             if previous is not None:
@@ -143,28 +161,30 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- resume
 
     def _resume(self) -> dict[str, Any]:
-        """Load the newest complete checkpoint (rank 0 chooses, all ranks load); {} if there is none."""
+        """Load the newest complete checkpoint (rank 0 chooses, all ranks load); returns its manifest."""
         path = self.ckpts.newest_valid() if self.rt.is_main else None
         path = self.rt.broadcast_object(path)
         if path is None:
             return {}
-        check_compatible(read_manifest(path)["config"], self.config, f"checkpoint {path}")
-        state = load_state_file(path, map_location=self.rt.device)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        log.info("resumed from %s (step %d)", path, state["step"])
-        return state
+        manifest = read_manifest(path)
+        check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
+                                    self.rt.strategy == "fsdp", self.rt.device)
+        self.scaler.load_state_dict(extra["scaler"])
+        log.info("resumed from %s (step %d)", path, manifest["step"])
+        return manifest
 
     def _save(self, step: int, elapsed: float, wandb_id: str | None) -> None:
-        if not self.rt.is_main:
-            self.rt.barrier()
-            return
-        state = {"step": step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "elapsed_s": elapsed, "wandb_id": wandb_id}
-        path = self.ckpts.save(step, lambda d: save_state_file(d, state), {"config": self.config})
-        log.info("saved %s", path)
+        """Every rank takes part (FSDP writes a shard per rank); rank 0 seals and renames."""
+        if self.rt.is_main:
+            self.ckpts.begin(step)
+        self.rt.barrier()
+        save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
+                            {"scaler": self.scaler.state_dict()}, self.rt.strategy == "fsdp", self.rt.is_main)
+        self.rt.barrier()
+        if self.rt.is_main:
+            meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id}
+            log.info("saved %s", self.ckpts.commit(step, meta))
         self.rt.barrier()
 
     # ------------------------------------------------------------------------------------------ loop
@@ -203,20 +223,44 @@ class Trainer:
         wandb_id = metrics.start_wandb(self.s.wandb, self.config, state.get("wandb_id"), self.out_dir)
         del state
         if start_step >= t.max_steps:
-            log.info("already trained to step %d (train.max_steps=%d): nothing to do", start_step, t.max_steps)
+            log.info("already at step %d = train.max_steps: nothing to do", start_step)
             return {"step": start_step}
 
-        stop = StopRequested()
+        with StopRequested() as stop:
+            return self._loop(start_step, elapsed_before, metrics, wandb_id, stop)
+
+    def _step(self, step: int, params: list[nn.Parameter], signalled: bool) -> tuple[float, float, bool]:
+        """Accumulate gradients of the global batch and unscale them. Returns the loss and gradient norm
+        averaged over ranks, and whether any rank was signalled to stop (one collective for all three)."""
+        t, rt = self.s.train, self.rt
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=rt.device)
+        accum = self.plan.grad_accum_steps
+        for micro in range(accum):
+            x, y = self.loader.train_batch(step, micro)
+            with gradient_sync(self.forward, micro == accum - 1):
+                with self.autocast():
+                    _, loss = self.forward(x, y)
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
+        flag = torch.tensor(float(signalled), device=rt.device)
+        stats = rt.all_reduce(torch.stack([loss_sum / accum, grad_norm.float(), flag]), "mean")
+        train_loss, grad_norm_value, stop_votes = stats.tolist()
+        return train_loss, grad_norm_value, stop_votes > 0
+
+    def _loop(self, start_step: int, elapsed_before: float, metrics: MetricsLog, wandb_id: str | None,
+              stop: StopRequested) -> dict[str, Any]:
+        t, rt, schedule = self.s.train, self.rt, self.s.schedule
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        decay_steps = self.s.schedule.decay_steps or t.max_steps
+        decay_steps = schedule.decay_steps or t.max_steps
         tokens_per_step = self.plan.tokens_per_step
         recent_losses: deque[float] = deque(maxlen=100)
-        clipped_count = skipped_in_row = 0
+        clipped_count = skipped_in_row = interval_steps = 0
         hessian_time = None
-        run_start = time.perf_counter()
-        interval_start, interval_steps = run_start, 0
+        run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
-
         if start_step == 0:
             record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0}
             metrics.write(record)
@@ -224,44 +268,28 @@ class Trainer:
 
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
-            lr = lr_at(self.s.schedule.name, step, lr=self.s.optim["lr"], warmup_steps=self.s.schedule.warmup_steps,
-                       decay_steps=decay_steps, min_lr=self.s.schedule.min_lr)
+            lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
+                       decay_steps=decay_steps, min_lr=schedule.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
                                                   step, t.seed, rt, self.autocast)
+            train_loss, grad_norm, stopping = self._step(step, params, stop.signal is not None)
 
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=rt.device)
-            accum = self.plan.grad_accum_steps
-            for micro in range(accum):
-                x, y = self.loader.train_batch(step, micro)
-                with gradient_sync(self.forward, micro == accum - 1):
-                    with self.autocast():
-                        _, loss = self.forward(x, y)
-                    self.scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-            stats = torch.stack([loss_sum / accum, grad_norm.float()])
-            rt.all_reduce(stats, "mean")
-            train_loss, grad_norm_value = stats.tolist()
-
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm_value)) and not self.scaler.is_enabled():
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)) and not self.scaler.is_enabled():
                 skipped_in_row += 1
-                message = (f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at step "
-                           f"{step} (loss {train_loss}, grad norm {grad_norm_value})")
+                what = "loss" if not math.isfinite(train_loss) else "gradient norm"
+                message = f"non-finite {what} at step {step} (loss {train_loss}, grad norm {grad_norm})"
                 if t.on_nonfinite == "stop" or skipped_in_row > t.max_skipped:
                     last = self.ckpts.complete_steps()
                     where = f"last good checkpoint: step {last[0]}" if last else "no checkpoint was written"
                     raise UserError(f"{message}; stopped before the update ({where}). Lower optim.lr or "
                                     "set train.on_nonfinite=skip")
                 log.warning("%s: update skipped (%d in a row)", message, skipped_in_row)
-                self.optimizer.zero_grad(set_to_none=True)
                 continue
             skipped_in_row = 0
-            clipped = t.grad_clip > 0 and grad_norm_value > t.grad_clip
+            clipped = t.grad_clip > 0 and grad_norm > t.grad_clip
             clipped_count += clipped
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -270,14 +298,13 @@ class Trainer:
 
             spike = len(recent_losses) >= 10 and train_loss > SPIKE_FACTOR * statistics.median(recent_losses)
             recent_losses.append(train_loss)
-            is_log = done % t.log_interval == 0 or done == t.max_steps or spike
             is_eval = done % t.eval_interval == 0 or done == t.max_steps
-            if is_log or is_eval:
+            if is_eval or spike or done % t.log_interval == 0:
                 now = time.perf_counter()
                 tokens_per_sec = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
                 record = {
                     "step": done, "tokens": done * tokens_per_step, "train_loss": train_loss, "lr": lr,
-                    "grad_norm": grad_norm_value, "clipped": bool(clipped),
+                    "grad_norm": grad_norm, "clipped": bool(clipped),
                     "clip_fraction": clipped_count / interval_steps, "tokens_per_sec": tokens_per_sec,
                     "mfu": (self.flops_per_token * tokens_per_sec / (self.peak * rt.world_size)
                             if self.peak else None),
@@ -295,12 +322,11 @@ class Trainer:
                 log.info(format_line(record))
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
 
-            stop_now = torch.tensor(float(stop.signal is not None), device=rt.device)
-            rt.all_reduce(stop_now, "max")
-            if done % t.ckpt_interval == 0 or done == t.max_steps or stop_now.item():
+            if done % t.ckpt_interval == 0 or done == t.max_steps or stopping:
                 self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id)
-            if stop_now.item():
-                log.info("stopped by signal after step %d; checkpoint saved, rerun the same command to resume", done)
+            if stopping:
+                log.info("stopped by a signal after step %d, checkpoint saved: rerun to resume", done)
+                stop.hand_over()
                 break
 
         metrics.close()

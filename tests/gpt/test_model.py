@@ -33,8 +33,9 @@ def test_parameter_counts_match_openai_gpt2(shape):
 
 @pytest.mark.parametrize(
     "name, shape, millions",
-    [("gpt2_30m", (6, 6, 384), 30.3), ("gpt2_small", (12, 12, 768), 124.4), ("gpt2_medium", (24, 16, 1024), 354.6),
-     ("gpt2_540m", (30, 18, 1152), 537.0), ("gpt2_large", (36, 20, 1280), 773.6), ("gpt2_xl", (48, 25, 1600), 1556.8)],
+    [("gpt2_30m", (6, 6, 384), 30.3), ("gpt2_small", (12, 12, 768), 124.4),
+     ("gpt2_medium", (24, 16, 1024), 354.6), ("gpt2_540m", (30, 18, 1152), 537.0),
+     ("gpt2_large", (36, 20, 1280), 773.6), ("gpt2_xl", (48, 25, 1600), 1556.8)],
 )
 def test_paper_sizes_without_bias_and_padded_vocab(name, shape, millions):
     """The configs' sizes: V·d + T·d + L·(12d² + 2d) + d with the padded vocab and no biases."""

@@ -1,0 +1,68 @@
+"""Export a checkpoint to one plain `torch.save` file: merges FSDP shards (torch.distributed.checkpoint)
+or copies a single-file checkpoint's state, optionally keeping only the model weights.
+
+    python scripts/export_checkpoint.py runs/owt/gpt2_xl-sophia_g-seed1337 --out gpt2_xl.pt --model-only
+
+A run directory stands for its newest complete checkpoint; the manifest is verified first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from data.errors import UserError
+from gpt.checkpoint import MANIFEST, SHARDED_DIR, STATE_FILE, CheckpointDir
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory, or the newest valid one of a run directory."""
+    if (path / MANIFEST).is_file():
+        problem = CheckpointDir(path.parent).verify(path)
+        if problem:
+            raise UserError(f"{path} is unusable: {problem}")
+        return path
+    newest = CheckpointDir(path / "checkpoints").newest_valid()
+    if newest is None:
+        raise UserError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
+    return newest
+
+
+def export(checkpoint: Path, out: Path, model_only: bool) -> None:
+    if (checkpoint / SHARDED_DIR).is_dir():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            merged = Path(tmp) / "merged.pt"
+            dcp_to_torch_save(checkpoint / SHARDED_DIR, merged)
+            state = torch.load(merged, weights_only=True)
+    else:
+        state = torch.load(checkpoint / STATE_FILE, weights_only=True)
+    if model_only:
+        state = state["model"]
+    tmp_out = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp_out)
+    tmp_out.replace(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="a checkpoint directory or a run directory")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-only", action="store_true", help="keep only the model's state_dict")
+    args = parser.parse_args()
+    try:
+        checkpoint = resolve(args.path)
+        export(checkpoint, args.out, args.model_only)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {checkpoint} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""End-to-end training on the tiny model: metrics, checkpoints, and exact resume."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from data.errors import UserError
+from gpt.checkpoint import CheckpointDir, read_manifest
+from gpt.trainer import train
+
+
+def compose_train(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="configs", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "shakespeare_byte"
+
+
+def tiny_run(out_dir: Path, data_dir: Path, *extra: str) -> list[str]:
+    return [
+        "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", "train.max_steps=8",
+        "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "train.ckpt_interval=4",
+        "train.global_batch_size=8", "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=64",
+        "model.block_size=32", *extra,
+    ]
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_records(out_dir) if "train_loss" in r}
+
+
+def test_run_directory_contract(tmp_path, byte_data):
+    """Wrong if a contracted file or metrics key is missing, or accumulation changes the tokens counted."""
+    out = tmp_path / "run"
+    train(compose_train(tiny_run(out, byte_data)))
+    assert (out / "config.yaml").exists() and (out / "train.log").exists()
+    records = read_records(out)
+    assert records[0]["step"] == 0 and "val_loss" in records[0]
+    step_records = [r for r in records if r["step"] > 0]
+    assert [r["step"] for r in step_records] == list(range(1, 9))
+    for key in ("step", "tokens", "train_loss", "lr", "grad_norm", "clipped", "tokens_per_sec", "mfu",
+                "elapsed_s"):
+        assert key in step_records[0], key
+    assert step_records[-1]["tokens"] == 8 * 8 * 32
+    assert "val_loss" in step_records[3] and "val_loss" in step_records[7]
+    assert CheckpointDir(out / "checkpoints").complete_steps() == [8, 4]
+    state = torch.load(out / "checkpoints" / "step_00000008" / "state.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "scaler"}
+    assert read_manifest(out / "checkpoints" / "step_00000008")["step"] == 8
+
+
+def test_resume_is_exact(tmp_path, byte_data):
+    """N steps straight and N/2 + restart: bit-identical losses (data order and RNG are pure functions)."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_train(tiny_run(straight, byte_data, "model.dropout=0.1")))
+    train(compose_train(tiny_run(resumed, byte_data, "model.dropout=0.1", "train.max_steps=4")))
+    train(compose_train(tiny_run(resumed, byte_data, "model.dropout=0.1")))
+    assert losses(straight) == losses(resumed)
+    steps = [r["step"] for r in read_records(resumed)]
+    assert steps == sorted(set(steps)), "metrics.jsonl has duplicated records after the resume"
+
+
+def test_sophia_resume_across_a_hessian_step_is_exact(tmp_path, byte_data):
+    """Resume at step 4 with a curvature pass due at step 6 (interval 3): identical to the straight run."""
+    extra = ["optim=sophia_g", "optim.hessian_interval=3", "optim.hessian_batch_size=4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(compose_train(tiny_run(straight, byte_data, *extra)))
+    train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
+    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    assert losses(straight) == losses(resumed)
+    records = [r for r in read_records(straight) if "win_rate" in r]
+    assert records and all(0.0 <= r["win_rate"] <= 1.0 for r in records)
+    assert records[-1]["hessian_time_s"] > 0
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, byte_data):
+    """2 micro-steps of 4 equal 1 micro-step of 8: gradients are averaged, not summed."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(compose_train(tiny_run(a, byte_data, "train.max_steps=3")))
+    train(compose_train(tiny_run(b, byte_data, "train.max_steps=3", "train.micro_batch_size=8")))
+    for step, loss in losses(a).items():
+        assert math.isclose(loss, losses(b)[step], rel_tol=1e-5)
+
+
+def test_other_experiment_in_out_dir_is_refused(tmp_path, byte_data):
+    out = tmp_path / "run"
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=2")))
+    with pytest.raises(UserError, match=re.escape("optim.name: 'adamw' -> 'lion'")):
+        train(compose_train(tiny_run(out, byte_data, "optim=lion")))
+
+
+def test_dry_run_prints_plan_without_data(tmp_path, capsys):
+    cfg = compose_train(["optim=sophia_g", "model=gpt2_medium", "train.dry_run=true", f"out_dir={tmp_path}",
+                         f"data.dir={tmp_path / 'absent'}", "train.device=cpu"])
+    train(cfg)
+    out = capsys.readouterr().out
+    assert "480 sequences × 1024 tokens = 491,520 tokens/step" in out
+    assert "GPU-hours" in out

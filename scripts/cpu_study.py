@@ -1,0 +1,128 @@
+"""A fair CPU-scale optimizer study in one command: same model, data order and initialisation for every
+optimizer; each optimizer's learning rate picked by the same sweep; then three seeds at the chosen rate.
+
+    python scripts/cpu_study.py --corpus ../shared/corpus/shakespeare.jsonl
+
+Protocol: for AdamW, Lion, Sophia-G and Sophia-H, sweep lr ∈ {1/3, 1, 3, 9} × the optimizer's GPT-2-small
+learning rate from the paper (seed 0), pick the lowest final validation loss, then add seeds 1 and 2 at that
+rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
+`configs/experiment/cpu_study.yaml`. Finished runs are not rerun (the trainer resumes a complete run as a
+no-op), so an interrupted study continues where it stopped. Writes the figures, `<report-dir>/cpu_study.json`
+and `<report-dir>/cpu_study_tables.md`; the report `cpu_study.md` around them is written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from plot_curves import plot_curves
+from plot_diagnostics import plot_diagnostics
+from runs import load_run
+from speedup import compare, format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_LR = {"adamw": 6e-4, "lion": 1e-4, "sophia_g": 6e-4, "sophia_h": 6e-4}  # PAPER.md §3, 125M
+MULTIPLIERS = (1 / 3, 1, 3, 9)
+SEEDS = (0, 1, 2)
+
+
+def run_dir(root: Path, optim: str, lr: float, seed: int) -> Path:
+    return root / optim / f"lr{lr:.3g}-seed{seed}"
+
+
+def train(corpus: Path, root: Path, optim: str, lr: float, seed: int, steps: int) -> Path:
+    out = run_dir(root, optim, lr, seed)
+    command = [
+        sys.executable, "train.py", "experiment=cpu_study", f"optim={optim}", f"optim.lr={lr:.6g}",
+        f"schedule.min_lr={0.05 * lr:.6g}", f"train.seed={seed}", f"train.max_steps={steps}",
+        f"data.files={corpus.resolve()}", f"out_dir={out}",
+    ]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    print(f"  {optim:<9} lr {lr:<9.3g} seed {seed}: val {final_val_loss(out):.4f} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return out
+
+
+def final_val_loss(run: Path) -> float:
+    return load_run(run).series("val_loss")[-1]["val_loss"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus/shakespeare.jsonl"))
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--runs", type=Path, default=Path("runs/cpu_study"))
+    parser.add_argument("--report-dir", type=Path, default=Path("docs/results"))
+    args = parser.parse_args()
+    root, report = (ROOT / args.runs).resolve(), ROOT / args.report_dir
+    report.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    print("sweep (seed 0):", flush=True)
+    sweep: dict[str, dict[float, float]] = {}
+    for optim, base in BASE_LR.items():
+        sweep[optim] = {}
+        for multiplier in MULTIPLIERS:
+            lr = float(f"{base * multiplier:.3g}")
+            sweep[optim][lr] = final_val_loss(train(args.corpus, root, optim, lr, 0, args.steps))
+    chosen = {optim: min(losses, key=losses.get) for optim, losses in sweep.items()}
+
+    print("seeds at the chosen learning rates:", flush=True)
+    groups = {optim: [train(args.corpus, root, optim, lr, seed, args.steps) for seed in SEEDS]
+              for optim, lr in chosen.items()}
+    all_runs = [str(run) for runs in groups.values() for run in runs]
+
+    plot_curves(all_runs, report / "cpu_study_val_loss_steps.png", axis="steps")
+    plot_curves(all_runs, report / "cpu_study_val_loss_time.png", axis="time")
+    plot_diagnostics(all_runs, report / "cpu_study_diagnostics.png")
+    speedups = compare([str(r) for r in groups["adamw"]], all_runs)
+    finals = {optim: [final_val_loss(run) for run in runs] for optim, runs in groups.items()}
+    results = {
+        "command": f"python scripts/cpu_study.py --corpus {args.corpus} --steps {args.steps}",
+        "machine": machine(),
+        "minutes": (time.perf_counter() - started) / 60,
+        "sweep": {o: {str(lr): loss for lr, loss in losses.items()} for o, losses in sweep.items()},
+        "chosen_lr": chosen,
+        "final_val_loss": finals,
+        "speedup_vs_adamw": speedups,
+    }
+    (report / "cpu_study.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    lines = ["| optimizer | lr sweep (final val loss, seed 0) | chosen lr | final val loss, 3 seeds: "
+             "mean (min–max) |", "|---|---|---|---|"]
+    for optim, losses in sweep.items():
+        grid = ", ".join(f"{lr:.3g}: {loss:.4f}" for lr, loss in losses.items())
+        values = finals[optim]
+        lines.append(f"| {optim} | {grid} | {chosen[optim]:.3g} | {statistics.mean(values):.4f} "
+                     f"({min(values):.4f}–{max(values):.4f}) |")
+    (report / "cpu_study_tables.md").write_text(
+        "\n".join(lines) + "\n\nSteps, FLOPs and time to reach AdamW's final validation loss:\n\n"
+        + format_table(speedups) + "\n"
+    )
+    print("\n".join(lines))
+    print(format_table(speedups))
+    print(f"done in {results['minutes']:.1f} min; tables in {report / 'cpu_study_tables.md'}")
+
+
+if __name__ == "__main__":
+    main()

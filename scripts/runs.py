@@ -1,0 +1,146 @@
+"""Read run directories (`config.yaml` + `metrics.jsonl`) for the analysis scripts, group seeds, label groups.
+
+Runs form one group when they are the same experiment up to the seed: the keys gpt/run_dir.py says define an
+experiment (model, optimizer, data, batch, schedule) except `train.seed`, plus `train.max_steps`, which sets
+the schedule's length. Hardware-only settings (micro-batch, device) and cadences do not split a group.
+FLOPs count the model's training FLOPs per token (`GPT.flops_per_token`) plus the optimizer's curvature
+passes, as gpt/plan.py counts them, so a Sophia run pays for its Hessian estimates in every FLOPs figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from data.errors import UserError
+from gpt.metrics import METRICS_FILE, read_metrics
+from gpt.model import GPT, GPTConfig
+from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS
+
+GROUP_KEYS = (*(key for key in IDENTITY_KEYS if key != "train.seed"), "train.max_steps")
+# Forward+backward passes per curvature update (Hutchinson's double backward counts twice), as gpt/plan.py.
+CURVATURE_PASSES = {"sophia_g": 1, "sophia_h": 2, "adahessian": 2}
+# x-axis name -> the metrics key it is computed from.
+AXES = {"steps": "step", "tokens": "tokens", "flops": "tokens", "time": "elapsed_s"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples so values can be compared and hashed."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+
+
+def format_value(value: Any) -> str:
+    """Compact, label-friendly numbers: 0.0006 -> 6e-4, 200000 -> 200000, (0.965, 0.99) -> 0.965,0.99."""
+    if isinstance(value, tuple):
+        return ",".join(format_value(v) for v in value)
+    if isinstance(value, float) and value != 0 and not 1e-2 <= abs(value) < 1e4:
+        mantissa, exponent = f"{value:.3e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@dataclasses.dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+
+    @cached_property
+    def identity(self) -> tuple[tuple[str, Any], ...]:
+        flat = flatten(self.config)
+        return tuple(sorted((k, v) for k, v in flat.items() if k.startswith(GROUP_KEYS)))
+
+    @property
+    def label(self) -> str:
+        optim = self.config["optim"]
+        return f"{self.config['model']['name']} {optim['name']} lr={format_value(float(optim['lr']))}"
+
+    @cached_property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per trained token, curvature passes included."""
+        fields = {f.name for f in dataclasses.fields(GPTConfig)}
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**{k: v for k, v in self.config["model"].items() if k in fields}))
+        optim, batch = self.config["optim"], self.config["train"]["global_batch_size"]
+        passes = CURVATURE_PASSES.get(optim["name"], 0)
+        share = (optim.get("hessian_batch_size") or batch) / batch
+        return model.flops_per_token() * (1 + share * passes / optim.get("hessian_interval", 1))
+
+    def series(self, key: str) -> list[dict[str, Any]]:
+        """The records that carry `key`, in step order; a run without any is a user error."""
+        records = [r for r in self.records if r.get(key) is not None]
+        if not records:
+            raise UserError(f"{self.path}: no '{key}' in any record of {METRICS_FILE}")
+        return records
+
+    def x_value(self, record: dict[str, Any], axis: str) -> float:
+        """The record's position on an x-axis: steps, tokens, FLOPs or wall-clock seconds."""
+        value = record.get(AXES[axis])
+        if value is None:
+            raise UserError(f"{self.path}: the record of step {record['step']} has no '{AXES[axis]}'")
+        return value * self.flops_per_token if axis == "flops" else float(value)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    for name in (CONFIG_FILE, METRICS_FILE):
+        if not (path / name).is_file():
+            raise UserError(f"{path}: not a run directory (no {name})")
+    records = sorted(read_metrics(path / METRICS_FILE), key=lambda r: r["step"])
+    if not records:
+        raise UserError(f"{path}: {METRICS_FILE} holds no records")
+    return Run(path, yaml.safe_load((path / CONFIG_FILE).read_text()), records)
+
+
+def group_runs(paths: list[str]) -> list[list[Run]]:
+    """Load runs and group those that differ only by seed, in the order they were given."""
+    groups: dict[tuple[tuple[str, Any], ...], list[Run]] = {}
+    for path in dict.fromkeys(paths):
+        run = load_run(path)
+        groups.setdefault(run.identity, []).append(run)
+    return list(groups.values())
+
+
+def group_labels(groups: list[list[Run]]) -> list[str]:
+    """'gpt2_small sophia_g lr=6e-4'; groups sharing that label get the settings that tell them apart."""
+    labels = [group[0].label for group in groups]
+    identities = [dict(group[0].identity) for group in groups]
+    result = []
+    for label, identity in zip(labels, identities, strict=True):
+        peers = [other for other, peer_label in zip(identities, labels, strict=True) if peer_label == label]
+        differing = [k for k in identity if len({repr(peer.get(k)) for peer in peers}) > 1]
+        extras = [f"{k if k.endswith('.name') else k.rsplit('.', 1)[-1]}={format_value(identity[k])}"
+                  for k in differing]
+        result.append(" ".join([label, *extras]))
+    return result
+
+
+def aligned_series(group: list[Run], metric: str, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """A group's metric at the steps every seed recorded it: x (mean over seeds) and y (seeds × points)."""
+    by_step = [{r["step"]: r for r in run.series(metric)} for run in group]
+    steps = sorted(set.intersection(*(set(records) for records in by_step)))
+    if not steps:
+        where = ", ".join(str(run.path) for run in group)
+        raise UserError(f"{where}: these seeds of one experiment share no step with '{metric}'")
+    x = [[run.x_value(records[s], axis) for s in steps] for run, records in zip(group, by_step, strict=True)]
+    y = [[records[s][metric] for s in steps] for records in by_step]
+    return np.mean(x, axis=0), np.array(y, dtype=float)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a script's main: a user error prints one line and exits 2, without a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

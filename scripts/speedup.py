@@ -1,0 +1,122 @@
+"""Steps, FLOPs and wall-clock each run needs to reach the baseline's final validation loss: the paper's "2×".
+
+    python scripts/speedup.py RUN... --baseline BASE... [--json FILE]
+    python scripts/speedup.py --baseline BASE... -- RUN...
+
+The target is the mean final val_loss of the baseline runs (one group: they may differ only by seed). For
+every run, the first crossing of the target is interpolated linearly between its eval points; the speed-up is
+the baseline's own cost (the mean over its seeds of steps, FLOPs and seconds at its final eval) divided by the
+run's cost. A group's row gives the mean and min–max over its seeds of those per-seed numbers, and how many
+seeds reached the target at all; a group none of whose seeds reaches it shows "not reached". FLOPs include
+curvature passes; time is in seconds in the JSON, in hours in the table, and compares only runs on the same
+hardware.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from data.errors import UserError
+
+from runs import Run, group_labels, group_runs, run_cli
+
+COSTS = ("steps", "flops", "time")
+
+
+def cost_to_reach(run: Run, target: float) -> dict[str, float] | None:
+    """Steps, FLOPs and seconds at which val_loss first reaches `target`, or None if it never does."""
+    previous = None
+    for record in run.series("val_loss"):
+        if record["val_loss"] <= target:
+            if previous is None:
+                return {axis: run.x_value(record, axis) for axis in COSTS}
+            fraction = (previous["val_loss"] - target) / (previous["val_loss"] - record["val_loss"])
+            return {axis: run.x_value(previous, axis)
+                    + fraction * (run.x_value(record, axis) - run.x_value(previous, axis)) for axis in COSTS}
+        previous = record
+    return None
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)} if values else None
+
+
+def compare(baseline_paths: list[str], paths: list[str]) -> dict[str, Any]:
+    """The report: the target, the baseline's costs, and one entry per group of runs (the baseline first)."""
+    groups = group_runs(baseline_paths + paths)
+    labels = group_labels(groups)
+    baseline = groups[0]
+    strays = [path for path in baseline_paths if Path(path) not in {run.path for run in baseline}]
+    if strays:
+        raise UserError(f"--baseline runs must differ only by seed, but {', '.join(strays)} and "
+                        f"{baseline[0].path} are different experiments")
+    finals = [run.series("val_loss")[-1] for run in baseline]
+    target = statistics.fmean(record["val_loss"] for record in finals)
+    baseline_cost = {axis: statistics.fmean(run.x_value(record, axis) for run, record in
+                                            zip(baseline, finals, strict=True)) for axis in COSTS}
+    report: dict[str, Any] = {"target_val_loss": target, "baseline": {
+        "label": labels[0], "runs": [str(run.path) for run in baseline], **baseline_cost}, "groups": []}
+    for group, label in zip(groups, labels, strict=True):
+        costs = [cost for cost in (cost_to_reach(run, target) for run in group) if cost is not None]
+        final_losses = [run.series("val_loss")[-1]["val_loss"] for run in group]
+        entry: dict[str, Any] = {
+            "label": label, "runs": [str(run.path) for run in group], "seeds": len(group),
+            "reached": len(costs), "final_val_loss": spread(final_losses),
+        }
+        for axis in COSTS:
+            # A run already at the target at step 0 has no finite speed-up: it gets none.
+            ratios = [baseline_cost[axis] / cost[axis] for cost in costs if cost[axis]]
+            entry[axis] = {"to_target": spread([cost[axis] for cost in costs]), "speedup": spread(ratios)}
+        report["groups"].append(entry)
+    return report
+
+
+def _cell(stats: dict[str, float] | None, fmt: str) -> str:
+    if stats is None:
+        return "not reached"
+    mean, low, high = (fmt.format(stats[key]) for key in ("mean", "min", "max"))
+    return mean if stats["min"] == stats["max"] else f"{mean} ({low}–{high})"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a markdown table, headed by the target and the baseline's own costs."""
+    base = report["baseline"]
+    lines = [
+        f"target: val_loss {report['target_val_loss']:.4f} = final val_loss of {base['label']} "
+        f"(mean of {len(base['runs'])} run(s)), reached at step {base['steps']:,.0f}, "
+        f"{base['flops']:.3e} FLOPs, {base['time'] / 3600:.2f} h",
+        "",
+        "| runs | seeds | final val_loss | reached | steps | × steps | FLOPs | × FLOPs | hours | × time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in report["groups"]:
+        seconds = g["time"]["to_target"]
+        hours = seconds and {key: value / 3600 for key, value in seconds.items()}
+        cells = [g["label"], str(g["seeds"]), _cell(g["final_val_loss"], "{:.4f}"),
+                 f"{g['reached']}/{g['seeds']}",
+                 _cell(g["steps"]["to_target"], "{:,.0f}"), _cell(g["steps"]["speedup"], "{:.2f}×"),
+                 _cell(g["flops"]["to_target"], "{:.3e}"), _cell(g["flops"]["speedup"], "{:.2f}×"),
+                 _cell(hours, "{:.2f}"), _cell(g["time"]["speedup"], "{:.2f}×")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories to compare with the baseline")
+    parser.add_argument("--baseline", nargs="+", required=True, metavar="BASE",
+                        help="the baseline's run directories (seeds of one experiment)")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+    args = parser.parse_args(argv)
+    report = compare(args.baseline, args.runs)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)

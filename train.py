@@ -1,11 +1,16 @@
 """Train a GPT: `python train.py [experiment=...] [optim=...] [model=...] [key=value ...]`, or under torchrun.
 
-A thin Hydra entry point; the run is `gpt.trainer.train`. User errors print one line and exit 2.
+A thin Hydra entry point; the run is `gpt.trainer.train`. User errors print one line and exit 2, and so do
+config errors Hydra finds while composing (an unknown `model=`, a misspelt key): Hydra would print a report of
+a dozen lines and exit 1. To receive those errors we set HYDRA_FULL_ERROR=1, Hydra's documented switch for
+raising instead of reporting; a user who sets it themselves gets Hydra's full report and traceback.
 """
 
+import os
 import sys
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from data.errors import UserError
@@ -22,5 +27,19 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def run() -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except HydraException as e:
+        from gpt.config import describe_composition_error
+
+        print(f"error: {describe_composition_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    run()

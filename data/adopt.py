@@ -42,7 +42,8 @@ def count_split(path: Path, vocab_size: int, eot_id: int) -> dict[str, int]:
     for start in range(0, len(tokens), CHUNK_TOKENS):
         chunk = np.asarray(tokens[start : start + CHUNK_TOKENS])
         if int(chunk.max()) >= vocab_size:
-            raise UserError(f"{path} holds token id {int(chunk.max())} >= vocab size {vocab_size}: wrong tokenizer")
+            raise UserError(f"{path} holds token id {int(chunk.max())} >= vocab size {vocab_size}: "
+                            "wrong tokenizer")
         documents += int(np.count_nonzero(chunk == eot_id))
     return {"tokens": len(tokens), "documents": documents}
 

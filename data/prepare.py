@@ -39,17 +39,33 @@ DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 WRITE_BATCH_DOCS = 1024
+# Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
+CONFIG_KEYS = frozenset({
+    "name", "source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "tokenizer",
+    "val_fraction", "split_seed", "num_proc", "cache_dir", "dir", "auto_prepare",
+})
 
 
 def is_prepared(data_cfg: Mapping[str, Any]) -> bool:
     """True when the data folder holds complete files made with exactly these settings."""
+    return unprepared_reason(data_cfg) is None
+
+
+def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
+    """Why the data folder cannot serve these settings, with the command that fixes it; None if it can."""
     out = Path(data_cfg["dir"])
+    command = (f"python -m data.prepare data={data_cfg['name']} data.tokenizer={data_cfg['tokenizer']} "
+               "data.dir=")
     meta = _read_meta(out)
-    return (
-        meta is not None
-        and meta.get("fingerprint") == _fingerprint(_settings(data_cfg))
-        and _complete(out, meta)
-    )
+    if meta is None:
+        return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
+                f"prepare it with: {command}{out}")
+    settings = _settings(data_cfg)
+    if meta.get("fingerprint") != _fingerprint(settings):
+        return (f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}); "
+                f"point data.dir at a new folder and prepare it with: {command}<new folder>")
+    damage = _damage(out, meta)
+    return None if damage is None else f"{damage}; rebuild it with: {command}{out}"
 
 
 def prepare(data_cfg: Mapping[str, Any]) -> Path:
@@ -66,19 +82,16 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     meta = _read_meta(out)
     if meta is not None:
         if meta.get("fingerprint") != fingerprint:
-            changed = "; ".join(
-                f"{key}: {json.dumps(meta.get(key))} on disk, {json.dumps(settings[key])} requested"
-                for key in settings
-                if meta.get(key) != settings[key]
-            )
             raise UserError(
-                f"{out} holds data prepared with other settings ({changed}). "
+                f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}). "
                 "Set data.dir to another folder, or delete this one to rebuild it"
             )
-        if _complete(out, meta):
+        damage = _damage(out, meta)
+        if damage is None:
             log.info("%s is already prepared", out)
             return out
-        (out / "meta.json").unlink()  # the token files were damaged after preparation: rebuild them
+        log.warning("%s; rebuilding it", damage)
+        (out / "meta.json").unlink()  # first, so an interrupted rebuild leaves a folder the loader refuses
 
     quiet = _quiet()
     if quiet:
@@ -303,13 +316,23 @@ def _read_meta(out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _complete(out: Path, meta: dict[str, Any]) -> bool:
-    """Both token files exist with the sizes meta.json promises."""
+def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{key}: {json.dumps(meta.get(key))} on disk, {json.dumps(settings[key])} requested"
+        for key in settings
+        if meta.get(key) != settings[key]
+    )
+
+
+def _damage(out: Path, meta: dict[str, Any]) -> str | None:
+    """None when both token files have the sizes meta.json promises, else which one does not."""
     for name, counts in meta["splits"].items():
         path = out / f"{name}.bin"
-        if not path.is_file() or path.stat().st_size != counts["tokens"] * DTYPE.itemsize:
-            return False
-    return True
+        size = path.stat().st_size if path.is_file() else None
+        if size != counts["tokens"] * DTYPE.itemsize:
+            return (f"{path} has {size} bytes but meta.json promises {counts['tokens']} tokens = "
+                    f"{counts['tokens'] * DTYPE.itemsize} bytes (truncated or replaced)")
+    return None
 
 
 def _quiet() -> bool:

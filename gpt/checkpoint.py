@@ -4,8 +4,11 @@ A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding the state file(
 lists every file's size and SHA-256 and is written last. It is built under `step_XXXXXXXX.tmp/` and renamed
 only when complete, so a kill or a full disk at any moment leaves the previous checkpoints untouched. Loading
 verifies the manifest and falls back to the next newest checkpoint, with a warning, when it does not match.
-Old checkpoints are pruned only after a new one is complete. Files are loaded with `weights_only=True`:
-a checkpoint is data, never code.
+Old checkpoints are pruned only after a new one is complete, and only those older than it: a newer one that
+failed verification is replaced when the run reaches its step again, so the run directory always keeps the
+checkpoint it just wrote. Removal renames to a `.tmp` name first, so an interrupted prune leaves no
+half-deleted directory that looks complete. Files are loaded with `weights_only=True`: a checkpoint is data,
+never code.
 """
 
 from __future__ import annotations
@@ -100,24 +103,40 @@ class CheckpointDir:
             manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **meta}
             write_json_atomic(tmp / MANIFEST, manifest)
             _fsync_dir(tmp)
-            if final.exists():  # a re-save of the same step (e.g. after a resume): replace it whole
-                shutil.rmtree(final)
+            if final.exists():  # one that failed verification, reached again after the fallback
+                self._remove(step)
             os.replace(tmp, final)
             _fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._prune()
+        self._prune(step)
         return final
 
-    def _prune(self) -> None:
-        for step in self.complete_steps()[self.keep :]:
-            shutil.rmtree(self._final(step), ignore_errors=True)
+    def discard(self, step: int) -> None:
+        """Remove the staging directory of a save that failed (e.g. on a full disk)."""
+        shutil.rmtree(self.staging(step), ignore_errors=True)
+
+    def _remove(self, step: int) -> None:
+        """Rename out of the complete set first: a kill during rmtree leaves only a `.tmp` leftover."""
+        doomed = self.root / f"step_{step:08d}.removing.tmp"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(self._final(step), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def _prune(self, newest: int) -> None:
+        for step in [s for s in self.complete_steps() if s <= newest][self.keep :]:
+            self._remove(step)
 
     def remove_partial(self) -> None:
-        """Delete leftovers of interrupted saves (they are never loaded, but they take disk space)."""
+        """Delete leftovers of interrupted saves and prunes (never loaded, but they take disk space)."""
         for path in self.root.glob("step_*.tmp"):
             shutil.rmtree(path, ignore_errors=True)
+
+    def last_complete(self) -> str:
+        """The newest checkpoint with a manifest, for error messages: a path, or a sentence saying none."""
+        steps = self.complete_steps()
+        return str(self._final(steps[0])) if steps else "none (no checkpoint was completed yet)"
 
     def verify(self, path: Path) -> str | None:
         """None if the checkpoint at `path` matches its manifest, else why not."""
@@ -125,11 +144,22 @@ class CheckpointDir:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as e:
             return f"unreadable manifest ({e})"
-        if manifest.get("format_version") != FORMAT_VERSION:
-            return f"format version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
-        for name, expected in manifest.get("files", {}).items():
+        if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+            version = manifest.get("format_version") if isinstance(manifest, dict) else None
+            return f"format version {version!r}, expected {FORMAT_VERSION}"
+        named_step = path.name.removeprefix("step_")
+        if named_step.isdigit() and manifest.get("step") != int(named_step):
+            return f"its manifest is for step {manifest.get('step')!r}"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not any(
+            name == STATE_FILE or name.startswith(SHARDED_DIR + "/") for name in files
+        ):
+            return "its manifest lists no model state"
+        for name, expected in files.items():
             file = path / name
-            if not file.exists():
+            if not isinstance(expected, dict) or not {"bytes", "sha256"} <= expected.keys():
+                return f"its manifest entry for {name} has no size and checksum"
+            if not file.is_file():
                 return f"{name} is missing"
             if file.stat().st_size != expected["bytes"]:
                 return f"{name} has {file.stat().st_size} bytes, manifest says {expected['bytes']}"
@@ -138,14 +168,28 @@ class CheckpointDir:
         return None
 
     def newest_valid(self) -> Path | None:
-        """The newest checkpoint that verifies; each one skipped is reported with the fallback."""
+        """The newest checkpoint that verifies; each one skipped is reported with the one used instead."""
+        skipped = []
         for step in self.complete_steps():
             path = self._final(step)
             problem = self.verify(path)
             if problem is None:
+                for bad, why in skipped:
+                    log.warning("checkpoint %s is unusable (%s); falling back to %s", bad, why, path.name)
                 return path
-            log.warning("checkpoint %s is unusable (%s); falling back to an older one", path, problem)
+            skipped.append((path, problem))
+        for bad, why in skipped:
+            log.warning("checkpoint %s is unusable (%s); no older checkpoint verifies", bad, why)
         return None
+
+    def resume_point(self) -> Path | None:
+        """The checkpoint to resume from; None for a fresh run. Checkpoints that all fail verification are
+        an error, not a fresh start: retraining from step 0 over them would hide the damage."""
+        path = self.newest_valid()
+        if path is None and self.complete_steps():
+            raise UserError(f"no checkpoint in {self.root} verifies (see the warnings above); move them "
+                            "away to start the run over")
+        return path
 
 
 def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
@@ -160,8 +204,14 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
         state = {"model": model_state, "optimizer": optim_state, **extra}
         dcp.save(state, checkpoint_id=directory / SHARDED_DIR)
     elif is_main:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra},
-                   directory / STATE_FILE)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
+        with open(directory / STATE_FILE, "wb") as f:
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
+                if isinstance(e.__context__, OSError):
+                    raise e.__context__ from e
+                raise
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],

@@ -3,18 +3,22 @@
 Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
 type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
 tokens per step (Sophia's `bs`), decay steps — that must never be duplicated in YAML. The `optim` and `data`
-groups have per-choice keys: the optimizer registry and the data package validate those.
+groups have per-choice keys: the optimizer registry checks `optim`'s, and `data`'s must be among the keys the
+data package reads. Hydra's own composition errors (an unknown `model=`, a misspelt key) are turned into one
+line here too, so every config mistake reads the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from data.errors import UserError
+from data.prepare import CONFIG_KEYS as DATA_KEYS
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
@@ -95,6 +99,13 @@ def load_settings(cfg: DictConfig) -> Settings:
     for key in ("out_dir", "model", "train", "schedule", "optim", "data"):
         if key not in cfg:
             raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
+    known = [f.name for f in fields(Settings)]
+    unknown = sorted(set(cfg) - set(known))
+    if unknown:
+        raise UserError(f"unknown top-level config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    unknown = sorted(set(cfg.data) - DATA_KEYS)
+    if unknown:
+        raise UserError(f"unknown data key(s) {', '.join(unknown)}; valid: {', '.join(sorted(DATA_KEYS))}")
     container = OmegaConf.to_container(cfg, resolve=True)
     settings = Settings(
         out_dir=str(container["out_dir"]),
@@ -118,7 +129,7 @@ def _check(s: Settings) -> None:
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_steps",
-                "log_interval", "ckpt_interval", "keep_checkpoints"):
+                "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
     if m.n_embd % m.n_head:
@@ -152,3 +163,17 @@ def plan_batches(train: TrainSettings, block_size: int, world_size: int) -> Batc
         )
     return BatchPlan(world_size, train.global_batch_size, train.micro_batch_size,
                      train.global_batch_size // per_pass, block_size)
+
+
+def describe_composition_error(error: HydraException) -> str:
+    """One line for a config Hydra could not compose, in place of its multi-line report."""
+    if isinstance(error, MissingConfigException) and error.options:
+        group, _, name = error.missing_cfg_file.partition("/")  # e.g. experiment / paper/fig4_small_adamw
+        return f"unknown {group}={name}; valid: {', '.join(sorted(error.options))}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {error.message.splitlines()[0]}"
+    cause = error.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
+        return f"{cause.full_key} is not a config key (misspelt?); `python train.py --cfg job` lists them"
+    message = str(error).strip().splitlines()[0]
+    return f"{message} ({str(cause).strip().splitlines()[0]})" if cause is not None else message

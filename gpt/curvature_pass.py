@@ -2,15 +2,21 @@
 estimators of `optim.curvature`.
 
 GNB (Sophia-G): forward on the loader's Hessian stream, labels sampled from the model's own logits, mean
-cross-entropy, backward with accumulation (all-reduced under DDP exactly like a training step), optional
-global-norm clip, then `optimizer.update_hessian()`. Hutchinson (Sophia-H, AdaHessian): one Rademacher probe
-u shared by all ranks, u ⊙ Hu summed over micro-batches by double backward through the math attention
-kernel on the unwrapped model, averaged over ranks, then `optimizer.update_hessian(estimates)`.
+cross-entropy, backward with accumulation (all-reduced under DDP, reduce-scattered under FSDP, exactly like a
+training step), optional global-norm clip, then `optimizer.update_hessian()`. The labels of global micro-batch
+g = micro·world + rank are drawn from a generator seeded by g, so 1 rank × 2 micro-steps samples the same
+labels as 2 ranks × 1. In float16 the loss is scaled by the training step's GradScaler and the gradient
+unscaled before the update; an estimate that is not finite (an fp16 overflow, or a diverging model) is
+skipped rather than folded into h, where it would stay for good. Hutchinson (Sophia-H, AdaHessian): one
+Rademacher probe u shared by all ranks, u ⊙ Hu summed over micro-batches by double backward through the math
+attention kernel on the unwrapped model, averaged over ranks, then `optimizer.update_hessian(estimates)`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +25,12 @@ import torch
 from torch import nn
 
 from data.loader import BatchLoader
-from gpt.distributed import Runtime, gradient_sync, unwrap
+from gpt.distributed import Runtime, full_value, gradient_sync, unwrap
 from gpt.model import math_attention
 from gpt.seeding import derive_seed
 from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ def run_curvature_pass(
     seed: int,
     runtime: Runtime,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    scaler: torch.amp.GradScaler,
 ) -> float:
     """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds."""
     start = time.perf_counter()
@@ -58,17 +67,26 @@ def run_curvature_pass(
     params = _params(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if schedule.kind == "gnb":
+        loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         for micro in range(accum):
             x, _ = loader.hessian_batch(step, micro, schedule.batch_size)
             generator = torch.Generator(device=x.device)
-            generator.manual_seed(derive_seed(seed, "gnb", step, micro, runtime.rank))
+            generator.manual_seed(derive_seed(seed, "gnb", step, micro * runtime.world_size + runtime.rank))
             with gradient_sync(model, micro == accum - 1):
                 with autocast():
                     logits, _ = model(x)
-                (gnb_loss(logits, generator) / accum).backward()
-        if schedule.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
-        optimizer.update_hessian()
+                (gnb_loss(logits, generator) * (loss_scale / accum)).backward()
+        if loss_scale != 1.0:
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(1.0 / loss_scale)
+        max_norm = schedule.grad_clip if schedule.grad_clip > 0 else math.inf
+        norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
+        if math.isfinite(norm):
+            optimizer.update_hessian()
+        else:
+            log.warning("curvature estimate at step %d is not finite (gradient norm %s); h keeps its "
+                        "previous value", step, norm)
     elif schedule.kind == "hutchinson":
         generator = torch.Generator(device=runtime.device)
         generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank

@@ -7,6 +7,7 @@ through it, so the single-process path is the same code with a world of one. NCC
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,8 +17,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from data.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,10 +89,27 @@ def _adopt_slurm_environment() -> None:
     os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def environment_world_size() -> int:
+    """The number of ranks this job will have, read before joining the process group, so that a config
+    which cannot work with it (e.g. a batch that does not divide) fails at once on every rank."""
+    _adopt_slurm_environment()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _warn_if_restarts_cannot_rendezvous() -> None:
+    """By default torchrun's workers build their process group in the agent's TCP store, which outlives a
+    restart: restarted workers then read the dead workers' addresses and fail to connect (measured here with
+    gloo and torch 2.13). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment gives every restart
+    a fresh store."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        log.warning("torchrun --max-restarts=%d: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, or a "
+                    "restart may fail to reconnect the workers (see docs/scaling.md)", restarts)
+
+
 def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
     """Read torchrun's (or Slurm's) environment, join the process group, pick this rank's device."""
-    _adopt_slurm_environment()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = environment_world_size()
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if strategy == "auto":
@@ -98,11 +119,24 @@ def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
     if strategy in ("ddp", "fsdp") and world_size == 1:
         strategy = "single"  # one rank: wrapping would only add overhead
     torch_device = _pick_device(device, local_rank)
+    if rank == 0:
+        _warn_if_restarts_cannot_rendezvous()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=(
             torch_device if torch_device.type == "cuda" else None))
     return Runtime(rank, local_rank, world_size, torch_device, strategy)
+
+
+def agree_on_run_dir(runtime: Runtime, out_dir: str) -> str:
+    """Rank 0's `out_dir` for every rank. Each rank composed its own config, and an `out_dir` built from
+    `${now:...}` can differ by a second between ranks; the copy Hydra created for a differing rank is removed
+    if it is still empty, so a job leaves exactly one run directory."""
+    agreed = runtime.broadcast_object(out_dir)
+    if agreed != out_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(out_dir)
+    return agreed
 
 
 def shutdown(runtime: Runtime) -> None:
@@ -111,7 +145,12 @@ def shutdown(runtime: Runtime) -> None:
 
 
 def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """The module the training forward/backward goes through: the model itself, DDP, or FSDP2-sharded."""
+    """The module the training forward/backward goes through: the model itself, DDP, or FSDP2-sharded.
+
+    FSDP2 shards every block and then the root (embeddings, final LayerNorm and the tied head). Parameters
+    stay fp32 and precision comes from the trainer's autocast, as under DDP (no MixedPrecisionPolicy), so
+    the numbers of a run do not depend on the strategy.
+    """
     if runtime.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -129,6 +168,12 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded (FSDP DTensor) result, e.g. a gradient norm; every rank must
+    call it, since it may all-reduce. Plain tensors are returned as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 @contextlib.contextmanager

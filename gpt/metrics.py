@@ -1,8 +1,9 @@
 """Run metrics: `metrics.jsonl` (the file every plot and analysis reads), the console line, and wandb.
 
-Only rank 0 writes. On resume the file is cut back to the records of steps the checkpoint already covers, so
-a run killed after logging but before checkpointing never leaves duplicated or torn lines. wandb mirrors the
-same records when enabled (offline mode needs no network) and continues the same run id across resumes.
+Only rank 0 writes. On resume the file is cut back to the records of steps the checkpoint already covers (none
+when there is no checkpoint: the step-0 evaluation is redone), so a run killed after logging but before
+checkpointing never leaves duplicated or torn lines. wandb mirrors the same records when enabled (offline
+mode needs no network) and continues the same run id across resumes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path) if step > 0 and r.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)

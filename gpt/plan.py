@@ -21,15 +21,19 @@ STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai":
                  "adahessian": 2}
 
 
-def peak_flops(device: torch.device, dtype: str, gpu: str = "auto") -> float | None:
-    """Peak FLOP/s of this device, or None where no peak is known (CPU): MFU is then reported as null."""
-    if device.type != "cuda":
-        return None
-    name = gpu if gpu != "auto" else torch.cuda.get_device_name(device)
+def _gpu_peak(name: str, dtype: str) -> float | None:
+    """The table's peak for a device name containing a known GPU; fp32 runs on TF32 at half of it."""
     for key, peak in GPU_PEAKS.items():
         if key.lower() in name.lower():
             return peak if dtype != "float32" else peak / 2
     return None
+
+
+def peak_flops(device: torch.device, dtype: str, gpu: str = "auto") -> float | None:
+    """Peak FLOP/s of this device, or None where no peak is known (CPU): MFU is then reported as null."""
+    if device.type != "cuda":
+        return None
+    return _gpu_peak(gpu if gpu != "auto" else torch.cuda.get_device_name(device), dtype)
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -40,6 +44,8 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: Any, runtime: Any) -> str:
+    """The plan as printed at start (and alone by `train.dry_run=true`); `model` may live on the meta
+    device, since only its shapes are read."""
     t, optim = settings.train, settings.optim
     n_params = model.num_params()
     flops_per_step = model.flops_per_token() * plan.tokens_per_step
@@ -49,24 +55,26 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         share = (optim.get("hessian_batch_size") or t.global_batch_size) / t.global_batch_size
         flops_per_step *= 1 + share * (2 if curvature == "hutchinson" else 1) / interval
     total_flops = flops_per_step * t.max_steps
-    state_bytes = STATE_TENSORS.get(optim["name"], 2) * n_params * 4
+    state_gib = STATE_TENSORS.get(optim["name"], 2) * n_params * 4 / 2**30
+    sharded = f" ({state_gib / plan.world_size:.2f} GiB per rank)" if runtime.strategy == "fsdp" else ""
     lines = [
         f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"
         f" on {settings.data['name']}",
-        f"  ranks: {plan.world_size} ({runtime.strategy}, {runtime.device.type}, {t.dtype})",
+        f"  world size: {plan.world_size} ({runtime.strategy}, {runtime.device.type}, {t.dtype})",
         f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps}"
         f" × world {plan.world_size} = {plan.global_batch_size} sequences × {plan.block_size} tokens"
         f" = {plan.tokens_per_step:,} tokens/step",
         f"  steps: {t.max_steps:,} → {t.max_steps * plan.tokens_per_step / 1e9:.2f} B tokens",
         f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
-        + (f" (incl. {curvature} curvature passes)" if curvature else ""),
+        + (f" (incl. {curvature} curvature passes every {interval} steps)" if curvature else ""),
         f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
-        f" optimizer state ≈ {state_bytes / 2**30:.2f} GiB",
+        f" optimizer state ≈ {state_gib:.2f} GiB{sharded}",
     ]
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8
     for gpu in gpus:
-        gpu_hours = total_flops / (GPU_PEAKS[gpu] * t.assumed_mfu) / 3600
-        lines.append(f"  time at {t.assumed_mfu:.0%} MFU on {gpu}: {gpu_hours:,.0f} GPU-hours = "
-                     f"{gpu_hours / count:,.1f} h on {count} GPUs")
+        peak = _gpu_peak(gpu, t.dtype)
+        gpu_hours = total_flops / (peak * t.assumed_mfu) / 3600
+        lines.append(f"  time at {t.assumed_mfu:.0%} MFU on {gpu} ({_human(peak, 'FLOP/s')} {t.dtype} peak):"
+                     f" {gpu_hours:,.0f} GPU-hours = {gpu_hours / count:,.1f} h on {count} GPUs")
     return "\n".join(lines)

@@ -26,11 +26,20 @@ from torch import nn
 
 from data.errors import UserError
 from data.loader import BatchLoader, TokenData
-from data.prepare import is_prepared, prepare
+from data.prepare import prepare, unprepared_reason
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
-from gpt.distributed import Runtime, gradient_sync, init_runtime, shutdown, wrap_model
+from gpt.distributed import (
+    Runtime,
+    agree_on_run_dir,
+    environment_world_size,
+    full_value,
+    gradient_sync,
+    init_runtime,
+    shutdown,
+    wrap_model,
+)
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops
@@ -45,7 +54,10 @@ SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorde
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or resume) the job described by a composed config; returns the final metrics record."""
     settings = load_settings(cfg)
+    # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
+    plan_batches(settings.train, settings.model.block_size, environment_world_size())
     runtime = init_runtime(settings.train.strategy, settings.train.device)
+    settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     try:
         return Trainer(settings, runtime).run()
     finally:
@@ -61,7 +73,8 @@ def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextli
 
 class StopRequested:
     """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop finishes the step, saves, then hands the signal to the
-    handler that was installed before (e.g. submitit's requeue on USR1) or exits cleanly."""
+    handler that was installed before (e.g. submitit's requeue on USR1) or exits cleanly. A second Ctrl-C
+    does not wait for a long step: it interrupts at once (the last checkpoint is still intact)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -69,7 +82,11 @@ class StopRequested:
                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            self.restore()
+            raise KeyboardInterrupt
         self.signal = signum
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
 
     def __enter__(self) -> StopRequested:
         return self
@@ -100,16 +117,19 @@ class Trainer:
             if previous is not None:
                 check_compatible(previous, self.config, f"out_dir {self.out_dir}")
         self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
-        if t.dtype == "float16" and runtime.device.type == "cpu":
-            raise UserError("train.dtype=float16 needs CUDA; use bfloat16 on CPU")
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         torch.manual_seed(t.seed)  # initialisation depends on the seed only: identical across optimizers
         model_config = GPTConfig(**{k: v for k, v in asdict(settings.model).items() if k != "name"})
-        self.model = GPT(model_config).to(runtime.device)
-        self.wrapped = wrap_model(self.model, runtime)
+        if t.dry_run:  # the plan needs shapes only: no memory, no initialisation, no wrapping
+            with torch.device("meta"):
+                self.model = GPT(model_config)
+            self.wrapped = self.model
+        else:
+            self.model = GPT(model_config).to(runtime.device)
+            self.wrapped = wrap_model(self.model, runtime)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
@@ -121,12 +141,10 @@ class Trainer:
 
     def _open_loader(self) -> BatchLoader:
         d, t = self.s.data, self.s.train
-        if not is_prepared(d):
+        problem = unprepared_reason(d)
+        if problem is not None:
             if not d.get("auto_prepare", False):
-                raise UserError(
-                    f"no prepared data in {d['dir']}; run: python -m data.prepare data={d['name']}"
-                    + (f" data.tokenizer={d['tokenizer']}" if d.get("tokenizer") else "")
-                )
+                raise UserError(problem)
             if self.rt.is_main:
                 log.info("preparing %s into %s", d["name"], d["dir"])
                 prepare(d)
@@ -162,7 +180,7 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any]:
         """Load the newest complete checkpoint (rank 0 chooses, all ranks load); returns its manifest."""
-        path = self.ckpts.newest_valid() if self.rt.is_main else None
+        path = self.ckpts.resume_point() if self.rt.is_main else None
         path = self.rt.broadcast_object(path)
         if path is None:
             return {}
@@ -174,31 +192,59 @@ class Trainer:
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest
 
-    def _save(self, step: int, elapsed: float, wandb_id: str | None) -> None:
-        """Every rank takes part (FSDP writes a shard per rank); rank 0 seals and renames."""
-        if self.rt.is_main:
-            self.ckpts.begin(step)
-        self.rt.barrier()
-        save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
-                            {"scaler": self.scaler.state_dict()}, self.rt.strategy == "fsdp", self.rt.is_main)
-        self.rt.barrier()
-        if self.rt.is_main:
-            meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id}
-            log.info("saved %s", self.ckpts.commit(step, meta))
-        self.rt.barrier()
+    def _save(self, step: int, elapsed: float, wandb_id: str | None, loop_state: dict[str, Any]) -> None:
+        """Every rank takes part (FSDP writes a shard per rank); rank 0 seals and renames.
+
+        A write that fails (a full disk, a quota) stops the run on every rank: the partial checkpoint is
+        removed and the previous one is intact. Training on would only add steps that cannot be saved, and a
+        full disk rarely empties itself; the lost work is bounded by train.ckpt_interval.
+        """
+        is_main = self.rt.is_main
+        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state}
+        phases: list[Callable[[], object]] = [
+            lambda: self.ckpts.begin(step) if is_main else None,
+            lambda: save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
+                                        {"scaler": self.scaler.state_dict()}, self.rt.strategy == "fsdp",
+                                        is_main),
+            lambda: log.info("saved %s", self.ckpts.commit(step, meta)) if is_main else None,
+        ]
+        error: OSError | None = None
+        for phase in phases:
+            try:
+                phase()
+            except OSError as e:
+                error = e
+            if not self._all_ranks(error is None):  # also the barrier between the phases
+                break
+        else:
+            return
+        if is_main:
+            self.ckpts.discard(step)
+        cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
+        raise UserError(f"could not write the checkpoint of step {step} ({cause}); its partial files were "
+                        f"removed. Last good checkpoint: {self.ckpts.last_complete()}. Free disk space and "
+                        "rerun to resume from it")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True on every rank iff `ok` is true on every rank (a collective)."""
+        failed = torch.tensor(float(not ok), device=self.rt.device)
+        return self.rt.all_reduce(failed, "max").item() == 0
 
     # ------------------------------------------------------------------------------------------ loop
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation set, split across ranks."""
+        """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
+        forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
-        for index in range(self.rt.rank, self.s.train.eval_steps, self.rt.world_size):
-            x, y = self.loader.val_batch(index)
+        eval_steps, world = self.s.train.eval_steps, self.rt.world_size
+        for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
+            x, y = self.loader.val_batch(min(index, eval_steps - 1))
             with self.autocast():
                 _, loss = self.model(x, y)
-            total += torch.stack([loss.float(), torch.ones((), device=self.rt.device)])
+            weight = float(index < eval_steps)
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()
         return (total[0] / total[1]).item()
@@ -221,15 +267,16 @@ class Trainer:
             write_config(self.out_dir, self.config)
         metrics = MetricsLog(self.out_dir, rt.is_main, resume_step=start_step)
         wandb_id = metrics.start_wandb(self.s.wandb, self.config, state.get("wandb_id"), self.out_dir)
+        loop_state = state.get("loop", {})
         del state
         if start_step >= t.max_steps:
             log.info("already at step %d = train.max_steps: nothing to do", start_step)
             return {"step": start_step}
 
         with StopRequested() as stop:
-            return self._loop(start_step, elapsed_before, metrics, wandb_id, stop)
+            return self._loop(start_step, elapsed_before, metrics, wandb_id, stop, loop_state)
 
-    def _step(self, step: int, params: list[nn.Parameter], signalled: bool) -> tuple[float, float, bool]:
+    def _step(self, step: int, params: list[nn.Parameter], stop: StopRequested) -> tuple[float, float, bool]:
         """Accumulate gradients of the global batch and unscale them. Returns the loss and gradient norm
         averaged over ranks, and whether any rank was signalled to stop (one collective for all three)."""
         t, rt = self.s.train, self.rt
@@ -244,20 +291,24 @@ class Trainer:
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-        flag = torch.tensor(float(signalled), device=rt.device)
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
+        flag = torch.tensor(float(stop.signal is not None), device=rt.device)  # read last: stop after it
         stats = rt.all_reduce(torch.stack([loss_sum / accum, grad_norm.float(), flag]), "mean")
         train_loss, grad_norm_value, stop_votes = stats.tolist()
         return train_loss, grad_norm_value, stop_votes > 0
 
     def _loop(self, start_step: int, elapsed_before: float, metrics: MetricsLog, wandb_id: str | None,
-              stop: StopRequested) -> dict[str, Any]:
+              stop: StopRequested, loop_state: dict[str, Any]) -> dict[str, Any]:
+        """`loop_state` (saved with each checkpoint) carries the spike window and the skip streak across a
+        resume, so a resumed run flags and stops exactly where the straight run would."""
         t, rt, schedule = self.s.train, self.rt, self.s.schedule
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         decay_steps = schedule.decay_steps or t.max_steps
         tokens_per_step = self.plan.tokens_per_step
-        recent_losses: deque[float] = deque(maxlen=100)
-        clipped_count = skipped_in_row = interval_steps = 0
+        recent_losses: deque[float] = deque(loop_state.get("recent_losses", []), maxlen=100)
+        skipped_in_row = loop_state.get("skipped_in_row", 0)
+        clipped_count = interval_steps = 0
         hessian_time = None
         run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
@@ -274,32 +325,38 @@ class Trainer:
                 group["lr"] = lr
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
-                                                  step, t.seed, rt, self.autocast)
-            train_loss, grad_norm, stopping = self._step(step, params, stop.signal is not None)
-
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)) and not self.scaler.is_enabled():
-                skipped_in_row += 1
-                what = "loss" if not math.isfinite(train_loss) else "gradient norm"
-                message = f"non-finite {what} at step {step} (loss {train_loss}, grad norm {grad_norm})"
-                if t.on_nonfinite == "stop" or skipped_in_row > t.max_skipped:
-                    last = self.ckpts.complete_steps()
-                    where = f"last good checkpoint: step {last[0]}" if last else "no checkpoint was written"
-                    raise UserError(f"{message}; stopped before the update ({where}). Lower optim.lr or "
-                                    "set train.on_nonfinite=skip")
-                log.warning("%s: update skipped (%d in a row)", message, skipped_in_row)
-                continue
-            skipped_in_row = 0
-            clipped = t.grad_clip > 0 and grad_norm > t.grad_clip
-            clipped_count += clipped
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            interval_steps += 1
+                                                  step, t.seed, rt, self.autocast, self.scaler)
+            train_loss, grad_norm, stopping = self._step(step, params, stop)
             done = step + 1
 
-            spike = len(recent_losses) >= 10 and train_loss > SPIKE_FACTOR * statistics.median(recent_losses)
-            recent_losses.append(train_loss)
+            # fp16: the scaler detects non-finite gradients itself and skips the step, lowering its scale
+            finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
+            skipped = not finite and not self.scaler.is_enabled()
+            if skipped:
+                skipped_in_row += 1
+                what = "loss" if not math.isfinite(train_loss) else "gradient norm"
+                message = f"non-finite {what} in step {done} (loss {train_loss}, grad norm {grad_norm})"
+                if t.on_nonfinite == "stop" or skipped_in_row >= t.max_skipped:
+                    why = ("train.on_nonfinite=stop; train.on_nonfinite=skip would skip such steps"
+                           if t.on_nonfinite == "stop" else f"{skipped_in_row} in a row = train.max_skipped")
+                    raise UserError(f"{message}: stopped before its update ({why}), nothing saved. Last good "
+                                    f"checkpoint: {self.ckpts.last_complete()}. A lower optim.lr is another "
+                                    "experiment: give it a new out_dir")
+                log.warning("%s: update skipped (%d in a row)", message, skipped_in_row)
+            else:
+                skipped_in_row = 0
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            clipped = not skipped and t.grad_clip > 0 and grad_norm > t.grad_clip
+            clipped_count += clipped
+            interval_steps += 1
+
+            spike = (not skipped and len(recent_losses) >= 10
+                     and train_loss > SPIKE_FACTOR * statistics.median(recent_losses))
+            if not skipped:
+                recent_losses.append(train_loss)
             is_eval = done % t.eval_interval == 0 or done == t.max_steps
-            if is_eval or spike or done % t.log_interval == 0:
+            if is_eval or spike or skipped or done % t.log_interval == 0:
                 now = time.perf_counter()
                 tokens_per_sec = interval_steps * tokens_per_step / max(now - interval_start, 1e-9)
                 record = {
@@ -312,6 +369,9 @@ class Trainer:
                 }
                 if spike:
                     record["loss_spike"] = True
+                if skipped:
+                    record["skipped_update"] = True
+                    record["skipped_in_row"] = skipped_in_row
                 if hasattr(self.optimizer, "win_rate"):
                     record["win_rate"] = self.optimizer.win_rate()
                     record["hessian_norm"] = self.optimizer.hessian_norm()
@@ -323,9 +383,11 @@ class Trainer:
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
 
             if done % t.ckpt_interval == 0 or done == t.max_steps or stopping:
-                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id)
+                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
+                           {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
             if stopping:
-                log.info("stopped by a signal after step %d, checkpoint saved: rerun to resume", done)
+                name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
+                log.info("stopped by %s after step %d, checkpoint saved: rerun to resume", name, done)
                 stop.hand_over()
                 break
 

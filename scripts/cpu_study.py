@@ -70,7 +70,7 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus/shakespeare.jsonl"))
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=Path, default=Path("runs/cpu_study"))
     parser.add_argument("--report-dir", type=Path, default=Path("docs/results"))
     args = parser.parse_args()

@@ -1,0 +1,86 @@
+"""Per-tensor optimizer updates compiled into one elementwise kernel, with an eager fallback.
+
+Each optimizer writes its update of one tensor as a plain function of tensors and Python floats. Run
+eagerly, that function is the reference implementation (one ATen kernel per operation, several passes over
+memory). `FusedKernel` also runs it through `torch.compile(dynamic=True)`: Inductor fuses the whole update
+into one loop that reads each input once and writes each output once (a C++/OpenMP loop on CPU, a Triton
+kernel on CUDA), which is what makes these steps as fast as torch's fused AdamW. Shapes are symbolic and
+dynamo does not specialise on Python floats, so one graph serves every tensor of a model and a
+learning-rate schedule never triggers a recompile. The compiled code performs the same float roundings in
+the same order as eager (Inductor compiles C++ with `-ffp-contract=off`, so no FMA contraction): kernels made
+of + − × ÷, sign and clamp agree bit for bit with the eager loop, which the tests check; a square root may
+differ in the last bit (ATen's eager CPU sqrt is not correctly rounded, the compiled one is: AdaHessian
+only). If compilation fails (no C++ compiler, an unsupported platform), the kernel logs one warning and runs
+the same function eagerly for the rest of the process: slower, same update.
+FSDP2-sharded tensors (DTensors) are updated through their local shards: the update is elementwise and
+a parameter, its gradient and its state are sharded alike, so each rank updates exactly its own slice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+
+
+# Below this many elements (LayerNorm weights, biases) a compiled call's fixed cost — dynamo's guards and an
+# OpenMP fork-join — exceeds the memory passes it saves, so those tensors take the eager path.
+MIN_COMPILED_NUMEL = 1 << 16
+
+
+class FusedKernel:
+    """An elementwise update `fn(*tensors_and_floats)` of same-shape tensors, mutating some in place.
+
+    Small tensors (`MIN_COMPILED_NUMEL`) and non-contiguous ones (rare: views) take the eager path, which
+    gives the same numbers.
+    """
+
+    def __init__(self, fn: Callable[..., None]) -> None:
+        self.eager = fn
+        self._compiled: Callable[..., None] | None = None  # built on first use: importing dynamo is slow
+        self._failed = False
+
+    def select(self, fused: bool) -> Callable[..., None]:
+        """The compiled kernel, or the eager reference when an optimizer's `fused` option is False."""
+        return self if fused else self.eager
+
+    def __call__(self, *args: Any) -> None:
+        args = tuple(arg.to_local() if isinstance(arg, DTensor) else arg for arg in args)
+        tensors = [arg for arg in args if isinstance(arg, Tensor)]
+        if (not self._failed and tensors[0].numel() >= MIN_COMPILED_NUMEL
+                and all(t.is_contiguous() for t in tensors)):
+            if self._compiled is None:
+                # With symbolic sizes Inductor decides on threading from the first call's size, so a kernel
+                # first compiled for a LayerNorm vector would run single-threaded on the embedding matrix;
+                # dynamic_threads keeps an OpenMP parallel region in every kernel and decides at run time.
+                self._compiled = torch.compile(self.eager, dynamic=True, fullgraph=True,
+                                               options={"cpp.dynamic_threads": True})
+            # Flat views make every call the same 1-D graph whatever the parameter's shape: without them
+            # dynamo compiles one graph per rank and per pattern of equal dimensions and soon hits its limit.
+            flat = [arg.view(-1) if isinstance(arg, Tensor) else arg for arg in args]
+            try:
+                self._compiled(*flat)
+                return
+            except Exception as error:  # compilation fails before any tensor is touched
+                self._failed = True
+                log.warning("torch.compile of %s failed (%s: %s); using the eager per-tensor update "
+                            "(same update, slower)", self.eager.__name__, type(error).__name__, error)
+        self.eager(*args)
+
+
+def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
+    average.mul_(beta).add_(value * one_minus_beta)
+
+
+def _ema_square_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
+    average.mul_(beta).add_(value * value * one_minus_beta)
+
+
+EMA = FusedKernel(_ema_)  # average ← β·average + (1−β)·value
+EMA_SQUARE = FusedKernel(_ema_square_)  # average ← β·average + (1−β)·value²: the curvature EMAs

@@ -1,0 +1,161 @@
+"""Benchmark every registered optimizer's step on GPT-2-124M parameters against torch's fused AdamW.
+
+The parameters are a real `gpt.model.GPT` at the 124M shape (wte 50304×768 tied to lm_head, wpe 1024×768, 12
+blocks), grouped by the registry's weight-decay rule, with random gradients. Each optimizer is built by
+`optim.build_optimizer` exactly as training builds it, and timed in alternation with a
+`torch.optim.AdamW(fused=True)` over the same parameters, so machine noise (other processes, frequency
+changes) hits both alike; the reported ratio is the median of per-pair ratios. The first steps are warm-up and
+include any one-off `torch.compile` of the fused kernels, reported separately. Achieved bandwidth uses a byte
+model (`ACCESSES`): the number of parameter-sized float32 tensors a single-pass implementation must read or
+write per step, × 4 bytes × parameter count ÷ time. It is a lower bound on real traffic, so a multi-pass
+implementation shows up as low GB/s.
+
+    python scripts/bench_optim.py [--reps 10] [--only sophia_g,lion] [--threads N] [--out bench_optim.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gpt.model import GPT, GPTConfig
+from optim import OPTIMIZERS, build_optimizer
+
+CONFIGS: dict[str, dict[str, Any]] = {  # the paper's GPT-2 small values where it has them (configs/optim/)
+    "adamw": {"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    "lion": {"lr": 1e-4, "betas": (0.95, 0.98), "weight_decay": 0.6},
+    "sophia_g": {"lr": 6e-4, "betas": (0.965, 0.99), "rho": 0.05, "weight_decay": 0.2,
+                 "hessian_interval": 10},
+    "sophia_h": {"lr": 6e-4, "betas": (0.965, 0.99), "rho": 0.01, "weight_decay": 0.2,
+                 "hessian_interval": 10},
+    "sgd_sai": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.1},
+    "adam_mini": {"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    "adahessian": {"lr": 0.15, "hessian_interval": 1},
+}
+# Parameter-sized tensors read + written per step by a single-pass implementation.
+ACCESSES = {
+    "adamw": 7,  # read θ g m v, write θ m v
+    "lion": 5,  # read θ g m, write θ m
+    "sophia_g": 6,  # read θ g m h, write θ m
+    "sophia_h": 6,
+    "sgd_sai": 5,  # read θ g buf, write θ buf
+    "adam_mini": 6,  # read g for the block means, then read θ g m, write θ m
+    "adahessian": 6,  # read θ g m v, write θ m
+}
+HESSIAN_ACCESSES = 3  # update_hessian: read h and the estimate, write h
+TOKENS_PER_STEP = 480 * 1024
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
+
+
+def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, warmup: int) -> dict[str, Any]:
+    numel = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer({"name": name, **CONFIGS[name]}, model, TOKENS_PER_STEP)
+    update_hessian = None
+    if getattr(optimizer, "curvature", None) == "gnb":
+        update_hessian = optimizer.update_hessian  # folds the current .grad in
+    elif getattr(optimizer, "curvature", None) == "hutchinson":
+        estimates = [torch.randn_like(p) for group in optimizer.param_groups for p in group["params"]]
+
+        def update_hessian() -> None:
+            optimizer.update_hessian(estimates)
+
+    if getattr(optimizer, "requires_initial_hessian", False):
+        update_hessian()
+    first = [timed(optimizer.step) for _ in range(warmup)]
+    if update_hessian is not None:
+        first.append(timed(update_hessian))
+    step_times, base_times, hessian_times = [], [], []
+    for _ in range(reps):
+        step_times.append(timed(optimizer.step))
+        base_times.append(timed(baseline.step))
+        if update_hessian is not None:
+            hessian_times.append(timed(update_hessian))
+    step = statistics.median(step_times)
+    result = {
+        "optimizer": name,
+        "step_ms": 1e3 * step,
+        "adamw_fused_ms": 1e3 * statistics.median(base_times),
+        "ratio_vs_fused_adamw": statistics.median(s / b for s, b in zip(step_times, base_times, strict=True)),
+        "state_bytes_per_param": state_bytes(optimizer) / numel,
+        "gb_per_s": ACCESSES[name] * 4 * numel / step / 1e9,
+        "warmup_s": sum(first),
+        "update_hessian_ms": 1e3 * statistics.median(hessian_times) if hessian_times else None,
+        "update_hessian_gb_per_s": (HESSIAN_ACCESSES * 4 * numel / statistics.median(hessian_times) / 1e9
+                                    if hessian_times else None),
+    }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=10, help="alternating optimizer/baseline pairs")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (include compilation)")
+    parser.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizer names")
+    parser.add_argument("--out", default="bench_optim.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    names = args.only.split(",")
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown:
+        parser.error(f"unknown optimizer(s) {unknown}; valid: {', '.join(OPTIMIZERS)}")
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())  # GPT-2 small: 12 layers, 12 heads, 768 wide, vocab 50304, no biases
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    baseline = build_optimizer({"name": "adamw", **CONFIGS["adamw"]}, model, TOKENS_PER_STEP)
+    for _ in range(args.warmup):
+        baseline.step()
+    info = machine()
+    print(f"GPT-2 124M: {sum(p.numel() for p in model.parameters()):,} parameters; {info['cpu']}, "
+          f"{info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}")
+    results = []
+    header = (f"{'optimizer':<11} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'state B/param':>13} "
+              f"{'GB/s':>6} {'warmup s':>9} {'update_hessian ms':>18}")
+    print(header)
+    for name in names:
+        r = bench(name, model, baseline, args.reps, args.warmup)
+        results.append(r)
+        hessian = "" if r["update_hessian_ms"] is None else (
+            f"{r['update_hessian_ms']:.1f} ({r['update_hessian_gb_per_s']:.0f} GB/s)")
+        print(f"{name:<11} {r['step_ms']:8.1f} {r['adamw_fused_ms']:9.1f} {r['ratio_vs_fused_adamw']:6.2f} "
+              f"{r['state_bytes_per_param']:13.2f} {r['gb_per_s']:6.1f} {r['warmup_s']:9.1f} {hessian:>18}")
+    with open(args.out, "w") as f:
+        json.dump({"machine": info, "reps": args.reps, "tokens_per_step": TOKENS_PER_STEP,
+                   "byte_model_accesses": ACCESSES, "results": results}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

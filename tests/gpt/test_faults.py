@@ -1,0 +1,532 @@
+"""Fault injection: kill, stop, corrupt, diverge, misconfigure and fill the disk under a real `train.py`.
+
+Every test runs `python train.py` (or `python -m data.prepare`) in a subprocess as a user would, injects one
+fault for real — SIGKILL or SIGTERM at a chosen moment, damaged files, an absurd learning rate, a file-size
+limit — and checks the outcome against an independent reference: a straight run of the same config that
+nothing interrupted. docs/robustness.md maps each fault to the test here that proves what survives it.
+
+Kill windows are found by watching the run directory, not by hooks in the trainer: half a step time after a
+metrics record appears, the next step is being computed; two step times after the record before an
+evaluation step, that step is done and its 60-batch evaluation (~10 step times) is running; when a staged
+`state.pt` appears, a checkpoint is being written. Each test checks afterwards that the kill landed there.
+Subprocesses use one OpenMP thread: on a shared 2-core machine spinning OpenMP threads make runs ~5× slower,
+and straight and faulted runs use the same setting, so comparisons stay exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data.errors import UserError
+from data.loader import TokenData
+from data.prepare import prepare
+from gpt.checkpoint import CheckpointDir
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
+# A tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB).
+TINY = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2",
+        "train.ckpt_interval=4", "train.max_steps=8"]
+# Wide but fed little: cheap steps (2 micro-steps of 2 × 32 tokens), a long evaluation (60 micro-batches)
+# and a 38 MB checkpoint, so each kill window lasts long enough to be hit from outside.
+KILL = ["model.n_layer=4", "model.n_embd=256", "model.block_size=32", "train.global_batch_size=4",
+        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=60",
+        "train.ckpt_interval=4", "train.max_steps=8"]
+COMPARED = ("train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # users' default error output
+    return {**env, "OMP_NUM_THREADS": "1", "CI": "true", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def train_command(out: Path, data: Path, config: list[str], *extra: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "experiment=quickstart", f"out_dir={out}",
+            f"data.dir={data}", *config, *extra]
+
+
+def run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT, **kwargs)
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    """A background run whose output goes to files (a full pipe would stall it)."""
+    return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=open(cwd / "stdout.txt", "w"),
+                            stderr=open(cwd / "stderr.txt", "w"), text=True)
+
+
+def signal_when(process: subprocess.Popen, ready: Callable[[], bool], signum: int) -> None:
+    """Poll every millisecond until `ready()`, then send `signum` and wait for the process to end."""
+    deadline = time.monotonic() + TIMEOUT
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail("the run ended before the fault window was reached")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the fault window was not reached in time")
+        time.sleep(0.001)
+    process.send_signal(signum)
+    process.wait(TIMEOUT)
+
+
+def logged(out: Path) -> dict[int, dict]:
+    """Records of a run that may be writing right now (a torn last line is not a record yet)."""
+    records = {}
+    path = out / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        records[record["step"]] = record
+    return records
+
+
+def finished_records(out: Path) -> list[dict]:
+    """Every line of a finished run's metrics.jsonl; fails on a torn line or a duplicated step."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), f"duplicated or out-of-order records: {steps}"
+    return records
+
+
+def curve(out: Path) -> dict[int, dict]:
+    """What a resumed run must reproduce bit for bit: losses, lr, gradient norm, clipping, tokens."""
+    return {r["step"]: {k: r.get(k) for k in COMPARED} for r in finished_records(out)}
+
+
+def checkpoint(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_steps(out: Path) -> list[int]:
+    return CheckpointDir(out / "checkpoints").complete_steps()
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *expected: str) -> str:
+    """Exit 2 with a one-line `error:` message and no traceback; returns the message."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 2 and lines[-1].startswith("error: "), result.stderr
+    for text in expected:
+        assert text in lines[-1], (text, lines[-1])
+    return lines[-1]
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The shipped Shakespeare sample, byte-level, prepared once for the session."""
+    cfg = OmegaConf.load(REPO / "configs" / "data" / "shakespeare.yaml")
+    cfg.tokenizer = "byte"
+    cfg.dir = str(tmp_path_factory.mktemp("data") / "shakespeare_byte")
+    return prepare(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_straight(data_dir, tmp_path_factory) -> Path:
+    """The uninterrupted TINY run (checkpoints at 4 and 8). Tests that change it work on a copy."""
+    cwd = tmp_path_factory.mktemp("tiny_straight")
+    result = run(train_command(cwd / "run", data_dir, TINY), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run"
+
+
+@pytest.fixture(scope="session")
+def kill_straight(data_dir, tmp_path_factory) -> Path:
+    """The uninterrupted KILL run: the reference every killed-and-rerun run must reproduce exactly."""
+    cwd = tmp_path_factory.mktemp("kill_straight")
+    result = run(train_command(cwd / "run", data_dir, KILL), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run"
+
+
+# ------------------------------------------------------------------------------- kills and clean stops
+
+def step_times_after(step: int, step_times: float) -> Callable[[Path], Callable[[], bool]]:
+    """Ready `step_times` step durations after the record of `step` appears, i.e. while the run computes what
+    follows that record. A step's duration is the shortest gap between consecutive records so far (longer
+    gaps include an evaluation or a checkpoint)."""
+    def window(out: Path) -> Callable[[], bool]:
+        deadline: list[float] = []
+
+        def ready() -> bool:
+            records = logged(out)
+            if step not in records:
+                return False
+            if not deadline:
+                elapsed = [records[k]["elapsed_s"] for k in range(1, step + 1)]
+                step_time = min(b - a for a, b in itertools.pairwise(elapsed))
+                deadline.append(time.monotonic() + step_times * step_time)
+            return time.monotonic() >= deadline[0]
+        return ready
+    return window
+
+
+def during_checkpoint(step: int) -> Callable[[Path], Callable[[], bool]]:
+    """Mid-checkpoint: the staged state.pt of `step` exists; writing, fsync and hashing 38 MB follow."""
+    return lambda out: lambda: (out / "checkpoints" / f"step_{step:08d}.tmp" / "state.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("window", "resumes_from", "check"), [
+    # half-way through step 3 or 6; during the evaluation of step 8 (1 step to finish step 8, then ~10);
+    # while the staged state.pt of step 8 is being written
+    pytest.param(step_times_after(2, 0.5), None, "no checkpoint", id="mid-step-before-first-checkpoint"),
+    pytest.param(step_times_after(5, 0.5), 4, "mid-step", id="mid-step"),
+    pytest.param(step_times_after(7, 2), 4, "mid-evaluation", id="mid-evaluation"),
+    pytest.param(during_checkpoint(8), 4, "mid-checkpoint", id="mid-checkpoint"),
+])
+def test_sigkill_then_rerun_reproduces_the_straight_run(window, resumes_from, check, tmp_path, data_dir,
+                                                        kill_straight):
+    """Wrong if a SIGKILL at any moment corrupts the last checkpoint, changes any later loss (resume is not
+    exact), or leaves duplicated or torn lines in metrics.jsonl."""
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, KILL)
+    process = start(command, tmp_path)
+    signal_when(process, window(out), signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+
+    # The kill landed where it was meant to.
+    steps = logged(out)
+    if check == "no checkpoint":
+        assert complete_steps(out) == [] and max(steps) < 4
+    elif check == "mid-step":
+        assert complete_steps(out) == [4] and max(steps) == 5
+    elif check == "mid-evaluation":
+        assert complete_steps(out) == [4] and max(steps) == 7, "killed after the evaluation of step 8"
+        assert not (out / "checkpoints" / "step_00000008.tmp").exists()
+    else:
+        assert complete_steps(out) == [4] and (out / "checkpoints" / "step_00000008.tmp").is_dir()
+
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if resumes_from is not None:
+        assert f"resumed from {checkpoint(out, resumes_from)}" in result.stdout
+    assert curve(out) == curve(kill_straight)
+    assert complete_steps(out) == [8, 4]
+    assert not list((out / "checkpoints").glob("*.tmp")), "a staging directory was left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(signum, tmp_path, data_dir, kill_straight):
+    """Wrong if a polite stop (Slurm preemption, Ctrl-C) loses the steps since the last checkpoint, exits
+    non-zero, or resumes to different losses."""
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, KILL)
+    process = start(command, tmp_path)
+    signal_when(process, step_times_after(5, 0.5)(out), signum)
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    name = signal.Signals(signum).name
+    stopped = re.search(rf"stopped by {name} after step (\d+), checkpoint saved", stdout)
+    assert stopped, stdout[-2000:]
+    step = int(stopped.group(1))
+    assert step == max(logged(out)) and complete_steps(out)[0] == step and 5 < step < 8
+
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, step)}" in result.stdout
+    assert curve(out) == curve(kill_straight)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def foreign_state(path: Path) -> None:
+    torch.save({"model": {"weight": torch.ones(3)}}, path)
+
+
+def future_format(path: Path) -> None:
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("damage", "reason"), [
+    (flip_bytes, "state.pt fails its SHA-256 check"),
+    (truncate, "state.pt has"),
+    (foreign_state, "state.pt has"),
+    (future_format, "format version 99, expected 1"),
+], ids=["flipped-bytes", "truncated", "foreign-file", "unknown-format-version"])
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(damage, reason, tmp_path, tiny_straight,
+                                                            data_dir):
+    """Wrong if a damaged checkpoint is loaded, crashes the resume, or is skipped silently; the run must
+    resume from the previous one, say which, and reproduce the straight run."""
+    out = copy_run(tiny_straight, tmp_path)
+    damage(checkpoint(out, 8) / "state.pt")
+    result = run(train_command(out, data_dir, TINY), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warning = f"checkpoint {checkpoint(out, 8)} is unusable ({reason}"
+    assert warning in result.stdout and "falling back to step_00000004" in result.stdout, result.stdout
+    assert f"resumed from {checkpoint(out, 4)}" in result.stdout
+    assert curve(out) == curve(tiny_straight)
+    assert CheckpointDir(out / "checkpoints").verify(checkpoint(out, 8)) is None  # re-saved whole
+
+
+@pytest.mark.slow
+def test_no_verifiable_checkpoint_is_refused_not_restarted(tmp_path, tiny_straight, data_dir):
+    """Wrong if a run whose every checkpoint is damaged silently trains again from step 0 over them."""
+    out = copy_run(tiny_straight, tmp_path)
+    for step in (4, 8):
+        flip_bytes(checkpoint(out, step) / "state.pt")
+    result = run(train_command(out, data_dir, TINY), tmp_path)
+    assert_user_error(result, "no checkpoint in", "verifies")
+    assert complete_steps(out) == [8, 4]
+
+
+@pytest.mark.slow
+def test_checkpoint_records_its_config_and_refuses_another_model(tmp_path, tiny_straight, data_dir):
+    """Wrong if a checkpoint made with one model shape or optimizer is loaded into another, or if a changed
+    step budget or cadence (which do not change what is trained) is refused."""
+    out = copy_run(tiny_straight, tmp_path)
+    (out / "config.yaml").unlink()  # only the checkpoint's own record of its config is left to check
+    result = run(train_command(out, data_dir, TINY, "model.n_layer=3", "optim=lion"), tmp_path)
+    message = assert_user_error(result, f"checkpoint {checkpoint(out, 8)} holds a different experiment")
+    assert "model.n_layer: 2 -> 3" in message and "optim.name: 'adamw' -> 'lion'" in message
+    result = run(train_command(out, data_dir, TINY, "train.max_steps=10", "train.eval_interval=5",
+                               "train.log_interval=2"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 8)}" in result.stdout
+    assert [r["step"] for r in finished_records(out)][-2:] == [8, 10]
+
+
+# ------------------------------------------------------------------------------------------- divergence
+
+# The warm-up ramps the learning rate towards an absurd peak: a few sane steps (and a checkpoint), then the
+# loss explodes and turns non-finite. Slow ramp: spikes first, then divergence at ~step 17; fast: ~step 6.
+SLOW_DIVERGENCE = ["optim.lr=3e3", "schedule.warmup_steps=1000", "train.max_steps=40"]
+FAST_DIVERGENCE = ["optim.lr=3e4", "schedule.warmup_steps=1000", "train.max_steps=40",
+                   "train.ckpt_interval=2"]
+
+
+@pytest.mark.slow
+def test_divergence_stops_before_the_update_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    """Wrong if a non-finite loss or gradient reaches the optimizer, a checkpoint is written after it, the
+    exit code is 0, or the reported last good checkpoint does not load into finite weights. Also wrong if a
+    loss spike (> 5× the median of the recent losses) goes unrecorded or a normal step is flagged."""
+    out = tmp_path / "run"
+    result = run(train_command(out, data_dir, TINY, *SLOW_DIVERGENCE), tmp_path)
+    message = assert_user_error(result, "non-finite", "stopped before its update (train.on_nonfinite=stop;")
+    failed_step = int(re.search(r"in step (\d+)", message).group(1))
+    last_good = Path(re.search(r"Last good checkpoint: (\S+)\.", message).group(1))
+    assert last_good == checkpoint(out, complete_steps(out)[0])
+    assert complete_steps(out)[0] < failed_step, "a checkpoint was written at or after the failed step"
+    assert CheckpointDir(out / "checkpoints").verify(last_good) is None
+    state = torch.load(last_good / "state.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+    records = finished_records(out)
+    assert records[-1]["step"] == failed_step - 1  # nothing logged for the step that was not applied
+    history: list[float] = []
+    for r in (r for r in records if "train_loss" in r):
+        spike = len(history) >= 10 and r["train_loss"] > 5 * statistics.median(history[-100:])
+        assert r.get("loss_spike", False) == spike, r
+        history.append(r["train_loss"])
+    assert any(r.get("loss_spike") for r in records), "this run's losses explode: a spike must be recorded"
+
+
+@pytest.mark.slow
+def test_skip_policy_counts_skipped_updates_and_stops_after_max_skipped(tmp_path, data_dir):
+    """Wrong if skipped steps are not recorded, the streak is miscounted, or the run goes on past
+    train.max_skipped non-finite steps in a row."""
+    out = tmp_path / "run"
+    result = run(train_command(out, data_dir, TINY, *FAST_DIVERGENCE, "train.on_nonfinite=skip",
+                               "train.max_skipped=3"), tmp_path)
+    message = assert_user_error(result, "3 in a row = train.max_skipped")
+    skipped = [r for r in finished_records(out) if r.get("skipped_update")]
+    assert [r["skipped_in_row"] for r in skipped] == [1, 2]  # the third stops the run before it is logged
+    assert skipped[1]["step"] == skipped[0]["step"] + 1
+    assert f"in step {skipped[1]['step'] + 1}" in message
+    assert "skipped (1 in a row)" in result.stdout and "skipped (2 in a row)" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+BAD_CONFIGS = [
+    (["model=nope"], ["unknown model=nope; valid:", "gpt2_tiny"]),
+    (["optim=nope"], ["unknown optim=nope; valid:", "sophia_g"]),
+    (["data=nope"], ["unknown data=nope; valid:", "shakespeare"]),
+    (["train.max_stpes=5"], ["train.max_stpes is not a config key"]),
+    (["+train.max_stpes=5"], ["Key 'max_stpes' not in 'TrainSettings'"]),
+    (["+data.tokeniser=byte"], ["unknown data key(s) tokeniser"]),
+    (["+optim.lrr=1"], ["lrr"]),
+    (["train.max_steps=["], ["cannot parse the override"]),
+    (["train.seed=abc"], ["train", "abc"]),
+    (["train.on_nonfinite=maybe"], ["train.on_nonfinite='maybe' must be 'stop' or 'skip'"]),
+    (["train.micro_batch_size=3"], ["global_batch_size=8 is not divisible by train.micro_batch_size=3"]),
+    (["model.block_size=200000"], ["fewer than block_size + 1 = 200001"]),
+    (["model.vocab_size=100"], ["'byte' with 256 tokens but model.vocab_size=100"]),
+    (["data.tokenizer=gpt2", "data.auto_prepare=false"],
+     ["prepared with other settings", "tokenizer", "python -m data.prepare"]),
+    (["data.dir={tmp}/absent", "data.auto_prepare=false"],
+     ["no prepared data", "data.prepare data=shakespeare data.tokenizer=byte data.dir={tmp}/absent"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"),
+                         [pytest.param(*case, id=" ".join(case[0])) for case in BAD_CONFIGS])
+def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir):
+    """Wrong if a config mistake shows a traceback, takes more than two lines, exits 0 or 1, or does not
+    say what is wrong (with the valid choices or the command that fixes it)."""
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
+    assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_out_dir_of_another_experiment_is_refused(tmp_path, tiny_straight, data_dir):
+    """Wrong if a second experiment can write into (and mix with) another's run directory."""
+    out = copy_run(tiny_straight, tmp_path)
+    result = run(train_command(out, data_dir, TINY, "model.n_embd=128"), tmp_path)
+    assert_user_error(result, f"out_dir {out} holds a different experiment", "model.n_embd: 64 -> 128")
+
+
+def test_truncated_token_file_is_refused(tmp_path, data_dir):
+    """Wrong if the loader trains on a token file shorter than meta.json promises."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    truncate(data / "train.bin")
+    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    assert_user_error(result, f"{data / 'train.bin'} has", "truncated or replaced", "rebuild it with")
+    with pytest.raises(UserError, match="truncated or replaced"):
+        TokenData(data)
+
+
+# ------------------------------------------------------------------------------------- data preparation
+
+def write_corpus(path: Path) -> None:
+    """~23 MB of deterministic text: preparing it takes several seconds, long enough to be interrupted."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    with open(path, "w") as f:
+        for doc in range(4000):
+            f.write(json.dumps({"text": " ".join(words[(doc * 7 + i * i) % 10] for i in range(1000))}) + "\n")
+
+
+def prepare_command(corpus: Path, out: Path, cache: Path) -> list[str]:
+    return [sys.executable, "-m", "data.prepare", "data=text", f"data.files={corpus}", "data.tokenizer=byte",
+            f"data.dir={out}", f"data.cache_dir={cache}", "data.num_proc=1"]
+
+
+@pytest.fixture(scope="module")
+def prepared_corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """The corpus and its uninterrupted preparation (own datasets cache): the reference output."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "corpus.jsonl")
+    result = run(prepare_command(root / "corpus.jsonl", root / "reference", root / "hf"), REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "corpus.jsonl", root / "reference"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["tokenising", "writing"])
+def test_killed_preparation_is_refused_then_rerun_to_completion(phase, tmp_path, prepared_corpus):
+    """Wrong if a killed `data.prepare` leaves files the loader accepts, or if the rerun cannot finish or
+    writes anything but the uninterrupted preparation's bytes (a stale datasets cache must not leak in)."""
+    corpus, reference = prepared_corpus
+    out, cache = tmp_path / "out", tmp_path / "hf"
+    command = prepare_command(corpus, out, cache)
+    process = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    if phase == "tokenising":  # datasets writes the map's output to a temporary file, renamed when done
+        def ready() -> bool:  # past 1 MB it is the tokens (the split's index files stay far smaller)
+            for path in cache.rglob("tmp*"):
+                with contextlib.suppress(FileNotFoundError):  # renamed meanwhile: that map is done
+                    if path.stat().st_size > 1 << 20:
+                        return True
+            return False
+    else:
+        def ready() -> bool:
+            return (out / "train.bin.tmp").exists()
+    signal_when(process, ready, signal.SIGKILL)
+    assert (out / "train.bin.tmp").exists() == (phase == "writing") and not (out / "train.bin").exists()
+
+    with pytest.raises(UserError, match=re.escape("python -m data.prepare")):
+        TokenData(out)
+    result = run(command, REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("train.bin", "val.bin"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert json.loads((out / "meta.json").read_text())["splits"] == json.loads(
+        (reference / "meta.json").read_text())["splits"]
+    TokenData(out)
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+def limit_file_size(limit: int) -> Callable[[], None]:
+    """In the child: writing past `limit` bytes into any file fails with EFBIG (OSError), as on a full disk,
+    instead of killing the process with SIGXFSZ."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.slow
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_straight, data_dir):
+    """Wrong if a failed checkpoint write damages or removes the previous checkpoint, leaves its partial
+    files, exits 0, or does not name the checkpoint a rerun will resume from."""
+    out = copy_run(tiny_straight, tmp_path)
+    before = (checkpoint(out, 8) / "state.pt").read_bytes()
+    command = train_command(out, data_dir, TINY, "train.max_steps=12")
+    state_size = len(before)
+    result = subprocess.run(command, cwd=tmp_path, env=environment(), capture_output=True, text=True,
+                            timeout=TIMEOUT, preexec_fn=limit_file_size(state_size // 3))
+    assert_user_error(result, "could not write the checkpoint of step 12", "File too large",
+                      f"Last good checkpoint: {checkpoint(out, 8)}")
+    assert complete_steps(out) == [8, 4]
+    assert not list((out / "checkpoints").glob("*.tmp")), "the partial checkpoint was left behind"
+    assert (checkpoint(out, 8) / "state.pt").read_bytes() == before
+    assert CheckpointDir(out / "checkpoints").verify(checkpoint(out, 8)) is None
+
+    result = run(command, tmp_path)  # the disk has space again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 8)}" in result.stdout
+    steps = [r["step"] for r in finished_records(out)]
+    assert steps == [0, *range(1, 13)]
+    assert complete_steps(out) == [12, 8, 4]

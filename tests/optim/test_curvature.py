@@ -1,0 +1,195 @@
+"""The curvature estimators are unbiased for the right matrix, checked statistically against exact answers
+on models small enough to differentiate completely (float64, fixed seeds).
+
+Tolerances are in standard errors of the Monte-Carlo mean: every coordinate within 5 SE (a false alarm has
+probability < 1e-4 over all coordinates), and a coordinate whose SE is zero must agree exactly. Each
+statistical test also shows its power: a plausible wrong answer fails the same criterion.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from gpt.model import GPT, GPTConfig, math_attention
+from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
+
+Z = 5.0
+
+
+def z_max(mean, target, se):
+    """Largest |mean − target| / SE over coordinates; coordinates with zero SE must match exactly."""
+    exact = se == 0
+    assert torch.allclose(mean[exact], target[exact], rtol=0, atol=1e-12)
+    return ((mean - target).abs()[~exact] / se[~exact]).max().item()
+
+
+def sample_z_max(samples, target):
+    return z_max(samples.mean(0), target, samples.std(0) / samples.shape[0] ** 0.5)
+
+
+def mlp_classifier():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    return model, torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
+
+
+def tiny_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=7)).double()
+    return model, torch.randint(0, 7, (2, 4)), torch.randint(0, 7, (2, 4))
+
+
+def logits_of(output):
+    """(N, V) logits from an MLP's output or GPT's (logits, loss) pair."""
+    logits = output[0] if isinstance(output, tuple) else output
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def flat(model):
+    """(θ as one vector, f(θ, *inputs) calling the model with θ) for torch.autograd.functional."""
+    names, params = zip(*model.named_parameters(), strict=True)
+    sizes = [p.numel() for p in params]
+
+    def call(theta, *inputs):
+        pieces = [t.view(p.shape) for t, p in zip(theta.split(sizes), params, strict=True)]
+        return functional_call(model, dict(zip(names, pieces, strict=True)), inputs)
+
+    return torch.cat([p.detach().reshape(-1) for p in params]), call
+
+
+def logit_jacobian(model, x):
+    """Logits (N, V) and their Jacobian (N, V, P) w.r.t. all parameters, one row per prediction."""
+    theta, call = flat(model)
+    logits = logits_of(call(theta, x))
+    jacobian = torch.autograd.functional.jacobian(lambda t: logits_of(call(t, x)), theta)
+    return logits.detach(), jacobian
+
+
+def gauss_newton_diagonal(logits, jacobian):
+    """diag of (1/N) Σ_i J_iᵀ (diag(p_i) − p_i p_iᵀ) J_i: the Gauss-Newton matrix of the mean loss."""
+    p = torch.softmax(logits, dim=-1)
+    softmax_hessian = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    return torch.einsum("nap,nab,nbp->p", jacobian, softmax_hessian, jacobian) / logits.shape[0]
+
+
+def gnb_samples(logits, jacobian, count, seed):
+    """`count` GNB estimates N·ĝ⊙ĝ with ĝ = Jᵀ ∂gnb_loss/∂logits (the chain rule the backward applies).
+
+    One gnb_loss call on `count` stacked copies of the logits draws independent labels for every copy; its
+    mean over count·N predictions makes each copy's gradient 1/count of that copy's own estimate.
+    """
+    copies = logits.expand(count, *logits.shape).clone().requires_grad_()
+    (grad,) = torch.autograd.grad(gnb_loss(copies, torch.Generator().manual_seed(seed)), copies)
+    g_hat = torch.einsum("knv,nvp->kp", grad * count, jacobian)
+    return logits.shape[0] * g_hat ** 2
+
+
+def test_gnb_gradient_through_the_model_is_the_chain_rule_of_gnb_loss():
+    # The trainer backpropagates gnb_loss through the model; the statistical tests use Jᵀ·∂loss/∂logits.
+    model, x, _ = tiny_gpt()
+    logits, jacobian = logit_jacobian(model, x)
+    loss = gnb_loss(model(x)[0], torch.Generator().manual_seed(7))  # the trainer's call: 3-D logits
+    through_model = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
+    leaf = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(gnb_loss(leaf, torch.Generator().manual_seed(7)), leaf)
+    chain_rule = jacobian.flatten(0, 1).T @ grad.reshape(-1)
+    torch.testing.assert_close(through_model, chain_rule, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [mlp_classifier, tiny_gpt], ids=["mlp", "gpt"])
+def test_gnb_is_unbiased_for_the_gauss_newton_diagonal(make):
+    model, x, y = make()
+    logits, jacobian = logit_jacobian(model, x)
+    exact = gauss_newton_diagonal(logits, jacobian)
+    samples = gnb_samples(logits, jacobian, 20_000, seed=1)
+    assert sample_z_max(samples, exact) < Z
+    assert (samples.mean(0) - exact).norm() / exact.norm() < 0.03
+    assert sample_z_max(samples, 1.1 * exact) > Z  # power: a 10% scale error is caught
+    # Power against the third-party bug: squaring the gradient against the *training* labels gives the
+    # empirical Fisher (Adam's v), which the same criterion rejects by a wide margin.
+    targets = nn.functional.one_hot(y.reshape(-1), logits.shape[-1]).double()
+    logit_grad = (torch.softmax(logits, -1) - targets) / logits.shape[0]
+    training_grad = torch.einsum("nv,nvp->p", logit_grad, jacobian)
+    assert sample_z_max(samples, logits.shape[0] * training_grad ** 2) > 10 * Z
+
+
+def test_hessian_vector_products_are_exact_on_an_mlp():
+    model, x, y = mlp_classifier()
+    theta, call = flat(model)
+    hessian = torch.autograd.functional.hessian(lambda t: nn.functional.cross_entropy(call(t, x), y), theta)
+    params = list(model.parameters())
+    for seed in range(3):
+        vectors = rademacher_like(params, torch.Generator().manual_seed(seed))
+        products = hessian_vector_products(nn.functional.cross_entropy(model(x), y), params, vectors)
+        flat_v = torch.cat([v.reshape(-1) for v in vectors])
+        torch.testing.assert_close(torch.cat([p.reshape(-1) for p in products]), hessian @ flat_v,
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_hessian_vector_products_through_gpt_math_attention_match_finite_differences():
+    # Independent of double backward: central differences of the gradient in float64 (the loss is taken
+    # from the float64 logits: the model's own loss is computed in float32).
+    model, x, y = tiny_gpt()
+    theta, call = flat(model)
+    params = list(model.parameters())
+    vectors = rademacher_like(params, torch.Generator().manual_seed(0))
+    flat_v = torch.cat([v.reshape(-1) for v in vectors])
+
+    def loss_of(output):
+        return nn.functional.cross_entropy(logits_of(output), y.reshape(-1))
+
+    def gradient(t):
+        t = t.clone().requires_grad_()
+        return torch.autograd.grad(loss_of(call(t, x)), t)[0]
+
+    eps = 1e-6  # truncation error ~ε²·|third derivative| ≈ 1e-7 here, rounding ~1e-16/ε ≈ 1e-10
+    expected = (gradient(theta + eps * flat_v) - gradient(theta - eps * flat_v)) / (2 * eps)
+    with math_attention():
+        products = hessian_vector_products(loss_of(model(x)), params, vectors)
+    error = (torch.cat([p.reshape(-1) for p in products]) - expected).abs().max()
+    assert error < 1e-6 * expected.abs().max()
+
+
+def test_hutchinson_is_unbiased_for_the_hessian_diagonal():
+    # Real double-backward products with rademacher_like probes, against the exact diagonal. The SE is
+    # exact: Var(u_j (Hu)_j) = Σ_{k≠j} H_jk² for Rademacher u.
+    model, x, y = mlp_classifier()
+    theta, call = flat(model)
+    hessian = torch.autograd.functional.hessian(lambda t: nn.functional.cross_entropy(call(t, x), y), theta)
+    diagonal = hessian.diagonal()
+    params, generator, count = list(model.parameters()), torch.Generator().manual_seed(3), 500
+    total = torch.zeros_like(diagonal)
+    for _ in range(count):
+        probes = rademacher_like(params, generator)
+        products = hessian_vector_products(nn.functional.cross_entropy(model(x), y), params, probes)
+        total += torch.cat([(u * hu).reshape(-1) for u, hu in zip(probes, products, strict=True)])
+    se = ((hessian ** 2).sum(1) - diagonal ** 2).sqrt() / count ** 0.5
+    assert z_max(total / count, diagonal, se) < Z
+    # Power: the Gauss-Newton diagonal (what dropping the network's second-order term would estimate) is a
+    # different target here, and the same criterion rejects it.
+    logits, jacobian = logit_jacobian(model, x)
+    assert z_max(total / count, gauss_newton_diagonal(logits, jacobian), se) > Z
+
+
+def test_parameters_without_a_path_to_the_loss_get_zero_products():
+    used, unused = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+    products = hessian_vector_products((used ** 3).sum(), [used, unused], [torch.ones(2), torch.ones(3)])
+    assert torch.equal(products[0], torch.full((2,), 6.0)) and torch.equal(products[1], torch.zeros(3))
+    linear = (used * 2).sum()  # a gradient that does not depend on the parameters: H = 0
+    assert all(torch.equal(p, torch.zeros_like(p))
+               for p in hessian_vector_products(linear, [used, unused], [torch.ones(2), torch.ones(3)]))
+
+
+def test_rademacher_probes_are_signs_shaped_like_the_parameters():
+    params = [torch.zeros(3, 4, dtype=torch.float64), torch.zeros(5)]
+    probes = rademacher_like(params, torch.Generator().manual_seed(0))
+    assert [(u.shape, u.dtype) for u in probes] == [(p.shape, p.dtype) for p in params]
+    assert all(set(u.unique().tolist()) == {-1.0, 1.0} for u in probes)
+
+
+def test_gnb_loss_samples_from_the_logits():
+    # Near point-mass logits: the sampled label is the argmax and the loss ~0; uniform logits give log(V).
+    logits = torch.tensor([[[50.0, 0.0, 0.0], [0.0, 0.0, 50.0]]])
+    assert gnb_loss(logits, torch.Generator().manual_seed(0)).item() == pytest.approx(0.0, abs=1e-12)
+    assert gnb_loss(torch.zeros(4, 5)).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())

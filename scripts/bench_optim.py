@@ -100,11 +100,14 @@ def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, war
         if update_hessian is not None:
             hessian_times.append(timed(update_hessian))
     step = statistics.median(step_times)
+    ratios = [s / b for s, b in zip(step_times, base_times, strict=True)]
+    quartiles = statistics.quantiles(ratios, n=4)
     result = {
         "optimizer": name,
         "step_ms": 1e3 * step,
         "adamw_fused_ms": 1e3 * statistics.median(base_times),
-        "ratio_vs_fused_adamw": statistics.median(s / b for s, b in zip(step_times, base_times, strict=True)),
+        "ratio_vs_fused_adamw": statistics.median(ratios),
+        "ratio_quartiles": [quartiles[0], quartiles[2]],  # the spread shows how noisy the machine was
         "state_bytes_per_param": state_bytes(optimizer) / numel,
         "gb_per_s": ACCESSES[name] * 4 * numel / step / 1e9,
         "warmup_s": sum(first),
@@ -138,21 +141,27 @@ def main() -> None:
     for _ in range(args.warmup):
         baseline.step()
     info = machine()
+    load_before = os.getloadavg()  # other processes on the machine distort timings: record how busy it was
     print(f"GPT-2 124M: {sum(p.numel() for p in model.parameters()):,} parameters; {info['cpu']}, "
-          f"{info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}")
+          f"{info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}; "
+          f"load average {load_before[0]:.2f}")
     results = []
-    header = (f"{'optimizer':<11} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'state B/param':>13} "
-              f"{'GB/s':>6} {'warmup s':>9} {'update_hessian ms':>18}")
+    header = (f"{'optimizer':<11} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'ratio IQR':>11} "
+              f"{'state B/param':>13} {'GB/s':>6} {'warmup s':>9} {'update_hessian ms':>18}")
     print(header)
     for name in names:
         r = bench(name, model, baseline, args.reps, args.warmup)
         results.append(r)
         hessian = "" if r["update_hessian_ms"] is None else (
             f"{r['update_hessian_ms']:.1f} ({r['update_hessian_gb_per_s']:.0f} GB/s)")
+        low, high = r["ratio_quartiles"]
         print(f"{name:<11} {r['step_ms']:8.1f} {r['adamw_fused_ms']:9.1f} {r['ratio_vs_fused_adamw']:6.2f} "
-              f"{r['state_bytes_per_param']:13.2f} {r['gb_per_s']:6.1f} {r['warmup_s']:9.1f} {hessian:>18}")
+              f"{low:5.2f}-{high:<5.2f} {r['state_bytes_per_param']:13.2f} {r['gb_per_s']:6.1f} "
+              f"{r['warmup_s']:9.1f} {hessian:>18}")
     with open(args.out, "w") as f:
-        json.dump({"machine": info, "reps": args.reps, "tokens_per_step": TOKENS_PER_STEP,
+        json.dump({"machine": info, "load_average": {"before": load_before, "after": os.getloadavg()},
+                   "reps": args.reps,
+                   "tokens_per_step": TOKENS_PER_STEP,
                    "byte_model_accesses": ACCESSES, "results": results}, f, indent=2)
     print(f"wrote {args.out}")
 

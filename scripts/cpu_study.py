@@ -4,7 +4,8 @@ optimizer; each optimizer's learning rate picked by the same sweep; then three s
     python scripts/cpu_study.py --corpus ../shared/corpus/shakespeare.jsonl
 
 Protocol: for AdamW, Lion, Sophia-G and Sophia-H, sweep lr ∈ {1/3, 1, 3, 9} × the optimizer's GPT-2-small
-learning rate from the paper (seed 0), pick the lowest final validation loss, then add seeds 1 and 2 at that
+learning rate from the paper (seed 0), extended by ×3 steps while the best rate is at an edge of the grid
+(up to 27× either way), pick the lowest final validation loss, then add seeds 1 and 2 at that
 rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
 `configs/experiment/cpu_study.yaml`. Finished runs are not rerun (the trainer resumes a complete run as a
 no-op), so an interrupted study continues where it stopped. Writes the figures, `<report-dir>/cpu_study.json`
@@ -48,10 +49,24 @@ def train(corpus: Path, root: Path, optim: str, lr: float, seed: int, steps: int
         f"data.files={corpus.resolve()}", f"out_dir={out}",
     ]
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    # One thread: the tiny model gains nothing from two, and idle OpenMP threads spinning on a busy core
+    # made runs several times slower on a shared machine.
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
     print(f"  {optim:<9} lr {lr:<9.3g} seed {seed}: val {final_val_loss(out):.4f} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     return out
+
+
+def edge_extension(losses: dict[float, float], base: float) -> list[float]:
+    """One more multiplier (×3 past the edge) while the best lr is at an edge of the grid, 27× at most."""
+    rates = sorted(losses)
+    best = min(losses, key=losses.get)
+    if best == rates[-1] and best / base < 27 * 1.01:
+        return [best * 3 / base]
+    if best == rates[0] and best / base > 1 / 27 / 1.01:
+        return [best / 3 / base]
+    return []
 
 
 def final_val_loss(run: Path) -> float:
@@ -82,9 +97,12 @@ def main() -> None:
     sweep: dict[str, dict[float, float]] = {}
     for optim, base in BASE_LR.items():
         sweep[optim] = {}
-        for multiplier in MULTIPLIERS:
-            lr = float(f"{base * multiplier:.3g}")
-            sweep[optim][lr] = final_val_loss(train(args.corpus, root, optim, lr, 0, args.steps))
+        multipliers = list(MULTIPLIERS)
+        while multipliers:
+            for multiplier in multipliers:
+                lr = float(f"{base * multiplier:.3g}")
+                sweep[optim][lr] = final_val_loss(train(args.corpus, root, optim, lr, 0, args.steps))
+            multipliers = edge_extension(sweep[optim], base)
     chosen = {optim: min(losses, key=losses.get) for optim, losses in sweep.items()}
 
     print("seeds at the chosen learning rates:", flush=True)

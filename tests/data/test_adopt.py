@@ -27,7 +27,8 @@ def test_adopted_folder_is_accepted_with_exact_counts(tmp_path):
     nanogpt_files(folder, {"train": [[1, 2, 3], [4, 5], [6]], "val": [[7, 8]]})
     adopt(config(folder))
     data = TokenData(folder, tokenizer="gpt2")
-    assert data.meta["splits"] == {"train": {"tokens": 9, "documents": 3}, "val": {"tokens": 3, "documents": 1}}
+    expected = {"train": {"tokens": 9, "documents": 3}, "val": {"tokens": 3, "documents": 1}}
+    assert data.meta["splits"] == expected
     assert list(data.split("train")) == [1, 2, 3, 50256, 4, 5, 50256, 6, 50256]
 
 

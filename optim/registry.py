@@ -150,7 +150,9 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, tokens_per_step: i
     name, cls = _optimizer_class(cfg)
     trainer_settings(cfg)  # validate the curvature keys now, not when the trainer first reads them
     signature = inspect.signature(cls).parameters
-    reserved = {**_RESERVED, **(_ADAMW_RESERVED if cls is torch.optim.AdamW else {})}
+    reserved = {key: why for key, why in _RESERVED.items() if key in signature}
+    if cls is torch.optim.AdamW:
+        reserved.update(_ADAMW_RESERVED)
     accepted = [key for key in signature if key not in ("params", "named_params") and key not in reserved]
     options = {}
     for key, value in cfg.items():

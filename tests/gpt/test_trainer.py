@@ -110,3 +110,16 @@ def test_dry_run_prints_plan_without_data(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "480 sequences × 1024 tokens = 491,520 tokens/step" in out
     assert "GPU-hours" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["adamw", "lion", "sophia_g", "sophia_h", "sgd_sai", "adam_mini",
+                                   "adahessian"])
+def test_every_optimizer_lowers_the_quickstart_validation_loss(tmp_path, byte_data, optim):
+    """Each registered optimizer, with its configured defaults, trains the quick-start model: wrong if an
+    update has the wrong sign or scale, or a curvature estimate never reaches it."""
+    out = tmp_path / optim
+    train(compose_train(tiny_run(out, byte_data, f"optim={optim}", "train.max_steps=40",
+                                 "train.eval_interval=40", "schedule.warmup_steps=5")))
+    val = [r["val_loss"] for r in read_records(out) if "val_loss" in r]
+    assert val[-1] < val[0] - 0.3, val

@@ -23,7 +23,8 @@ def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if e.echo:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

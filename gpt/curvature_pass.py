@@ -6,10 +6,10 @@ cross-entropy, backward with accumulation (all-reduced under DDP, reduce-scatter
 training step), optional global-norm clip, then `optimizer.update_hessian()`. The labels of global micro-batch
 g = micro·world + rank are drawn from a generator seeded by g, so 1 rank × 2 micro-steps samples the same
 labels as 2 ranks × 1. In float16 the loss is scaled by the training step's GradScaler and the gradient
-unscaled before the update; an estimate that is not finite (an fp16 overflow, or a diverging model) is
-skipped rather than folded into h, where it would stay for good. Hutchinson (Sophia-H, AdaHessian): one
-Rademacher probe u shared by all ranks, u ⊙ Hu summed over micro-batches by double backward through the math
-attention kernel on the unwrapped model, averaged over ranks, then `optimizer.update_hessian(estimates)`.
+unscaled before the update. Hutchinson (Sophia-H, AdaHessian): one Rademacher probe u shared by all ranks,
+u ⊙ Hu summed over micro-batches by double backward through the math attention kernel on the unwrapped model,
+averaged over ranks, then `optimizer.update_hessian(estimates)`. For both, an estimate that is not finite (an
+fp16 overflow, or a diverging model) is skipped rather than folded into h, where it would stay for good.
 """
 
 from __future__ import annotations
@@ -50,6 +50,14 @@ def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
+def _update_if_finite(update: Callable[[], None], norm: float, step: int) -> None:
+    if math.isfinite(norm):
+        update()
+    else:
+        log.warning("curvature estimate at step %d is not finite (norm %s); h keeps its previous value",
+                    step, norm)
+
+
 def run_curvature_pass(
     schedule: CurvatureSchedule,
     model: nn.Module,
@@ -82,11 +90,7 @@ def run_curvature_pass(
                     param.grad.mul_(1.0 / loss_scale)
         max_norm = schedule.grad_clip if schedule.grad_clip > 0 else math.inf
         norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
-        if math.isfinite(norm):
-            optimizer.update_hessian()
-        else:
-            log.warning("curvature estimate at step %d is not finite (gradient norm %s); h keeps its "
-                        "previous value", step, norm)
+        _update_if_finite(optimizer.update_hessian, norm, step)
     elif schedule.kind == "hutchinson":
         generator = torch.Generator(device=runtime.device)
         generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank
@@ -105,7 +109,8 @@ def run_curvature_pass(
             runtime.all_reduce(flat, "mean")
             estimates = list(torch.split(flat, [e.numel() for e in estimates]))
             estimates = [e.view_as(p) for e, p in zip(estimates, params, strict=True)]
-        optimizer.update_hessian(estimates)
+        norm = torch.nn.utils.get_total_norm(estimates).item()  # equal on all ranks after the mean
+        _update_if_finite(lambda: optimizer.update_hessian(estimates), norm, step)
     else:
         raise ValueError(f"unknown curvature estimator {schedule.kind!r}")
     optimizer.zero_grad(set_to_none=True)

@@ -10,9 +10,10 @@ import contextlib
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from data.errors import UserError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,23 @@ class Runtime:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, action: Callable[[], T]) -> T:
+        """Run `action` on rank 0 only; every rank gets its result, or raises its UserError. Without this,
+        the other ranks would wait in their next collective for a rank 0 that has already exited: for the
+        collective timeout under srun, which has no torchrun to tear the job down."""
+        if not self.distributed:
+            return action()
+        outcome: tuple[str, object] | None = None
+        if self.is_main:
+            try:
+                outcome = ("ok", action())
+            except UserError as e:
+                outcome = ("error", str(e))
+        kind, value = self.broadcast_object(outcome)
+        if kind == "error":
+            raise UserError(str(value), echo=self.is_main)
+        return value
 
 
 def _pick_device(requested: str, local_rank: int) -> torch.device:

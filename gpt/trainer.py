@@ -112,10 +112,7 @@ class Trainer:
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
-        if runtime.is_main:
-            previous = read_config(self.out_dir)
-            if previous is not None:
-                check_compatible(previous, self.config, f"out_dir {self.out_dir}")
+        runtime.on_main(self._check_run_dir)
         self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -139,16 +136,19 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(runtime.device, t.dtype, t.gpu)
 
+    def _check_run_dir(self) -> None:
+        previous = read_config(self.out_dir)
+        if previous is not None:
+            check_compatible(previous, self.config, f"out_dir {self.out_dir}")
+
     def _open_loader(self) -> BatchLoader:
         d, t = self.s.data, self.s.train
         problem = unprepared_reason(d)
         if problem is not None:
             if not d.get("auto_prepare", False):
                 raise UserError(problem)
-            if self.rt.is_main:
-                log.info("preparing %s into %s", d["name"], d["dir"])
-                prepare(d)
-            self.rt.barrier()
+            log.info("preparing %s into %s", d["name"], d["dir"])
+            self.rt.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
         if data.vocab_size > self.s.model.vocab_size:
             raise UserError(
@@ -180,8 +180,7 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any]:
         """Load the newest complete checkpoint (rank 0 chooses, all ranks load); returns its manifest."""
-        path = self.ckpts.resume_point() if self.rt.is_main else None
-        path = self.rt.broadcast_object(path)
+        path = self.rt.on_main(self.ckpts.resume_point)
         if path is None:
             return {}
         manifest = read_manifest(path)

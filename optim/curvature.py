@@ -24,11 +24,13 @@ def gnb_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor
     """Mean cross-entropy of `logits` (..., vocab) against labels drawn from softmax(logits) (temperature 1).
 
     Sampling happens in float32 on detached logits (bf16 probabilities are too coarse for a 50K vocabulary);
-    `generator` (on the logits' device) makes the draw reproducible.
+    `generator` (on the logits' device) makes the draw reproducible. Non-finite logits (an overflow, a
+    diverged model) are made finite for the draw only: the loss stays non-finite, and the caller skips it.
     """
     flat = logits.reshape(-1, logits.size(-1)).float()
     with torch.no_grad():
-        labels = torch.multinomial(torch.softmax(flat, dim=-1), 1, generator=generator).squeeze(1)
+        probabilities = torch.softmax(torch.nan_to_num(flat), dim=-1)
+        labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
     return F.cross_entropy(flat, labels)
 
 

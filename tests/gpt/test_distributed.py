@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -255,6 +256,34 @@ def test_batch_that_does_not_split_over_the_ranks_is_a_one_line_error(runs, tmp_
     assert one_rank.returncode == 2
     assert one_rank.stderr.strip().splitlines() == [one_rank.stderr.strip()]
     assert one_rank.stderr.startswith(message), one_rank.stderr
+
+
+def test_error_found_by_rank_0_alone_stops_every_rank(runs, tmp_path):
+    """Two ranks started directly, as srun starts them (no torchrun to tear the job down), with an out_dir
+    that holds another experiment. Only rank 0 reads the run directory; it must hand its error to rank 1,
+    which would otherwise wait in DDP's first broadcast for the 30-minute collective timeout. Both exit 2
+    within seconds, and the message is printed once (by rank 0)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("optim:\n  name: lion\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen(command(1, *overrides(runs.data_dir, "adamw", "ddp"), "out_dir=run"), cwd=tmp_path,
+                         env=dict(environment(), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    try:
+        (_, rank0_err), (_, rank1_err) = (rank.communicate(timeout=120) for rank in ranks)
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [2, 2], rank0_err[-2000:] + rank1_err[-2000:]
+    assert rank0_err.startswith("error: out_dir run holds a different experiment ("), rank0_err
+    assert "optim.name: 'lion' -> 'adamw'" in rank0_err and rank0_err.count("\n") == 1
+    assert rank1_err == ""
 
 
 def test_every_optimizer_matches_the_unsharded_one(tmp_path):

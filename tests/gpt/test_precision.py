@@ -19,7 +19,7 @@ from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
-from optim import OPTIMIZERS, SophiaG
+from optim import OPTIMIZERS, SophiaG, SophiaH
 
 
 def compose_train(overrides: list[str]):
@@ -117,14 +117,20 @@ def test_compiled_model_trains_like_eager(tmp_path, byte_data, float32_run):
     assert_losses_close(out, float32_run, rel=1e-5)
 
 
-def gnb_hessian(byte_data: Path, scaler: torch.amp.GradScaler) -> list[torch.Tensor]:
-    """Sophia-G's h after one GNB pass of the tiny model, with the given scaler."""
+def curvature_estimate(byte_data: Path, scaler: torch.amp.GradScaler, kind: str = "gnb",
+                       poison: bool = False) -> list[torch.Tensor]:
+    """h after one curvature pass of the tiny model (Sophia-G's GNB or Sophia-H's Hutchinson), with the given
+    scaler; `poison` puts a NaN into one weight first."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256))
-    optimizer = SophiaG(model.parameters(), bs=8 * 32, fused=False)
+    if poison:
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    optimizer = (SophiaG(model.parameters(), bs=8 * 32, fused=False) if kind == "gnb"
+                 else SophiaH(model.parameters(), fused=False))
     loader = BatchLoader(TokenData(byte_data), block_size=32, global_batch_size=8, micro_batch_size=4, seed=1)
     runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
-    schedule = CurvatureSchedule("gnb", interval=1, batch_size=8, grad_clip=1.0, at_start=True)
+    schedule = CurvatureSchedule(kind, interval=1, batch_size=8, grad_clip=1.0, at_start=True)
     run_curvature_pass(schedule, model, optimizer, loader, 0, 1, runtime, contextlib.nullcontext, scaler)
     return [optimizer.state[p]["hessian"].clone() if p in optimizer.state else torch.zeros_like(p)
             for p in model.parameters()]
@@ -134,12 +140,24 @@ def test_gnb_pass_unscales_and_skips_overflow(byte_data, caplog):
     """The GNB pass scales its loss like a training step and unscales before `update_hessian`: with a
     power-of-two scale the estimate is bit-identical to the unscaled pass. An overflowing scale gives a
     non-finite gradient: the update is skipped (h stays 0) with a warning, instead of poisoning h for good."""
-    plain = gnb_hessian(byte_data, torch.amp.GradScaler("cpu", enabled=False))
+    plain = curvature_estimate(byte_data, torch.amp.GradScaler("cpu", enabled=False))
     assert any(h.abs().sum() > 0 for h in plain)
-    scaled = gnb_hessian(byte_data, torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    scaled = curvature_estimate(byte_data, torch.amp.GradScaler("cpu", init_scale=2.0**16))
     for a, b in zip(scaled, plain, strict=True):
         assert torch.equal(a, b)
     with caplog.at_level(logging.WARNING):
-        overflowed = gnb_hessian(byte_data, torch.amp.GradScaler("cpu", init_scale=2.0**127))
+        overflowed = curvature_estimate(byte_data, torch.amp.GradScaler("cpu", init_scale=2.0**127))
     assert all(h.abs().sum() == 0 for h in overflowed)
+    assert "not finite" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["gnb", "hutchinson"])
+def test_non_finite_curvature_estimate_is_skipped(byte_data, caplog, kind):
+    """A NaN weight makes every estimate NaN: h keeps its previous value (here 0) and a warning says so, for
+    the GNB and the Hutchinson pass alike. Without the NaN, the same pass moves h."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert any(h.abs().sum() > 0 for h in curvature_estimate(byte_data, scaler, kind))
+    with caplog.at_level(logging.WARNING):
+        poisoned = curvature_estimate(byte_data, scaler, kind, poison=True)
+    assert all(h.abs().sum() == 0 for h in poisoned)
     assert "not finite" in caplog.text

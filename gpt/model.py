@@ -128,10 +128,13 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6N + 12·L·H·Q·T (PaLM appendix B; N non-embedding, Q head dim)."""
+        """Training FLOPs per token: 6N + 12·L·d·T (PaLM appendix B), N counting the blocks and the output
+        head (the tied token table, a V×d matmul: 30% of gpt2_small's FLOPs) but not the position table.
+        This is nanoGPT's count, so MFU figures compare with its."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * T
+        matmul_params = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_embd * T
 
     @torch.no_grad()
     def generate(

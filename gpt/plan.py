@@ -1,24 +1,41 @@
 """What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
 memory, and the wall-clock it should take on a named GPU at a stated MFU.
 
-FLOPs per token are 6N + 12·L·H·Q·T (PaLM's accounting); a curvature pass adds a forward and backward over
+FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
 its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
 dense bf16 tensor-core numbers from the vendors' data sheets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from gpt.config import BatchPlan, Settings
+from optim import OPTIMIZERS
 
 # Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
 GPU_PEAKS = {"A100": 312e12, "H100": 989e12, "A5000": 111e12, "L40S": 362e12}
 # Full-size state tensors per parameter (the plan's memory estimate; Adam-mini keeps only m in full).
 STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai": 1, "adam_mini": 1,
                  "adahessian": 2}
+
+
+# Forward+backward passes per curvature estimate, by estimator.
+CURVATURE_PASSES = {"gnb": 1, "hutchinson": 2}
+
+
+def training_flops_per_token(model: Any, optim: Mapping[str, Any], global_batch_size: int) -> float:
+    """FLOPs per trained token, the optimizer's curvature passes included, so that a Sophia run pays for its
+    Hessian estimates in every FLOPs figure (the plan's, and the analysis scripts')."""
+    kind = getattr(OPTIMIZERS.get(optim["name"]), "curvature", None)
+    if kind is None:
+        return model.flops_per_token()
+    share = (optim.get("hessian_batch_size") or global_batch_size) / global_batch_size
+    per_step = share * CURVATURE_PASSES[kind] / (optim.get("hessian_interval") or 1)
+    return model.flops_per_token() * (1 + per_step)
 
 
 def _gpu_peak(name: str, dtype: str) -> float | None:
@@ -48,12 +65,8 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     device, since only its shapes are read."""
     t, optim = settings.train, settings.optim
     n_params = model.num_params()
-    flops_per_step = model.flops_per_token() * plan.tokens_per_step
+    flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
     curvature = getattr(optimizer, "curvature", None)
-    if curvature is not None:
-        interval = optim.get("hessian_interval") or 1
-        share = (optim.get("hessian_batch_size") or t.global_batch_size) / t.global_batch_size
-        flops_per_step *= 1 + share * (2 if curvature == "hutchinson" else 1) / interval
     total_flops = flops_per_step * t.max_steps
     state_gib = STATE_TENSORS.get(optim["name"], 2) * n_params * 4 / 2**30
     sharded = f" ({state_gib / plan.world_size:.2f} GiB per rank)" if runtime.strategy == "fsdp" else ""
@@ -66,7 +79,8 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f" = {plan.tokens_per_step:,} tokens/step",
         f"  steps: {t.max_steps:,} → {t.max_steps * plan.tokens_per_step / 1e9:.2f} B tokens",
         f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
-        + (f" (incl. {curvature} curvature passes every {interval} steps)" if curvature else ""),
+        + (f" (incl. {curvature} curvature passes every {optim.get('hessian_interval')} steps)"
+           if curvature else ""),
         f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
         f" optimizer state ≈ {state_gib:.2f} GiB{sharded}",
     ]

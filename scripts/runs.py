@@ -3,8 +3,7 @@
 Runs form one group when they are the same experiment up to the seed: the keys gpt/run_dir.py says define an
 experiment (model, optimizer, data, batch, schedule) except `train.seed`, plus `train.max_steps`, which sets
 the schedule's length. Hardware-only settings (micro-batch, device) and cadences do not split a group.
-FLOPs count the model's training FLOPs per token (`GPT.flops_per_token`) plus the optimizer's curvature
-passes, as gpt/plan.py counts them, so a Sophia run pays for its Hessian estimates in every FLOPs figure.
+FLOPs per token are gpt/plan.py's: the model's plus the optimizer's curvature passes.
 """
 
 from __future__ import annotations
@@ -23,11 +22,10 @@ import yaml
 from data.errors import UserError
 from gpt.metrics import METRICS_FILE, read_metrics
 from gpt.model import GPT, GPTConfig
+from gpt.plan import training_flops_per_token
 from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS
 
 GROUP_KEYS = (*(key for key in IDENTITY_KEYS if key != "train.seed"), "train.max_steps")
-# Forward+backward passes per curvature update (Hutchinson's double backward counts twice), as gpt/plan.py.
-CURVATURE_PASSES = {"sophia_g": 1, "sophia_h": 2, "adahessian": 2}
 # x-axis name -> the metrics key it is computed from.
 AXES = {"steps": "step", "tokens": "tokens", "flops": "tokens", "time": "elapsed_s"}
 
@@ -71,10 +69,8 @@ class Run:
         fields = {f.name for f in dataclasses.fields(GPTConfig)}
         with torch.device("meta"):
             model = GPT(GPTConfig(**{k: v for k, v in self.config["model"].items() if k in fields}))
-        optim, batch = self.config["optim"], self.config["train"]["global_batch_size"]
-        passes = CURVATURE_PASSES.get(optim["name"], 0)
-        share = (optim.get("hessian_batch_size") or batch) / batch
-        return model.flops_per_token() * (1 + share * passes / optim.get("hessian_interval", 1))
+        batch = self.config["train"]["global_batch_size"]
+        return training_flops_per_token(model, self.config["optim"], batch)
 
     def series(self, key: str) -> list[dict[str, Any]]:
         """The records that carry `key`, in step order; a run without any is a user error."""

@@ -82,8 +82,9 @@ def test_residual_projections_are_scaled():
 
 def test_flops_per_token_formula():
     model = tiny()
+    """Every matmul weight (blocks and the tied 64×32 head), 6 FLOPs each per token, plus attention."""
     n = model.num_params(non_embedding=True)
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 32 * 16
+    assert model.flops_per_token() == 6 * (n + 64 * 32) + 12 * 2 * 32 * 16
 
 
 def test_attention_matches_explicit_softmax_and_math_kernel():

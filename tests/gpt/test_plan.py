@@ -23,8 +23,9 @@ def dry_run(tmp_path, *overrides: str) -> Trainer:
 
 def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     """Wrong if any printed number drifts from the arithmetic: 24 blocks of 12·d² + 2·d parameters (no
-    biases) plus the final LayerNorm, tied 50304×1024 embedding, 1024 positions; FLOPs per token 6·N_non-emb
-    + 12·L·d·T; a GNB pass over a full batch every 10 steps adds 10%; A100 at 312 TFLOP/s bf16 and 40% MFU."""
+    biases) plus the final LayerNorm, tied 50304×1024 embedding, 1024 positions; FLOPs per token
+    6·N + 12·L·d·T with N all but the position table (the head's matmul counts); a GNB pass over a full batch
+    every 10 steps adds 10%; A100 at 312 TFLOP/s bf16 and 40% MFU."""
     trainer = dry_run(tmp_path, "optim=sophia_g", "model=gpt2_medium")
     trainer.run()
     plan = capsys.readouterr().out
@@ -32,7 +33,7 @@ def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     non_embedding = layers * (12 * d * d + 2 * d) + d
     params = non_embedding + vocab * d + context * d
     tokens_per_step = 480 * 1024
-    flops_per_step = (6 * non_embedding + 12 * layers * d * context) * tokens_per_step * 1.1
+    flops_per_step = (6 * (non_embedding + vocab * d) + 12 * layers * d * context) * tokens_per_step * 1.1
     total_flops = flops_per_step * 100_000
     a100_hours = total_flops / (312e12 * 0.4) / 3600
     assert f"({params / 1e6:.2f} M parameters)" in plan

@@ -33,10 +33,10 @@ def loss(step: float, speed: float = 1.0) -> float:
     return 2.5 + 4 / math.sqrt(1 + speed * step / 1000)
 
 
-def flops_per_token(n_layer: int, n_embd: int = 64, block_size: int = 64) -> int:
-    """PaLM's 6N + 12·L·d·T with N the non-embedding parameters of a bias-free GPT-2: per block 12d² weights
-    and two LayerNorm gains, plus the final LayerNorm."""
-    n = n_layer * (12 * n_embd**2 + 2 * n_embd) + n_embd
+def flops_per_token(n_layer: int, n_embd: int = 64, block_size: int = 64, vocab: int = 256) -> int:
+    """6N + 12·L·d·T with N the parameters of a bias-free GPT-2 but its position table: per block 12d²
+    weights and two LayerNorm gains, the final LayerNorm, and the tied V×d output head."""
+    n = n_layer * (12 * n_embd**2 + 2 * n_embd) + n_embd + vocab * n_embd
     return 6 * n + 12 * n_layer * n_embd * block_size
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import aligned_estimates
 from optim.fused import EMA_SQUARE, FusedKernel
@@ -35,7 +36,7 @@ def _adahessian_update_(
 ADAHESSIAN_UPDATE = FusedKernel(_adahessian_update_)
 
 
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(BaseOptimizer):
     """AdaHessian with decoupled weight decay; defaults are the AdaHessian paper's."""
 
     curvature = "hutchinson"
@@ -78,10 +79,7 @@ class AdaHessian(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         if any(self._state(p)["hessian_step"] == 0 for p in stepped):  # checked before any tensor changes
             raise RuntimeError("AdaHessian.step() before update_hessian(): it needs a curvature estimate "
@@ -89,9 +87,7 @@ class AdaHessian(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]
             update = ADAHESSIAN_UPDATE.select(group["fused"])
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in self._stepped(group):
                 state = self.state[param]
                 state["step"] += 1
                 step_size = lr / (1.0 - beta1 ** state["step"])

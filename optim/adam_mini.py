@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
+from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
@@ -62,11 +63,8 @@ def _broadcast_rows(per_block: Tensor, segments: list[Segment], param: Tensor) -
     return per_row.view(-1, *([1] * (param.dim() - 1)))
 
 
-class AdamMini(torch.optim.Optimizer):
+class AdamMini(BaseOptimizer):
     """Adam-mini with decoupled weight decay (as AdamW); defaults are AdamW's GPT-2 values from the paper."""
-
-    curvature: str | None = None
-    requires_initial_hessian = False
 
     def __init__(
         self,
@@ -90,10 +88,7 @@ class AdamMini(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]
             for name, param in zip(group["param_names"], group["params"], strict=True):

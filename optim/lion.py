@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.fused import FusedKernel
 
@@ -30,11 +31,8 @@ def _lion_update_(
 LION_UPDATE = FusedKernel(_lion_update_)
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(BaseOptimizer):
     """Lion with decoupled weight decay; defaults are the Lion paper's (configs/ sets the Sophia paper's)."""
-
-    curvature: str | None = None
-    requires_initial_hessian = False
 
     def __init__(
         self,
@@ -50,16 +48,11 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         for group in self.param_groups:
             lr, (beta1, beta2) = group["lr"], group["betas"]
             update = LION_UPDATE.select(group["fused"])
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in self._stepped(group):
                 state = self.state[param]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.fused import FusedKernel
 
@@ -45,11 +46,8 @@ def gradient_snr(grad: Tensor, eps: float) -> float:
     return float(torch.linalg.vector_norm(grad) / (grad.std() + eps))
 
 
-class SGDSaI(torch.optim.Optimizer):
+class SGDSaI(BaseOptimizer):
     """SGD-SaI. `lr` has no default: the paper tunes it per task and no GPT-2 value is published."""
-
-    curvature: str | None = None
-    requires_initial_hessian = False
 
     def __init__(
         self,
@@ -67,18 +65,13 @@ class SGDSaI(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             decay = 1.0 - lr * group["weight_decay"]
             sgd_step = SGD_STEP.select(group["fused"])
             momentum_sgd_step = MOMENTUM_SGD_STEP.select(group["fused"])
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in self._stepped(group):
                 grad, state = param.grad, self.state[param]
                 if "gsnr" not in state:
                     state["gsnr"] = gradient_snr(grad, group["eps"])

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import aligned_estimates
 from optim.fused import EMA, EMA_SQUARE, FusedKernel
@@ -58,11 +59,10 @@ SOPHIA_G_STEP = FusedKernel(_sophia_g_step_)
 SOPHIA_H_STEP = FusedKernel(_sophia_h_step_)
 
 
-class _Sophia(torch.optim.Optimizer):
+class _Sophia(BaseOptimizer):
     """The step, state and diagnostics shared by both variants; subclasses define the curvature."""
 
-    curvature: str | None = None
-    requires_initial_hessian = False  # the first steps are sign steps until an estimate arrives
+    # requires_initial_hessian is False: the first steps are sign steps until an estimate arrives
     _floor: bool  # denominator max(scale·h, ε) (True) or scale·h + ε (False)
     _step_kernel: FusedKernel
 
@@ -78,17 +78,12 @@ class _Sophia(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step(self, closure: Callable[[], float] | None, bs: int | None) -> float | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._loss_of(closure)
         for group in self.param_groups:
             beta1 = group["betas"][0]
             lr = group["lr"]
             update = self._step_kernel.select(group["fused"])
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            for param in self._stepped(group):
                 state = self._state(param)
                 update(param, param.grad, state["exp_avg"], state["hessian"], lr,
                        1.0 - lr * group["weight_decay"], beta1, 1.0 - beta1, self._scale(group, bs),
@@ -166,9 +161,8 @@ class SophiaG(_Sophia):
         for group in self.param_groups:
             beta2 = group["betas"][1]
             ema = EMA_SQUARE.select(group["fused"])
-            for param in group["params"]:
-                if param.grad is not None:
-                    ema(self._state(param)["hessian"], param.grad, beta2, 1.0 - beta2)
+            for param in self._stepped(group):
+                ema(self._state(param)["hessian"], param.grad, beta2, 1.0 - beta2)
 
 
 class SophiaH(_Sophia):

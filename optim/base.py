@@ -1,0 +1,32 @@
+"""The base of this package's optimizers: the trainer's curvature protocol and torch's closure convention.
+
+An optimizer with `curvature = "gnb"` gets `update_hessian()` after the trainer's GNB pass has left ĝ in
+`.grad`; with `"hutchinson"` it gets `update_hessian(estimates)`, one u⊙Hu per parameter in param-group order.
+`requires_initial_hessian` asks for a pass before the first step (AdaHessian: its denominator would be 0/0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class BaseOptimizer(torch.optim.Optimizer):
+    curvature: str | None = None  # None | "gnb" | "hutchinson"
+    requires_initial_hessian = False
+
+    @staticmethod
+    def _loss_of(closure: Callable[[], float] | None) -> float | None:
+        """torch.optim's contract: `step(closure)` re-evaluates the loss with gradients enabled."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
+    def _stepped(group: dict[str, Any]) -> Iterator[Tensor]:
+        """The group's parameters that have a gradient this step (the others are left untouched)."""
+        return (param for param in group["params"] if param.grad is not None)

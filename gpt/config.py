@@ -117,6 +117,10 @@ def load_settings(cfg: DictConfig) -> Settings:
         data=dict(container["data"]),
     )
     _check(settings)
+    if settings.schedule.decay_steps is None and settings.schedule.name != "constant":
+        # Recorded resolved, so that a resume with another max_steps, which would reshape the schedule of
+        # steps already trained, differs from the run in an experiment-defining key and is refused.
+        settings.schedule.decay_steps = settings.train.max_steps
     return settings
 
 

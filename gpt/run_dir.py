@@ -2,7 +2,8 @@
 
 Rerunning with the same `out_dir` resumes; rerunning with a different model, optimizer, data or seed into
 the same `out_dir` would silently mix two experiments, so it is refused with the list of differences.
-Settings that do not change what is trained (step budget, eval and log cadence, checkpointing) may.
+Settings that do not change what is trained (eval and log cadence, checkpointing) may, and so may the step
+budget when the schedule's length is set apart from it (`schedule.decay_steps`).
 """
 
 from __future__ import annotations
@@ -60,9 +61,13 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
     differences = identity_differences(old, new)
     if differences:
+        hint, horizon = "", _flatten(old).get("schedule.decay_steps")
+        if horizon is not None and any(line.startswith("schedule.decay_steps:") for line in differences):
+            hint = (" (schedule.decay_steps defaults to train.max_steps; to train on at the final learning "
+                    f"rate, set schedule.decay_steps={horizon})")
         raise UserError(
             f"{where} holds a different experiment ({'; '.join(differences)}); "
-            "use another out_dir, or the original settings to resume it"
+            f"use another out_dir, or the original settings to resume it{hint}"
         )
 
 

@@ -303,7 +303,6 @@ class Trainer:
         resume, so a resumed run flags and stops exactly where the straight run would."""
         t, rt, schedule = self.s.train, self.rt, self.s.schedule
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        decay_steps = schedule.decay_steps or t.max_steps
         tokens_per_step = self.plan.tokens_per_step
         recent_losses: deque[float] = deque(loop_state.get("recent_losses", []), maxlen=100)
         skipped_in_row = loop_state.get("skipped_in_row", 0)
@@ -319,7 +318,7 @@ class Trainer:
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
             lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                       decay_steps=decay_steps, min_lr=schedule.min_lr)
+                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.curvature is not None and self.curvature.due(step):

@@ -66,9 +66,10 @@ def test_run_directory_contract(tmp_path, byte_data):
 def test_resume_is_exact(tmp_path, byte_data):
     """N steps straight and N/2 + restart: bit-identical losses (data order and RNG are pure functions)."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(compose_train(tiny_run(straight, byte_data, "model.dropout=0.1")))
-    train(compose_train(tiny_run(resumed, byte_data, "model.dropout=0.1", "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, "model.dropout=0.1")))
+    extra = ["model.dropout=0.1", "schedule.decay_steps=8"]  # the schedule's length apart from the budget
+    train(compose_train(tiny_run(straight, byte_data, *extra)))
+    train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
+    train(compose_train(tiny_run(resumed, byte_data, *extra)))
     assert losses(straight) == losses(resumed)
     steps = [r["step"] for r in read_records(resumed)]
     assert steps == sorted(set(steps)), "metrics.jsonl has duplicated records after the resume"
@@ -76,7 +77,8 @@ def test_resume_is_exact(tmp_path, byte_data):
 
 def test_sophia_resume_across_a_hessian_step_is_exact(tmp_path, byte_data):
     """Resume at step 4 with a curvature pass due at step 6 (interval 3): identical to the straight run."""
-    extra = ["optim=sophia_g", "optim.hessian_interval=3", "optim.hessian_batch_size=4"]
+    extra = ["optim=sophia_g", "optim.hessian_interval=3", "optim.hessian_batch_size=4",
+             "schedule.decay_steps=8"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
@@ -101,6 +103,20 @@ def test_other_experiment_in_out_dir_is_refused(tmp_path, byte_data):
     train(compose_train(tiny_run(out, byte_data, "train.max_steps=2")))
     with pytest.raises(UserError, match=re.escape("optim.name: 'adamw' -> 'lion'")):
         train(compose_train(tiny_run(out, byte_data, "optim=lion")))
+
+
+def test_resume_with_another_budget_that_reshapes_the_schedule_is_refused(tmp_path, byte_data):
+    """The cosine follows max_steps unless schedule.decay_steps is set: a 2-step run resumed with
+    max_steps=4 would continue on another schedule than its steps were trained with. Refused, with the
+    setting that trains on at the final learning rate, which is then accepted."""
+    out = tmp_path / "run"
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "schedule.warmup_steps=1")))
+    with pytest.raises(UserError, match=re.escape("schedule.decay_steps: 2 -> 4")) as refused:
+        train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1")))
+    assert "set schedule.decay_steps=2)" in str(refused.value)
+    record = train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1",
+                                          "schedule.decay_steps=2")))
+    assert record["step"] == 4 and record["lr"] == 3e-5  # min_lr, held after the original horizon
 
 
 def test_dry_run_prints_plan_without_data(tmp_path, capsys):

@@ -7,9 +7,10 @@ Protocol: for AdamW, Lion, Sophia-G and Sophia-H, sweep lr ∈ {1/3, 1, 3, 9} ×
 learning rate from the paper (seed 0), extended by ×3 steps while the best rate is at an edge of the grid
 (up to 27× either way), pick the lowest final validation loss, then add seeds 1 and 2 at that
 rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
-`configs/experiment/cpu_study.yaml`. Finished runs are not rerun (the trainer resumes a complete run as a
-no-op), so an interrupted study continues where it stopped. Writes the figures, `<report-dir>/cpu_study.json`
-and `<report-dir>/cpu_study_tables.md`; the report `cpu_study.md` around them is written by hand.
+`configs/experiment/cpu_study.yaml`. Finished runs are not rerun and an unfinished one resumes from its last
+checkpoint: an interrupted study continues where it stopped, and rerunning a finished one only redraws its
+figures and tables. Writes the figures, `<report-dir>/cpu_study.json` and `<report-dir>/cpu_study_tables.md`;
+the report `cpu_study.md` around them is written by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from data.errors import UserError
+
 from plot_curves import plot_curves
 from plot_diagnostics import plot_diagnostics
 from runs import load_run
@@ -41,8 +44,17 @@ def run_dir(root: Path, optim: str, lr: float, seed: int) -> Path:
     return root / optim / f"lr{lr:.3g}-seed{seed}"
 
 
+def finished(run: Path, steps: int) -> bool:
+    try:
+        return load_run(run).series("val_loss")[-1]["step"] >= steps
+    except UserError:  # not started, or stopped before its first record
+        return False
+
+
 def train(corpus: Path, root: Path, optim: str, lr: float, seed: int, steps: int) -> Path:
     out = run_dir(root, optim, lr, seed)
+    if finished(out, steps):
+        return out
     command = [
         sys.executable, "train.py", "experiment=cpu_study", f"optim={optim}", f"optim.lr={lr:.6g}",
         f"schedule.min_lr={0.05 * lr:.6g}", f"train.seed={seed}", f"train.max_steps={steps}",

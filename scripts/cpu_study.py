@@ -107,13 +107,15 @@ def main() -> None:
 
     print("sweep (seed 0):", flush=True)
     sweep: dict[str, dict[float, float]] = {}
+    sweep_runs: list[Path] = []
     for optim, base in BASE_LR.items():
         sweep[optim] = {}
         multipliers = list(MULTIPLIERS)
         while multipliers:
             for multiplier in multipliers:
                 lr = float(f"{base * multiplier:.3g}")
-                sweep[optim][lr] = final_val_loss(train(args.corpus, root, optim, lr, 0, args.steps))
+                sweep_runs.append(train(args.corpus, root, optim, lr, 0, args.steps))
+                sweep[optim][lr] = final_val_loss(sweep_runs[-1])
             multipliers = edge_extension(sweep[optim], base)
     chosen = {optim: min(losses, key=losses.get) for optim, losses in sweep.items()}
 
@@ -121,6 +123,7 @@ def main() -> None:
     groups = {optim: [train(args.corpus, root, optim, lr, seed, args.steps) for seed in SEEDS]
               for optim, lr in chosen.items()}
     all_runs = [str(run) for runs in groups.values() for run in runs]
+    every_run = set(sweep_runs) | {run for runs in groups.values() for run in runs}
 
     plot_curves(all_runs, report / "cpu_study_val_loss_steps.png", axis="steps")
     plot_curves(all_runs, report / "cpu_study_val_loss_time.png", axis="time")
@@ -130,7 +133,9 @@ def main() -> None:
     results = {
         "command": f"python scripts/cpu_study.py --corpus {args.corpus} --steps {args.steps}",
         "machine": machine(),
-        "minutes": (time.perf_counter() - started) / 60,
+        "runs": len(every_run),
+        "training_minutes": sum(load_run(run).records[-1]["elapsed_s"] for run in every_run) / 60,
+        "minutes_this_invocation": (time.perf_counter() - started) / 60,
         "sweep": {o: {str(lr): loss for lr, loss in losses.items()} for o, losses in sweep.items()},
         "chosen_lr": chosen,
         "final_val_loss": finals,
@@ -151,7 +156,8 @@ def main() -> None:
     )
     print("\n".join(lines))
     print(format_table(speedups))
-    print(f"done in {results['minutes']:.1f} min; tables in {report / 'cpu_study_tables.md'}")
+    print(f"{results['runs']} runs, {results['training_minutes']:.1f} min of training; this invocation took "
+          f"{results['minutes_this_invocation']:.1f} min; tables in {report / 'cpu_study_tables.md'}")
 
 
 if __name__ == "__main__":

@@ -74,9 +74,9 @@ def edge_extension(losses: dict[float, float], base: float) -> list[float]:
     """One more multiplier (×3 past the edge) while the best lr is at an edge of the grid, 27× at most."""
     rates = sorted(losses)
     best = min(losses, key=losses.get)
-    if best == rates[-1] and best / base < 27 * 1.01:
+    if best == rates[-1] and best * 3 / base < 27 * 1.01:
         return [best * 3 / base]
-    if best == rates[0] and best / base > 1 / 27 / 1.01:
+    if best == rates[0] and best / 3 / base > 1 / 27 / 1.01:
         return [best / 3 / base]
     return []
 

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 from data.prepare import prepare
 from gpt.model import GPT, GPTConfig
 from optim import OPTIMIZERS
+from tests.hydra_compose import compose_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -134,10 +133,7 @@ class Runs:
 def byte_data(tmp_path_factory) -> Path:
     """The shipped Shakespeare sample, byte-tokenised, prepared once for every launch."""
     directory = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["experiment=quickstart", f"data.dir={directory}"])
-    prepare(cfg.data)
+    prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
     return directory
 
 

@@ -4,19 +4,15 @@ hand from the paper's setup, and the dry run's promise to build nothing."""
 import re
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 from gpt.config import load_settings
 from gpt.distributed import init_runtime
 from gpt.trainer import Trainer
+from tests.hydra_compose import compose_train
 
 
 def dry_run(tmp_path, *overrides: str) -> Trainer:
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["train.dry_run=true", f"out_dir={tmp_path}",
-                                                      "train.device=cpu", *overrides])
+    cfg = compose_train(["train.dry_run=true", f"out_dir={tmp_path}", "train.device=cpu", *overrides])
     settings = load_settings(cfg)
     return Trainer(settings, init_runtime(settings.train.strategy, settings.train.device))
 

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 from data.errors import UserError
 from data.loader import BatchLoader, TokenData
@@ -20,12 +18,7 @@ from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 from optim import OPTIMIZERS, SophiaG, SophiaH
-
-
-def compose_train(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="configs", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+from tests.hydra_compose import compose_train
 
 
 @pytest.fixture(scope="module")

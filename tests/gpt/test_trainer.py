@@ -7,18 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 from data.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
-
-
-def compose_train(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="configs", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+from tests.hydra_compose import compose_train
 
 
 @pytest.fixture(scope="session")

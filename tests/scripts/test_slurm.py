@@ -7,10 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 
 from gpt.trainer import StopRequested
+from tests.hydra_compose import compose_train
 
 SLURM = Path(__file__).resolve().parents[2] / "scripts" / "slurm"
 
@@ -26,9 +25,7 @@ def test_sbatch_script_parses(script):
 
 def test_submitit_launcher_signals_what_the_trainer_catches():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = compose_train(["hydra/launcher=slurm"], hydra_config=True)
     launcher = cfg.hydra.launcher
     name, delay = launcher.additional_parameters.signal.split("@")
     assert int(delay) >= 60

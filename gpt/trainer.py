@@ -180,16 +180,23 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any]:
         """Load the newest complete checkpoint (rank 0 chooses, all ranks load); returns its manifest."""
-        path = self.rt.on_main(self.ckpts.resume_point)
+        path, manifest = self.rt.on_main(self._resume_point)
         if path is None:
             return {}
-        manifest = read_manifest(path)
-        check_compatible(manifest["config"], self.config, f"checkpoint {path}")
         extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
                                     self.rt.strategy == "fsdp", self.rt.device)
         self.scaler.load_state_dict(extra["scaler"])
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest
+
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any]]:
+        """Run by rank 0 alone: the checkpoint to resume and its manifest, checked against this run."""
+        path = self.ckpts.resume_point()
+        if path is None:
+            return None, {}
+        manifest = read_manifest(path)
+        check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        return path, manifest
 
     def _save(self, step: int, elapsed: float, wandb_id: str | None, loop_state: dict[str, Any]) -> None:
         """Every rank takes part (FSDP writes a shard per rank); rank 0 seals and renames.

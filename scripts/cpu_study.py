@@ -9,8 +9,8 @@ learning rate from the paper (seed 0), extended by ×3 steps while the best rate
 rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
 `configs/experiment/cpu_study.yaml`. Finished runs are not rerun and an unfinished one resumes from its last
 checkpoint: an interrupted study continues where it stopped, and rerunning a finished one only redraws its
-figures and tables. Writes the figures, `<report-dir>/cpu_study.json` and `<report-dir>/cpu_study_tables.md`;
-the report `cpu_study.md` around them is written by hand.
+figures and tables. Writes the figures (lr sweep, curves, diagnostics), `<report-dir>/cpu_study.json` and
+`<report-dir>/cpu_study_tables.md`; the report `cpu_study.md` around them is written by hand.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from data.errors import UserError
 
@@ -81,6 +82,20 @@ def edge_extension(losses: dict[float, float], base: float) -> list[float]:
     return []
 
 
+def plot_sweep(sweep: dict[str, dict[float, float]], out: Path) -> None:
+    """Final validation loss against lr / the paper's lr, one line per optimizer: the tuning at a glance."""
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = figure.subplots()
+    for optim, losses in sweep.items():
+        rates = sorted(losses)
+        ax.plot([lr / BASE_LR[optim] for lr in rates], [losses[lr] for lr in rates], marker="o",
+                label=f"{optim} (paper lr {BASE_LR[optim]:g})")
+    ax.set(xscale="log", xlabel="lr / the paper's GPT-2 small lr", ylabel="final val_loss (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    figure.savefig(out, dpi=150)
+
+
 def final_val_loss(run: Path) -> float:
     return load_run(run).series("val_loss")[-1]["val_loss"]
 
@@ -125,6 +140,7 @@ def main() -> None:
     all_runs = [str(run) for runs in groups.values() for run in runs]
     every_run = set(sweep_runs) | {run for runs in groups.values() for run in runs}
 
+    plot_sweep(sweep, report / "cpu_study_lr_sweep.png")
     plot_curves(all_runs, report / "cpu_study_val_loss_steps.png", axis="steps")
     plot_curves(all_runs, report / "cpu_study_val_loss_time.png", axis="time")
     plot_diagnostics(all_runs, report / "cpu_study_diagnostics.png")

@@ -26,10 +26,13 @@ def plot_curves(paths: list[str], out: str | Path, axis: str = "steps", metric: 
     groups = group_runs(paths)
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
+    series = [aligned_series(group, metric, axis) for group in groups]
+    xlabel, x_unit = XLABELS[axis], 3600 if axis == "time" else 1
+    if axis == "time" and max(x.max() for x, _ in series) < 2 * 3600:  # short runs: minutes, not 0.01 h
+        xlabel, x_unit = "wall-clock (minutes)", 60
     tops, bottoms = [], []
-    for group, label in zip(groups, group_labels(groups), strict=True):
-        x, y = aligned_series(group, metric, axis)
-        x = x / 3600 if axis == "time" else x
+    for group, label, (x, y) in zip(groups, group_labels(groups), series, strict=True):
+        x = x / x_unit
         mean = y.mean(axis=0)
         seeds = f" ({len(group)} seeds)" if len(group) > 1 else ""
         (line,) = ax.plot(x, mean, label=label + seeds)
@@ -40,7 +43,7 @@ def plot_curves(paths: list[str], out: str | Path, axis: str = "steps", metric: 
     if ylim is None:
         margin = 0.05 * (max(tops) - min(bottoms)) or 0.05
         ylim = (min(bottoms) - margin, max(tops) + margin)
-    ax.set(xlabel=XLABELS[axis], ylabel=metric, ylim=ylim)
+    ax.set(xlabel=xlabel, ylabel=metric, ylim=ylim)
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(out, dpi=150)

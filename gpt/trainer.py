@@ -42,7 +42,7 @@ from gpt.distributed import (
 )
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
-from gpt.plan import describe_plan, peak_flops
+from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
@@ -133,7 +133,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
         self.ckpts = CheckpointDir(self.out_dir / "checkpoints", keep=t.keep_checkpoints)
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
-        self.flops_per_token = self.model.flops_per_token()
+        self.flops_per_token = training_flops_per_token(self.model, settings.optim, t.global_batch_size)
         self.peak = peak_flops(runtime.device, t.dtype, t.gpu)
 
     def _check_run_dir(self) -> None:

@@ -146,6 +146,9 @@ def main() -> None:
     plot_diagnostics(all_runs, report / "cpu_study_diagnostics.png")
     speedups = compare([str(r) for r in groups["adamw"]], all_runs)
     finals = {optim: [final_val_loss(run) for run in runs] for optim, runs in groups.items()}
+    # AdamW's final loss may be out of the others' reach; the last optimizer's is within everyone's.
+    last = max(finals, key=lambda optim: statistics.mean(finals[optim]))
+    speedups_vs_last = compare([str(r) for r in groups[last]], all_runs)
     results = {
         "command": f"python scripts/cpu_study.py --corpus {args.corpus} --steps {args.steps}",
         "machine": machine(),
@@ -156,6 +159,7 @@ def main() -> None:
         "chosen_lr": chosen,
         "final_val_loss": finals,
         "speedup_vs_adamw": speedups,
+        f"speedup_vs_{last}": speedups_vs_last,
     }
     (report / "cpu_study.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
 
@@ -166,12 +170,15 @@ def main() -> None:
         values = finals[optim]
         lines.append(f"| {optim} | {grid} | {chosen[optim]:.3g} | {statistics.mean(values):.4f} "
                      f"({min(values):.4f}–{max(values):.4f}) |")
-    (report / "cpu_study_tables.md").write_text(
-        "\n".join(lines) + "\n\nSteps, FLOPs and time to reach AdamW's final validation loss:\n\n"
-        + format_table(speedups) + "\n"
-    )
-    print("\n".join(lines))
-    print(format_table(speedups))
+    tables = "\n\n".join([
+        "\n".join(lines),
+        "Steps, FLOPs and time to reach AdamW's final validation loss:",
+        format_table(speedups),
+        f"Steps, FLOPs and time to reach the final validation loss of {last}, the highest:",
+        format_table(speedups_vs_last),
+    ])
+    (report / "cpu_study_tables.md").write_text(tables + "\n")
+    print(tables)
     print(f"{results['runs']} runs, {results['training_minutes']:.1f} min of training; this invocation took "
           f"{results['minutes_this_invocation']:.1f} min; tables in {report / 'cpu_study_tables.md'}")
 

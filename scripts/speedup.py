@@ -8,8 +8,8 @@ every run, the first crossing of the target is interpolated linearly between its
 the baseline's own cost (the mean over its seeds of steps, FLOPs and seconds at its final eval) divided by the
 run's cost. A group's row gives the mean and min–max over its seeds of those per-seed numbers, and how many
 seeds reached the target at all; a group none of whose seeds reaches it shows "not reached". FLOPs include
-curvature passes; time is in seconds in the JSON, in hours in the table, and compares only runs on the same
-hardware.
+curvature passes; time is in seconds in the JSON, in hours in the table (minutes when the baseline took under
+two hours), and compares only runs on the same hardware.
 """
 
 from __future__ import annotations
@@ -85,22 +85,23 @@ def _cell(stats: dict[str, float] | None, fmt: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """The report as a markdown table, headed by the target and the baseline's own costs."""
     base = report["baseline"]
+    unit, seconds_per_unit = ("hours", 3600) if base["time"] >= 2 * 3600 else ("minutes", 60)
     lines = [
         f"target: val_loss {report['target_val_loss']:.4f} = final val_loss of {base['label']} "
         f"(mean of {len(base['runs'])} run(s)), reached at step {base['steps']:,.0f}, "
-        f"{base['flops']:.3e} FLOPs, {base['time'] / 3600:.2f} h",
+        f"{base['flops']:.3e} FLOPs, {base['time'] / seconds_per_unit:.2f} {unit}",
         "",
-        "| runs | seeds | final val_loss | reached | steps | × steps | FLOPs | × FLOPs | hours | × time |",
+        f"| runs | seeds | final val_loss | reached | steps | × steps | FLOPs | × FLOPs | {unit} | × time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in report["groups"]:
         seconds = g["time"]["to_target"]
-        hours = seconds and {key: value / 3600 for key, value in seconds.items()}
+        duration = seconds and {key: value / seconds_per_unit for key, value in seconds.items()}
         cells = [g["label"], str(g["seeds"]), _cell(g["final_val_loss"], "{:.4f}"),
                  f"{g['reached']}/{g['seeds']}",
                  _cell(g["steps"]["to_target"], "{:,.0f}"), _cell(g["steps"]["speedup"], "{:.2f}×"),
                  _cell(g["flops"]["to_target"], "{:.3e}"), _cell(g["flops"]["speedup"], "{:.2f}×"),
-                 _cell(hours, "{:.2f}"), _cell(g["time"]["speedup"], "{:.2f}×")]
+                 _cell(duration, "{:.2f}"), _cell(g["time"]["speedup"], "{:.2f}×")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -475,10 +475,9 @@ def test_killed_preparation_is_refused_then_rerun_to_completion(phase, tmp_path,
                                stderr=subprocess.DEVNULL)
     if phase == "tokenising":  # datasets writes the map's output to a temporary file, renamed when done
         def ready() -> bool:  # past 1 MB it is the tokens (the split's index files stay far smaller)
-            for path in cache.rglob("tmp*"):
-                with contextlib.suppress(FileNotFoundError):  # renamed meanwhile: that map is done
-                    if path.stat().st_size > 1 << 20:
-                        return True
+            # datasets renames files and `.incomplete` directories while we walk them: look again next poll
+            with contextlib.suppress(FileNotFoundError):
+                return any(path.stat().st_size > 1 << 20 for path in cache.rglob("tmp*"))
             return False
     else:
         def ready() -> bool:

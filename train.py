@@ -10,7 +10,9 @@ import os
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from data.errors import UserError
@@ -21,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     from gpt.trainer import train
 
     try:
-        train(cfg)
+        train(cfg, keep_process_group=HydraConfig.get().mode == RunMode.MULTIRUN)
     except UserError as e:
         if e.echo:
             print(f"error: {e}", file=sys.stderr)
@@ -29,17 +31,21 @@ def main(cfg: DictConfig) -> None:
 
 
 def run() -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for Hydra's own report
         main()
-        return
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        main()
-    except HydraException as e:
-        from gpt.config import describe_composition_error
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            main()
+        except HydraException as e:
+            from gpt.config import describe_composition_error
 
-        print(f"error: {describe_composition_error(e)}", file=sys.stderr)
-        sys.exit(2)
+            print(f"error: {describe_composition_error(e)}", file=sys.stderr)
+            sys.exit(2)
+    if "gpt.trainer" in sys.modules:  # a job ran; a multirun keeps its process group up until here
+        from gpt.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ log = logging.getLogger(__name__)
 SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorded as a spike
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) the job described by a composed config; returns the final metrics record."""
+def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any]:
+    """Run (or resume) the job described by a composed config; returns the final metrics record.
+
+    `keep_process_group` leaves the process group up for the next job of a Hydra multirun in this process,
+    which then joins it again (`distributed.shutdown()` ends it after the last job). Under torchrun, a
+    second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
     settings = load_settings(cfg)
     # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
     plan_batches(settings.train, settings.model.block_size, environment_world_size())
@@ -61,7 +65,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         return Trainer(settings, runtime).run()
     finally:
-        shutdown(runtime)
+        if not keep_process_group:
+            shutdown()
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:

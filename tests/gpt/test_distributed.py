@@ -283,6 +283,25 @@ def test_error_found_by_rank_0_alone_stops_every_rank(runs, tmp_path):
     assert rank1_err == ""
 
 
+def test_multirun_under_torchrun_runs_every_job_like_a_fresh_launch(runs):
+    """`torchrun ... train.py -m` runs its jobs one after another in the same two workers. A second
+    rendezvous in torchrun's agent store would hang, so the second job must reuse the process group the
+    first left up, and train exactly as a fresh launch does: the 8-step job's losses equal the adamw-ddp run's
+    bit for bit. TORCH_DISABLE_SHARE_RDZV_TCP_STORE is unset here; with it, re-rendezvous would work."""
+    cwd = runs.root / "multirun"
+    cwd.mkdir()
+    args = [a for a in overrides(runs.data_dir, "adamw", "ddp") if not a.startswith("train.max_steps=")]
+    env = environment()
+    del env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"]
+    result = subprocess.run(torchrun(REPO / "train.py", "-m", *args, "train.max_steps=4,8",
+                                     "out_dir=run${train.max_steps}"),
+                            cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    straight = series(runs("adamw-ddp"), "train_loss")
+    assert series(cwd / "run8", "train_loss") == straight
+    assert series(cwd / "run4", "train_loss") == {step: straight[step] for step in range(1, 5)}
+
+
 def test_every_optimizer_matches_the_unsharded_one(tmp_path):
     """Each registered optimizer, stepping FSDP2-sharded (DTensor) parameters, against itself on an unsharded
     copy (see tests/gpt/fsdp_optimizers_check.py): parameters within 2e-5 after 3 steps of lr 1e-3 (measured

@@ -5,6 +5,7 @@ Nothing here imports `gpt/`: the trainer is where the model, the data and these 
 
 from optim.adahessian import AdaHessian
 from optim.adam_mini import AdamMini
+from optim.base import BaseOptimizer
 from optim.lion import Lion
 from optim.registry import OPTIMIZERS, TrainerSettings, build_optimizer, param_groups, trainer_settings
 from optim.schedule import SCHEDULES, lr_at
@@ -16,6 +17,7 @@ __all__ = [
     "SCHEDULES",
     "AdaHessian",
     "AdamMini",
+    "BaseOptimizer",
     "Lion",
     "SGDSaI",
     "SophiaG",

@@ -80,7 +80,7 @@ class AdaHessian(BaseOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = self._loss_of(closure)
-        stepped = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        stepped = [p for group in self.param_groups for p in self._stepped(group)]
         if any(self._state(p)["hessian_step"] == 0 for p in stepped):  # checked before any tensor changes
             raise RuntimeError("AdaHessian.step() before update_hessian(): it needs a curvature estimate "
                                "first (requires_initial_hessian)")

@@ -2,6 +2,7 @@
 bfloat16 autocast, and `train.compile=true`, each against a float32 eager run of the tiny model."""
 
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -18,7 +19,9 @@ from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 from optim import OPTIMIZERS, SophiaG, SophiaH
-from tests.hydra_compose import compose_train
+from tests.hydra_compose import compose_train, tiny_run
+
+short_run = functools.partial(tiny_run, steps=6, interval=6)  # 6 steps, one evaluation and checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +30,6 @@ def byte_data(tmp_path_factory) -> Path:
     prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
     return directory
 
-
-def tiny_run(out_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", "train.max_steps=6",
-        "train.log_interval=1", "train.eval_interval=6", "train.eval_steps=2", "train.ckpt_interval=6",
-        "train.global_batch_size=8", "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=64",
-        "model.block_size=32", *extra,
-    ]
 
 
 # A curvature pass every 2 steps; the eager update (bit-identical to the compiled one) skips compilation.
@@ -49,7 +44,7 @@ def losses(out_dir: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def float32_run(tmp_path_factory, byte_data) -> Path:
     out = tmp_path_factory.mktemp("float32") / "run"
-    train(compose_train(tiny_run(out, byte_data, *SOPHIA_G)))
+    train(compose_train(short_run(out, byte_data, *SOPHIA_G)))
     return out
 
 
@@ -66,7 +61,7 @@ def test_float16_with_grad_scaler_trains_like_float32(tmp_path, byte_data, float
     losses within 1e-4 relative of float32 (measured 2.6e-6), and the scaler's state is checkpointed. Wrong
     if a scaled gradient reached the optimizer or the Hessian EMA (a 65536× error)."""
     out = tmp_path / "run"
-    train(compose_train(tiny_run(out, byte_data, *SOPHIA_G, "train.dtype=float16")))
+    train(compose_train(short_run(out, byte_data, *SOPHIA_G, "train.dtype=float16")))
     assert_losses_close(out, float32_run, rel=1e-4)
     state = torch.load(out / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
     assert state["scaler"]["scale"] == 2.0**16
@@ -76,7 +71,7 @@ def test_bfloat16_autocast_trains_like_float32(tmp_path, byte_data, float32_run)
     """bfloat16 autocast (weights and optimizer state stay float32): losses within 1e-3 relative of float32
     over six steps (measured 1.6e-5: only the matmuls round to bfloat16's 8 significant bits)."""
     out = tmp_path / "run"
-    train(compose_train(tiny_run(out, byte_data, *SOPHIA_G, "train.dtype=bfloat16")))
+    train(compose_train(short_run(out, byte_data, *SOPHIA_G, "train.dtype=bfloat16")))
     assert_losses_close(out, float32_run, rel=1e-3)
 
 
@@ -92,12 +87,12 @@ def test_every_optimizer_runs_under_the_float16_scaler_or_refuses(tmp_path, byte
         extra.append("+optim.fused=false")  # ours: skip compiling; AdamW's kernel is the registry's choice
     if curvature == "hutchinson":
         with pytest.raises(UserError, match="float16"):
-            train(compose_train(tiny_run(tmp_path / "f16", byte_data, *extra, "train.dtype=float16")))
+            train(compose_train(short_run(tmp_path / "f16", byte_data, *extra, "train.dtype=float16")))
         return
     runs = {}
     for dtype in ("float32", "float16"):
         runs[dtype] = tmp_path / dtype
-        train(compose_train(tiny_run(runs[dtype], byte_data, *extra, f"train.dtype={dtype}")))
+        train(compose_train(short_run(runs[dtype], byte_data, *extra, f"train.dtype={dtype}")))
     assert_losses_close(runs["float16"], runs["float32"], rel=1e-4)
 
 
@@ -106,7 +101,7 @@ def test_compiled_model_trains_like_eager(tmp_path, byte_data, float32_run):
     """train.compile=true (Inductor on CPU) gives the eager run's losses up to kernel rounding (measured 2e-7;
     1e-5 allowed), including the curvature pass through the compiled forward."""
     out = tmp_path / "run"
-    train(compose_train(tiny_run(out, byte_data, *SOPHIA_G, "train.compile=true")))
+    train(compose_train(short_run(out, byte_data, *SOPHIA_G, "train.compile=true")))
     assert_losses_close(out, float32_run, rel=1e-5)
 
 

@@ -11,21 +11,13 @@ import torch
 from data.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
-from tests.hydra_compose import compose_train
+from tests.hydra_compose import compose_train, tiny_run
 
 
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data") / "shakespeare_byte"
 
-
-def tiny_run(out_dir: Path, data_dir: Path, *extra: str) -> list[str]:
-    return [
-        "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", "train.max_steps=8",
-        "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "train.ckpt_interval=4",
-        "train.global_batch_size=8", "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=64",
-        "model.block_size=32", *extra,
-    ]
 
 
 def read_records(out_dir: Path) -> list[dict]:

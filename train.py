@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from common.errors import UserError
 
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")

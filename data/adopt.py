@@ -21,7 +21,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from data.errors import UserError
+from common.errors import UserError
 from data.prepare import DTYPE, _fingerprint, _settings, _write_atomic
 from data.tokenizers import get_tokenizer
 

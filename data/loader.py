@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from data.prepare import FORMAT_VERSION
 
 TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2

@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from data.errors import UserError
+from common.errors import UserError
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import tiktoken
 
-from data.errors import UserError
+from common.errors import UserError
 
 
 class Tokenizer:

@@ -1,6 +1,6 @@
 """The GPT-2 model and the training runtime (trainer, distributed setup, checkpoints, metrics)."""
 
-from data.errors import UserError
+from common.errors import UserError
 from gpt.model import GPT, GPTConfig
 
 __all__ = ["GPT", "GPTConfig", "UserError"]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from data.errors import UserError
+from common.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -17,7 +17,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from data.errors import UserError
+from common.errors import UserError
 from data.prepare import CONFIG_KEYS as DATA_KEYS
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from data.errors import UserError
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

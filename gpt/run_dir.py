@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from data.errors import UserError
+from common.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"

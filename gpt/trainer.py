@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state

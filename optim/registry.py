@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from data.errors import UserError
+from common.errors import UserError
 from optim.adahessian import AdaHessian
 from optim.adam_mini import AdamMini
 from optim.lion import Lion

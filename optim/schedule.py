@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from data.errors import UserError
+from common.errors import UserError
 
 
 def _warmup(step: int, lr: float, warmup_steps: int) -> float:

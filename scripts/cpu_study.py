@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from data.errors import UserError
+from common.errors import UserError
 
 from plot_curves import plot_curves
 from plot_diagnostics import plot_diagnostics

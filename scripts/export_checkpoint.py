@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from gpt.checkpoint import MANIFEST, SHARDED_DIR, STATE_FILE, CheckpointDir
 
 

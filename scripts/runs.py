@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from data.errors import UserError
+from common.errors import UserError
 from gpt.metrics import METRICS_FILE, read_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.plan import training_flops_per_token

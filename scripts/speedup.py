@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from data.errors import UserError
+from common.errors import UserError
 
 from runs import Run, group_labels, group_runs, run_cli
 

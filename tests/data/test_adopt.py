@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from common.errors import UserError
 from data.adopt import adopt
-from data.errors import UserError
 from data.loader import TokenData
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 
 T = 8  # block_size

@@ -16,7 +16,7 @@ import tiktoken
 from omegaconf import OmegaConf
 
 import data.prepare as prep
-from data.errors import UserError
+from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import is_prepared, prepare
 

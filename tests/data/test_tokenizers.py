@@ -3,7 +3,7 @@
 import pytest
 import tiktoken
 
-from data.errors import UserError
+from common.errors import UserError
 from data.tokenizers import get_tokenizer
 
 TEXTS = [

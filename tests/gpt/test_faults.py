@@ -34,7 +34,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from data.errors import UserError
+from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir

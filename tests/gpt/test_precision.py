@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import UserError
+from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
 from tests.hydra_compose import compose_train, tiny_run

@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from data.errors import UserError
+from common.errors import UserError
 from gpt.model import GPT, GPTConfig
 from optim import AdamMini, SophiaG, TrainerSettings, build_optimizer, param_groups, trainer_settings
 

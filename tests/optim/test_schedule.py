@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from data.errors import UserError
+from common.errors import UserError
 from optim import SCHEDULES, lr_at
 
 PAPER = dict(lr=6e-4, warmup_steps=2000, decay_steps=100_000, min_lr=1.5e-5)

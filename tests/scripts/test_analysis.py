@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.errors import UserError
+from common.errors import UserError
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))

@@ -1,0 +1,2 @@
+"""What every package of the project may import without importing another (the user-error class).
+`data/`, `optim/` and `gpt/` all depend on it; it depends on none of them."""

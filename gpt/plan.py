@@ -60,6 +60,42 @@ def _human(n: float, unit: str = "") -> str:
     return f"{n:.0f} {unit}"
 
 
+def _tokens(n: float) -> str:
+    """A token count in B or M where it is that large: a tiny run is not "0.00 B tokens"."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix} tokens"
+    return f"{n:,.0f} tokens"
+
+
+def _bytes(n: float) -> str:
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def _time(hours: float) -> tuple[str, str, str]:
+    """(amount, long unit, short unit) in hours, minutes or seconds, whichever does not print as 0."""
+    scale, unit, short = next(
+        ((f, u, s) for f, u, s in ((1, "hours", "h"), (60, "minutes", "min")) if hours * f >= 1),
+        (3600, "seconds", "s"),
+    )
+    amount = hours * scale
+    return (f"{amount:,.0f}" if amount >= 10 else f"{amount:.2g}"), unit, short
+
+
+def _gpu_time(gpu_hours: float, count: int) -> str:
+    """GPU-hours and the wall-clock on `count` GPUs; minutes or seconds where hours would print as 0."""
+    total, unit, _ = _time(gpu_hours)
+    if gpu_hours / count >= 1:
+        wall = f"{gpu_hours / count:,.1f} h"
+    else:
+        amount, _, short = _time(gpu_hours / count)
+        wall = f"{amount} {short}"
+    return f"{total} GPU-{unit} = {wall} on {count} GPUs"
+
+
 def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: Any, runtime: Any) -> str:
     """The plan as printed at start (and alone by `train.dry_run=true`); `model` may live on the meta
     device, since only its shapes are read."""
@@ -68,8 +104,8 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
     curvature = getattr(optimizer, "curvature", None)
     total_flops = flops_per_step * t.max_steps
-    state_gib = STATE_TENSORS.get(optim["name"], 2) * n_params * 4 / 2**30
-    sharded = f" ({state_gib / plan.world_size:.2f} GiB per rank)" if runtime.strategy == "fsdp" else ""
+    state_bytes = STATE_TENSORS.get(optim["name"], 2) * n_params * 4
+    sharded = f" ({_bytes(state_bytes / plan.world_size)} per rank)" if runtime.strategy == "fsdp" else ""
     lines = [
         f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"
         f" on {settings.data['name']}",
@@ -77,12 +113,12 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps}"
         f" × world {plan.world_size} = {plan.global_batch_size} sequences × {plan.block_size} tokens"
         f" = {plan.tokens_per_step:,} tokens/step",
-        f"  steps: {t.max_steps:,} → {t.max_steps * plan.tokens_per_step / 1e9:.2f} B tokens",
+        f"  steps: {t.max_steps:,} → {_tokens(t.max_steps * plan.tokens_per_step)}",
         f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
         + (f" (incl. {curvature} curvature passes every {optim.get('hessian_interval')} steps)"
            if curvature else ""),
-        f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
-        f" optimizer state ≈ {state_gib:.2f} GiB{sharded}",
+        f"  memory: weights {_bytes(n_params * 4)} fp32,"
+        f" optimizer state ≈ {_bytes(state_bytes)}{sharded}",
     ]
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8
@@ -90,5 +126,5 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         peak = _gpu_peak(gpu, t.dtype)
         gpu_hours = total_flops / (peak * t.assumed_mfu) / 3600
         lines.append(f"  time at {t.assumed_mfu:.0%} MFU on {gpu} ({_human(peak, 'FLOP/s')} {t.dtype} peak):"
-                     f" {gpu_hours:,.0f} GPU-hours = {gpu_hours / count:,.1f} h on {count} GPUs")
+                     f" {_gpu_time(gpu_hours, count)}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ budget when the schedule's length is set apart from it (`schedule.decay_steps`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from common.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
+PLAN_FILE = "plan.txt"
 # Prefixes of config keys that define the experiment: a resume must not change them.
 IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
                  "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps")
@@ -37,6 +39,30 @@ def setup_logging(out_dir: Path, is_main: bool) -> None:
         file = logging.FileHandler(out_dir / LOG_FILE)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
+
+
+def is_empty(out_dir: str | Path) -> bool:
+    """True when out_dir does not exist or holds nothing (Hydra creates it before the job starts)."""
+    path = Path(out_dir)
+    return not path.is_dir() or not any(path.iterdir())
+
+
+def discard_unstarted(out_dir: str | Path) -> None:
+    """Remove a run directory that was empty when this job began and in which no run started (no
+    config.yaml): a config error or a dry run must not leave a directory that looks like a run. Only the files
+    the start-up writes are removed; anything else keeps the directory."""
+    path = Path(out_dir)
+    if (path / CONFIG_FILE).exists():
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == path.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    for name in (LOG_FILE, PLAN_FILE):
+        (path / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import statistics
 import time
@@ -43,7 +44,15 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
-from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.run_dir import (
+    PLAN_FILE,
+    check_compatible,
+    discard_unstarted,
+    is_empty,
+    read_config,
+    setup_logging,
+    write_config,
+)
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
 
@@ -57,16 +66,25 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     `keep_process_group` leaves the process group up for the next job of a Hydra multirun in this process,
     which then joins it again (`distributed.shutdown()` ends it after the last job). Under torchrun, a
     second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
-    settings = load_settings(cfg)
-    # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
-    plan_batches(settings.train, settings.model.block_size, environment_world_size())
-    runtime = init_runtime(settings.train.strategy, settings.train.device)
-    settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
+    fresh = is_empty(cfg.out_dir) and int(os.environ.get("RANK", 0)) == 0  # rank 0 tidies up
     try:
-        return Trainer(settings, runtime).run()
-    finally:
-        if not keep_process_group:
-            shutdown()
+        settings = load_settings(cfg)
+        # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
+        plan_batches(settings.train, settings.model.block_size, environment_world_size())
+        runtime = init_runtime(settings.train.strategy, settings.train.device)
+        settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
+        try:
+            result = Trainer(settings, runtime).run()
+        finally:
+            if not keep_process_group:
+                shutdown()
+    except UserError:
+        if fresh:
+            discard_unstarted(cfg.out_dir)
+        raise
+    if fresh and settings.train.dry_run:
+        discard_unstarted(cfg.out_dir)
+    return result
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
@@ -265,7 +283,7 @@ class Trainer:
         plan = describe_plan(self.s, self.plan, self.model, self.optimizer, rt)
         log.info(plan)
         if rt.is_main and not t.dry_run:
-            (self.out_dir / "plan.txt").write_text(plan + "\n")
+            (self.out_dir / PLAN_FILE).write_text(plan + "\n")
         if t.dry_run:
             return {}
         self.loader = self._open_loader()

@@ -412,11 +412,12 @@ BAD_CONFIGS = [
                          [pytest.param(*case, id=" ".join(case[0])) for case in BAD_CONFIGS])
 def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir):
     """Wrong if a config mistake shows a traceback, takes more than two lines, exits 0 or 1, or does not
-    say what is wrong (with the valid choices or the command that fixes it)."""
+    say what is wrong (with the valid choices or the command that fixes it), or leaves behind an out_dir
+    that looks like a run (Hydra creates it before the job starts)."""
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
     assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

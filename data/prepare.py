@@ -30,6 +30,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from data.prepare_command import prepare_command
+from data.split_size import validation_warning
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -54,18 +56,17 @@ def is_prepared(data_cfg: Mapping[str, Any]) -> bool:
 def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     """Why the data folder cannot serve these settings, with the command that fixes it; None if it can."""
     out = Path(data_cfg["dir"])
-    command = (f"python -m data.prepare data={data_cfg['name']} data.tokenizer={data_cfg['tokenizer']} "
-               "data.dir=")
     meta = _read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
-                f"prepare it with: {command}{out}")
+                f"prepare it with: {prepare_command(data_cfg)}")
     settings = _settings(data_cfg)
     if meta.get("fingerprint") != _fingerprint(settings):
+        other = f"{out}-{_fingerprint(settings)[:8]}"
         return (f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}); "
-                f"point data.dir at a new folder and prepare it with: {command}<new folder>")
+                f"set data.dir={other} and prepare it with: {prepare_command(data_cfg, other)}")
     damage = _damage(out, meta)
-    return None if damage is None else f"{damage}; rebuild it with: {command}{out}"
+    return None if damage is None else f"{damage}; rebuild it with: {prepare_command(data_cfg)}"
 
 
 def prepare(data_cfg: Mapping[str, Any]) -> Path:
@@ -347,10 +348,12 @@ def main(cfg: DictConfig) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        prepare(cfg.data)
+        warning = validation_warning(_read_meta(prepare(cfg.data)))
     except UserError as err:  # Hydra would print a traceback for anything raised out of here
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if warning is not None:
+        log.warning("warning: %s", warning)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from torch import nn
 from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
+from data.split_size import validation_warning
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
@@ -173,6 +174,8 @@ class Trainer:
             log.info("preparing %s into %s", d["name"], d["dir"])
             self.rt.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
+        if self.rt.is_main and (warning := validation_warning(data.meta)):
+            log.warning("warning: %s", warning)
         if data.vocab_size > self.s.model.vocab_size:
             raise UserError(
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "

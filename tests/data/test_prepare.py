@@ -248,3 +248,46 @@ def test_vocabulary_beyond_uint16_is_refused(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "corpus.jsonl", DOCS)
     with pytest.raises(UserError, match="uint16"):
         prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl")))
+
+
+def test_suggested_prepare_command_works_when_pasted(tmp_path):
+    """Wrong if the command an error message suggests drops a setting the user gave (data.files, a text
+    field, a split) or breaks on the shell or on Hydra's grammar (a glob, a list, a space in a path): pasted
+    into a shell, it must prepare exactly the folder the trainer is waiting for."""
+    corpus = tmp_path / "my corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(DOCS[:12]):
+        (corpus / f"{i}.txt").write_text(doc, encoding="utf-8")
+    (tmp_path / "extra.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS[12:]))
+    cfg = data_cfg(tmp_path, files=[f"{corpus}/*.txt", str(tmp_path / "extra.jsonl")], text_field="body",
+                   tokenizer="byte", val_fraction=0.25, split_seed=7)
+    reason = prep.unprepared_reason(cfg)
+    command = reason.split("prepare it with: ", 1)[1]
+    env = {**os.environ, "CI": "true", "PYTHONPATH": str(REPO), "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, (command, result.stderr)
+    assert prep.unprepared_reason(cfg) is None, command
+    assert TokenData(cfg.dir).meta["splits"]["val"]["documents"] == 5  # ceil(0.25 × 20)
+
+
+def test_too_small_validation_split_warns_and_its_suggested_fraction_fixes_it(tmp_path):
+    """Wrong if 50 files with the default val_fraction (one held-out file) pass silently, or if the
+    data.val_fraction the warning suggests does not give a split the warning accepts; the shipped quick-start
+    data (one 173,943-token work of nine) must not warn."""
+    from data.split_size import validation_warning
+
+    for i in range(50):
+        (tmp_path / f"{i}.txt").write_text(f"file {i} " + "some words of text " * 150, encoding="utf-8")
+    small = prepare(data_cfg(tmp_path, files=f"{tmp_path}/*.txt", tokenizer="byte"))
+    warning = validation_warning(TokenData(small).meta)
+    assert warning is not None and "is 1 of 50 documents" in warning, warning
+    fraction = float(re.search(r"data\.val_fraction=([\d.]+) into a new data\.dir", warning)[1])
+    cfg = data_cfg(tmp_path, files=f"{tmp_path}/*.txt", tokenizer="byte", val_fraction=fraction)
+    cfg.dir = str(tmp_path / "fixed")
+    fixed = TokenData(prepare(cfg)).meta
+    assert fixed["splits"]["val"]["documents"] >= 5 and fixed["splits"]["val"]["tokens"] >= 10_000
+    assert validation_warning(fixed) is None
+    sample = data_cfg(tmp_path, name="shakespeare", tokenizer="byte")
+    sample.dir = str(tmp_path / "sample")
+    assert validation_warning(TokenData(prepare(sample)).meta) is None

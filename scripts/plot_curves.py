@@ -4,26 +4,31 @@
 
 Runs that differ only by seed are one curve: the mean over seeds at the steps all of them recorded, inside a
 min–max band. FLOPs include Sophia's curvature passes (scripts/runs.py); time is each run's own wall-clock, so
-compare it only between runs on the same hardware. Without --ylim the y-axis starts after the first 10% of
-each curve, so the early drop from ~11 does not flatten the part the paper's figures show.
+compare it only between runs on the same hardware under the same load: with --x time a warning is printed
+(and drawn on the figure) when the runs' throughput says otherwise. Without --ylim the y-axis starts after
+the first 10% of each curve, so the early drop from ~11 does not flatten the part the paper's figures show.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from runs import AXES, aligned_series, group_labels, group_runs, run_cli
+from runs import AXES, aligned_series, group_labels, group_runs, run_cli, time_warning
 
 XLABELS = {"steps": "step", "tokens": "tokens", "flops": "training FLOPs", "time": "wall-clock (hours)"}
 
 
 def plot_curves(paths: list[str], out: str | Path, axis: str = "steps", metric: str = "val_loss",
-                ylim: tuple[float, float] | None = None) -> None:
-    """Draw one mean curve (and seed band) per group of runs and save the figure to `out`."""
+                ylim: tuple[float, float] | None = None) -> str | None:
+    """Draw one mean curve (and seed band) per group of runs and save the figure to `out`; returns the
+    warning (also drawn as the figure's title) when a wall-clock axis compares runs measured under
+    different load."""
     groups = group_runs(paths)
+    warning = time_warning([run for group in groups for run in group]) if axis == "time" else None
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     ax = figure.subplots()
     series = [aligned_series(group, metric, axis) for group in groups]
@@ -46,7 +51,11 @@ def plot_curves(paths: list[str], out: str | Path, axis: str = "steps", metric: 
     ax.set(xlabel=xlabel, ylabel=metric, ylim=ylim)
     ax.grid(alpha=0.3)
     ax.legend()
+    if warning:
+        ax.set_title("measured under different load: compare steps or FLOPs (see the printed warning)",
+                     color="firebrick", fontsize="medium")
     figure.savefig(out, dpi=150)
+    return warning
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,7 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default="val_loss", help="metrics.jsonl key to plot (default: val_loss)")
     parser.add_argument("--ylim", nargs=2, type=float, metavar=("LOW", "HIGH"), help="y-axis range")
     args = parser.parse_args(argv)
-    plot_curves(args.runs, args.out, args.axis, args.metric, args.ylim)
+    warning = plot_curves(args.runs, args.out, args.axis, args.metric, args.ylim)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}")
 
 

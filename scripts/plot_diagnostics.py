@@ -4,9 +4,9 @@
 
 Each metrics record's `clip_fraction` covers the steps since the previous record, so fractions are averaged
 weighted by those step counts: over `--bins` equal spans of training, pooling a group's seeds (left panel),
-and over the whole run (one bar per group: the mean over seeds, with their min–max; also printed). The
-right panel shows `win_rate` (the fraction of coordinates Sophia did not clip) for the Sophia runs; it is
-left out when no run is a Sophia run.
+and over the whole run (one bar per group: the mean over seeds, with their min–max where there are several;
+also printed). The right panel shows `win_rate` (the fraction of coordinates Sophia did not clip) for the
+Sophia runs; it is left out when no run is a Sophia run. One legend below the panels names the groups.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ def clipped_steps(run: Run, edges: np.ndarray) -> np.ndarray:
 def plot_diagnostics(paths: list[str], out: str | Path, bins: int = 50) -> dict[str, list[float]]:
     """Draw clip fraction over training, per group (bars) and win rate into `out`; returns each group's
     per-seed fraction of clipped steps over the whole run."""
+    figure, totals = draw_diagnostics(paths, bins)
+    figure.savefig(out, dpi=150)
+    return totals
+
+
+def draw_diagnostics(paths: list[str], bins: int = 50) -> tuple[Figure, dict[str, list[float]]]:
     groups = group_runs(paths)
     labels = group_labels(groups)
     colors = [f"C{i}" for i in range(len(groups))]  # one color per group in every panel
@@ -50,24 +56,28 @@ def plot_diagnostics(paths: list[str], out: str | Path, bins: int = 50) -> dict[
         axes[0].plot(middles[seen], clipped[seen] / covered[seen], label=label, color=color)
         totals.append([run_clipped.sum() / run_covered.sum() for run_clipped, run_covered in counts])
     means = [np.mean(t) for t in totals]
-    errors = [[m - min(t) for m, t in zip(means, totals, strict=True)],
-              [max(t) - m for m, t in zip(means, totals, strict=True)]]
-    positions = range(len(groups))
-    axes[1].bar(positions, means, yerr=errors, capsize=4, color=colors)
-    axes[1].set_xticks(positions, labels, rotation=20, ha="right")
+    positions = np.arange(len(groups))
+    axes[1].bar(positions, means, color=colors)
+    seeded = [i for i, t in enumerate(totals) if len(t) > 1]  # a single seed has no spread to draw
+    if seeded:
+        axes[1].errorbar(positions[seeded], [means[i] for i in seeded], fmt="none", ecolor="black", capsize=4,
+                         yerr=[[means[i] - min(totals[i]) for i in seeded],
+                               [max(totals[i]) - means[i] for i in seeded]])
+    axes[1].set_xticks(positions, [str(i + 1) for i in positions])
     axes[0].set(xlabel="step", ylabel="fraction of steps clipped", title="gradient clipping over training")
-    axes[1].set(ylabel="fraction of steps clipped", title="over the whole run")
-    axes[0].legend()
+    axes[1].set(xlabel="run group (see the legend)", ylabel="fraction of steps clipped",
+                title="over the whole run" + (" (min–max over seeds)" if seeded else ""))
     for i in sophia:
         x, y = aligned_series(groups[i], "win_rate", "steps")
-        axes[2].plot(x, y.mean(axis=0), label=labels[i], color=colors[i])
+        axes[2].plot(x, y.mean(axis=0), color=colors[i])
     if sophia:
         axes[2].set(xlabel="step", ylabel="win rate", title="Sophia: coordinates not clipped")
-        axes[2].legend()
+    # One legend for all panels, below them, so that it covers no curve.
+    figure.legend(axes[0].get_lines(), [f"{i + 1}: {label}" for i, label in enumerate(labels)],
+                  loc="outside lower center", ncols=min(len(groups), 3), frameon=False)
     for ax in axes:
         ax.grid(alpha=0.3)
-    figure.savefig(out, dpi=150)
-    return dict(zip(labels, totals, strict=True))
+    return figure, dict(zip(labels, totals, strict=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,9 @@
 Runs form one group when they are the same experiment up to the seed: the keys gpt/run_dir.py says define an
 experiment (model, optimizer, data, batch, schedule) except `train.seed`, plus `train.max_steps`, which sets
 the schedule's length. Hardware-only settings (micro-batch, device) and cadences do not split a group.
-FLOPs per token are gpt/plan.py's: the model's plus the optimizer's curvature passes.
+FLOPs per token are gpt/plan.py's: the model's plus the optimizer's curvature passes. Wall-clock is only as
+comparable as the conditions it was measured in: `time_warning` says when the runs' throughput shows that the
+machine's load changed within or between them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from gpt.model import GPT, GPTConfig
 from gpt.plan import training_flops_per_token
 from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS
 
+# Beyond this ratio of throughputs (10th to 90th percentile within a run, slowest to fastest between runs),
+# elapsed time says more about the machine's load than about the optimizer.
+THROUGHPUT_SPREAD = 1.5
 GROUP_KEYS = (*(key for key in IDENTITY_KEYS if key != "train.seed"), "train.max_steps")
 # x-axis name -> the metrics key it is computed from.
 AXES = {"steps": "step", "tokens": "tokens", "flops": "tokens", "time": "elapsed_s"}
@@ -131,6 +136,36 @@ def aligned_series(group: list[Run], metric: str, axis: str) -> tuple[np.ndarray
     x = [[run.x_value(records[s], axis) for s in steps] for run, records in zip(group, by_step, strict=True)]
     y = [[records[s][metric] for s in steps] for records in by_step]
     return np.mean(x, axis=0), np.array(y, dtype=float)
+
+
+def time_warning(runs: list[Run]) -> str | None:
+    """A warning when the runs' wall-clock was measured under different load, judged from the tokens/s of
+    their log records (the first, which includes start-up, left out): within a run, its 90th / 10th
+    percentile; between runs, their median training FLOP/s (curvature passes included, so that an optimizer
+    doing more work per token is not mistaken for a slower machine). None when both stay within
+    THROUGHPUT_SPREAD or no run logged its throughput."""
+    within, flop_rates = [], []
+    for run in runs:
+        rates = np.array([r["tokens_per_sec"] for r in run.records if r.get("tokens_per_sec")][1:])
+        if len(rates) == 0:
+            continue
+        low, high = np.percentile(rates, [10, 90])
+        within.append((high / low, run.path))
+        flop_rates.append((float(np.median(rates)) * run.flops_per_token, run.path))
+    problems = []
+    ratio, path = max(within, default=(1.0, None), key=lambda item: item[0])
+    if ratio > THROUGHPUT_SPREAD:
+        problems.append(f"tokens/s varied {ratio:.1f}× within {path}")
+    if len(flop_rates) > 1:
+        (slow, slow_path), (fast, fast_path) = min(flop_rates), max(flop_rates)
+        if fast / slow > THROUGHPUT_SPREAD:
+            problems.append(f"training FLOP/s differ {fast / slow:.1f}× between runs ({slow_path} slowest, "
+                            f"{fast_path} fastest)")
+    if not problems:
+        return None
+    return (f"wall-clock was measured under different conditions ({'; '.join(problems)}): elapsed times "
+            "compare optimizers only for runs made one at a time on the same otherwise idle hardware; "
+            "compare steps or FLOPs, or time per step measured together (scripts/bench_optim.py)")
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -9,7 +9,8 @@ the baseline's own cost (the mean over its seeds of steps, FLOPs and seconds at 
 run's cost. A group's row gives the mean and min–max over its seeds of those per-seed numbers, and how many
 seeds reached the target at all; a group none of whose seeds reaches it shows "not reached". FLOPs include
 curvature passes; time is in seconds in the JSON, in hours in the table (minutes when the baseline took under
-two hours), and compares only runs on the same hardware.
+two hours), and compares only runs on the same hardware under the same load: the report carries a
+`time_warning` (printed under the table) when the runs' throughput says the load changed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from common.errors import UserError
 
-from runs import Run, group_labels, group_runs, run_cli
+from runs import Run, group_labels, group_runs, run_cli, time_warning
 
 COSTS = ("steps", "flops", "time")
 
@@ -59,7 +60,8 @@ def compare(baseline_paths: list[str], paths: list[str]) -> dict[str, Any]:
     baseline_cost = {axis: statistics.fmean(run.x_value(record, axis) for run, record in
                                             zip(baseline, finals, strict=True)) for axis in COSTS}
     report: dict[str, Any] = {"target_val_loss": target, "baseline": {
-        "label": labels[0], "runs": [str(run.path) for run in baseline], **baseline_cost}, "groups": []}
+        "label": labels[0], "runs": [str(run.path) for run in baseline], **baseline_cost}, "groups": [],
+        "time_warning": time_warning([run for group in groups for run in group])}
     for group, label in zip(groups, labels, strict=True):
         costs = [cost for cost in (cost_to_reach(run, target) for run in group) if cost is not None]
         final_losses = [run.series("val_loss")[-1]["val_loss"] for run in group]
@@ -103,6 +105,8 @@ def format_table(report: dict[str, Any]) -> str:
                  _cell(g["flops"]["to_target"], "{:.3e}"), _cell(g["flops"]["speedup"], "{:.2f}×"),
                  _cell(duration, "{:.2f}"), _cell(g["time"]["speedup"], "{:.2f}×")]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("time_warning"):
+        lines += ["", f"warning: {report['time_warning']}"]
     return "\n".join(lines)
 
 

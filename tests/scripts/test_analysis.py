@@ -43,9 +43,10 @@ def flops_per_token(n_layer: int, n_embd: int = 64, block_size: int = 64, vocab:
 def make_run(root: Path, name: str, *, speed: float = 1.0, offset: float = 0.0, eval_every: int = 1000,
              seconds_per_step: float = 0.5, optim: str = "adamw", lr: float = 6e-4, seed: int = 1337,
              n_layer: int = 2, micro_batch_size: int = 4, max_steps: int = TOTAL, win_rate: bool = True,
-             clip: list[tuple[int, float]] | None = None) -> str:
+             clip: list[tuple[int, float]] | None = None, throughput=None) -> str:
     """A run directory: config.yaml as the trainer writes it and metrics.jsonl with evals every `eval_every`
-    steps (val_loss = loss(step, speed) + offset), or the given (step, clip_fraction) log records."""
+    steps (val_loss = loss(step, speed) + offset), or the given (step, clip_fraction) log records;
+    `throughput(step)`, if given, is each record's tokens_per_sec."""
     path = root / name
     path.mkdir()
     optim_cfg = {"name": optim, "lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.1}
@@ -66,6 +67,8 @@ def make_run(root: Path, name: str, *, speed: float = 1.0, offset: float = 0.0, 
     for step, clip_fraction in clip or [(s, 0.25) for s in range(eval_every, TOTAL + 1, eval_every)]:
         record = {"step": step, "tokens": step * TOKENS_PER_STEP, "train_loss": loss(step, speed),
                   "clip_fraction": clip_fraction, "elapsed_s": step * seconds_per_step}
+        if throughput is not None:
+            record["tokens_per_sec"] = throughput(step)
         if clip is None:
             record["val_loss"] = loss(step, speed) + offset
         if win_rate and optim.startswith("sophia"):
@@ -210,3 +213,46 @@ def test_diagnostics_plot_and_summary(tmp_path: Path, capsys: pytest.CaptureFixt
     plot_diagnostics.main([*paths, "--out", str(out), "--bins", "10"])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "clipped in 25.0% of steps" in capsys.readouterr().out
+
+
+def test_wall_clock_under_changing_load_is_flagged(tmp_path: Path) -> None:
+    """Wrong if runs whose throughput shows another load (a run slowed 3× halfway; a run 3× slower than its
+    peer at the same work per token) are compared by elapsed time without a warning, or if an optimizer that
+    does 10% more work per token (Sophia-G's GNB pass every 10 steps), at the same FLOP/s, is mistaken for a
+    slower machine."""
+    flop_rate = 1e9
+    steady = make_run(tmp_path, "steady", throughput=lambda step: flop_rate / flops_per_token(2))
+    sophia = make_run(tmp_path, "sophia", optim="sophia_g",
+                      throughput=lambda step: flop_rate / (1.1 * flops_per_token(2)))
+    assert runs.time_warning([runs.load_run(steady), runs.load_run(sophia)]) is None
+    assert speedup.compare([steady], [sophia])["time_warning"] is None
+
+    slowed = make_run(tmp_path, "slowed", lr=1e-3,
+                      throughput=lambda step: flop_rate / flops_per_token(2) / (3 if step > TOTAL / 2 else 1))
+    warning = runs.time_warning([runs.load_run(steady), runs.load_run(slowed)])
+    assert warning and "varied 3.0× within" in warning and "slowed" in warning
+
+    loaded = make_run(tmp_path, "loaded", lr=1e-3, throughput=lambda step: flop_rate / flops_per_token(2) / 3)
+    warning = runs.time_warning([runs.load_run(steady), runs.load_run(loaded)])
+    assert warning and "differ 3.0× between runs" in warning and "varied" not in warning
+    assert "warning: wall-clock was measured" in speedup.format_table(speedup.compare([steady], [loaded]))
+    assert plot_curves.plot_curves([steady, loaded], tmp_path / "time.png", axis="time") == warning
+    assert plot_curves.plot_curves([steady, loaded], tmp_path / "steps.png", axis="steps") is None
+
+
+def test_diagnostics_seed_ranges_only_for_several_seeds_and_no_legend_over_curves(tmp_path: Path) -> None:
+    """Wrong if a single-seed group gets an error bar (a range it does not have), if a multi-seed group's bar
+    does not span its seeds' min–max, or if a legend sits inside a panel, over the curves."""
+    clip = {seed: [(step, 0.1 * seed) for step in range(100, 1001, 100)] for seed in (1, 2, 3)}
+    paths = [make_run(tmp_path, f"adamw{seed}", seed=seed, clip=clip[seed]) for seed in (1, 2, 3)]
+    paths.append(make_run(tmp_path, "sophia", optim="sophia_g", clip=clip[1]))
+    figure, totals = plot_diagnostics.draw_diagnostics(paths, bins=5)
+    bars = figure.axes[1]
+    error_bars = [c for c in bars.containers if type(c).__name__ == "ErrorbarContainer"]
+    assert len(error_bars) == 1
+    segments = error_bars[0].lines[2][0].get_segments()
+    assert len(segments) == 1  # the three-seed group only
+    (x0, low), (_, high) = segments[0]
+    assert (x0, low, high) == (0, pytest.approx(0.1), pytest.approx(0.3))
+    assert all(ax.get_legend() is None for ax in figure.axes) and len(figure.legends) == 1
+    assert totals["gpt2_test sophia_g lr=6e-4"] == [pytest.approx(0.1)]

@@ -99,9 +99,10 @@ def test_resume_with_another_budget_that_reshapes_the_schedule_is_refused(tmp_pa
     with pytest.raises(UserError, match=re.escape("schedule.decay_steps: 2 -> 4")) as refused:
         train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1")))
     assert "set schedule.decay_steps=2)" in str(refused.value)
-    record = train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1",
-                                          "schedule.decay_steps=2")))
-    assert record["step"] == 4 and record["lr"] == 3e-5  # min_lr, held after the original horizon
+    resumed = compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1",
+                                     "schedule.decay_steps=2"))
+    record = train(resumed)
+    assert record["step"] == 4 and record["lr"] == resumed.schedule.min_lr  # held after the original horizon
 
 
 def test_dry_run_prints_plan_without_data(tmp_path, capsys):

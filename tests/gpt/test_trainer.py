@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
 from tests.hydra_compose import compose_train, tiny_run
+
+TINY_RATES = sorted((Path(__file__).resolve().parents[2] / "configs" / "hparams").glob("gpt2_tiny_*.yaml"))
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +128,14 @@ def test_every_optimizer_lowers_the_quickstart_validation_loss(tmp_path, byte_da
                                  "train.eval_interval=40", "schedule.warmup_steps=5")))
     val = [r["val_loss"] for r in read_records(out) if "val_loss" in r]
     assert val[-1] < val[0] - 0.3, val
+
+
+@pytest.mark.parametrize("path", TINY_RATES, ids=[p.stem for p in TINY_RATES])
+def test_quickstart_uses_each_optimizers_tuned_rate(path):
+    """Wrong if the quick start's model override keeps the specialisation file from applying (the optimizer
+    would run at its GPT-2-small paper rate on the tiny model), or a file's final learning rate is not the
+    paper's 0.05 × lr."""
+    values = OmegaConf.load(path)
+    cfg = compose_train(["experiment=quickstart", f"optim={path.stem.removeprefix('gpt2_tiny_')}"])
+    assert cfg.optim.lr == values.optim.lr
+    assert cfg.schedule.min_lr == values.schedule.min_lr == pytest.approx(0.05 * values.optim.lr)

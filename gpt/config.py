@@ -34,6 +34,7 @@ class ModelSettings:
     vocab_size: int = 50304
     dropout: float = 0.0
     bias: bool = False
+    scale_attn_by_inverse_layer_idx: bool = False
 
 
 @dataclass

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from common.errors import UserError
 from data.prepare import CONFIG_KEYS as DATA_KEYS
+from optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
@@ -69,6 +70,16 @@ class ScheduleSettings:
 
 
 @dataclass
+class ProtocolSettings:
+    """The script-level choices of configs/protocol/: the fair protocol, or the official scripts' own."""
+
+    name: str = "fair"
+    summed_accumulation: list[str] = field(default_factory=list)
+    warmup_from_zero: bool = False
+    extra_final_step: bool = False
+
+
+@dataclass
 class WandbSettings:
     enabled: bool = False
     project: str = "sophia-gpt"
@@ -83,6 +94,7 @@ class Settings:
     train: TrainSettings
     schedule: ScheduleSettings
     wandb: WandbSettings
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     optim: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -114,6 +126,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
         wandb=_typed("wandb", WandbSettings, container.get("wandb", {})),
+        protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
         optim=dict(container["optim"]),
         data=dict(container["data"]),
     )
@@ -122,6 +135,10 @@ def load_settings(cfg: DictConfig) -> Settings:
         # Recorded resolved, so that a resume with another max_steps, which would reshape the schedule of
         # steps already trained, differs from the run in an experiment-defining key and is refused.
         settings.schedule.decay_steps = settings.train.max_steps
+    if settings.protocol.extra_final_step:
+        # The official loop steps at iterations 0 through max_iters: one more step, at the final lr. Recorded
+        # as the budget trained, so config.yaml, the plan and the metrics all show the steps really taken.
+        settings.train.max_steps += 1
     return settings
 
 
@@ -141,6 +158,10 @@ def _check(s: Settings) -> None:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
+    unknown = sorted(set(s.protocol.summed_accumulation) - set(OPTIMIZERS))
+    if unknown:
+        raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
 type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
-tokens per step (Sophia's `bs`), decay steps — that must never be duplicated in YAML. The `optim` and `data`
+tokens per step, decay steps — that must never be duplicated in YAML. The `optim` and `data`
 groups have per-choice keys: the optimizer registry checks `optim`'s, and `data`'s must be among the keys the
 data package reads. Hydra's own composition errors (an unknown `model=`, a misspelt key) are turned into one
 line here too, so every config mistake reads the same way.
@@ -166,7 +166,7 @@ def _check(s: Settings) -> None:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Batch arithmetic for one run: the vocabulary of STYLE.md, computed once."""
+    """Batch arithmetic for one run (micro-batch, accumulation, global batch), computed once."""
 
     world_size: int
     global_batch_size: int
@@ -176,7 +176,8 @@ class BatchPlan:
 
     @property
     def tokens_per_step(self) -> int:
-        """Predictions per optimizer step over all ranks and micro-steps: Sophia's `bs`."""
+        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
+        optim.hessian_batch_size sets the curvature pass apart)."""
         return self.global_batch_size * self.block_size
 
 

@@ -26,7 +26,8 @@ def test_a_misspelt_key_fails_naming_it_and_the_accepted_ones():
 
 
 def test_bs_is_injected_and_never_configured():
-    # Wrong here: PAPER.md §4 — bs hand-computed or hard-coded independently of the real batch.
+    # Wrong here: bs hand-computed or hard-coded independently of the real batch (the official script's
+    # total_bs = 480, docs/fidelity.md).
     optimizer = build_optimizer({"name": "sophia_g", "hessian_interval": 10}, tiny_gpt(), 491_520)
     assert isinstance(optimizer, SophiaG)
     assert all(group["bs"] == 491_520 for group in optimizer.param_groups)

@@ -1,5 +1,5 @@
 """What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
-memory, and the wall-clock it should take on a named GPU at a stated MFU.
+memory, the protocol, and the wall-clock it should take on a named GPU at a stated MFU.
 
 FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
 its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are

@@ -25,6 +25,8 @@ LOG_FILE = "train.log"
 IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
                  "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps",
                  "protocol.")
+
+
 def setup_logging(out_dir: Path, is_main: bool) -> None:
     """Rank 0 logs to the console and train.log; other ranks only report warnings."""
     root = logging.getLogger()

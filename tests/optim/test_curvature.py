@@ -254,6 +254,7 @@ def test_probe_variance_matches_theory(probe):
 
 
 def test_gaussian_probes_are_standard_normal_and_shaped_like_the_parameters():
+    """Wrong if the probe is not N(0, 1) per entry (a biased Hutchinson estimate) or mis-shaped."""
     params = [torch.zeros(300, 400, dtype=torch.float64), torch.zeros(5)]
     probes = gaussian_like(params, torch.Generator().manual_seed(0))
     assert [(u.shape, u.dtype) for u in probes] == [(p.shape, p.dtype) for p in params]

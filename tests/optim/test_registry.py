@@ -55,6 +55,7 @@ def test_hutchinson_probe_per_optimizer(name, cfg, probe):
 
 
 def test_bad_probe_settings_are_user_errors():
+    """An unknown probe, or a probe for AdaHessian (which keeps its paper's Rademacher), is one clear line."""
     with pytest.raises(UserError, match="probe must be one of gaussian, rademacher, got 'uniform'"):
         build_optimizer({"name": "sophia_h", "hessian_interval": 1, "probe": "uniform"}, tiny_gpt(), 16)
     with pytest.raises(UserError, match=r"optim\.probe is not a adahessian setting"):

@@ -18,6 +18,7 @@ PAPER_RUNS = sorted(p.stem for p in PAPER.glob("*.yaml") if not p.stem.startswit
 
 @pytest.mark.parametrize("name", PAPER_RUNS)
 def test_every_paper_run_uses_the_official_model_and_the_fair_protocol(name):
+    """Wrong if a paper figure trains plain GPT-2 attention, or another protocol than the default."""
     cfg = compose_train([f"experiment=paper/{name}"])
     assert cfg.model.scale_attn_by_inverse_layer_idx is True
     assert cfg.protocol.name == "fair"
@@ -32,6 +33,7 @@ def test_every_optimizer_at_a_paper_size_trains_the_same_official_model(optim):
 
 @pytest.mark.parametrize("size, lr", [("small", 6e-4), ("medium", 4e-4), ("large", 3e-4)])
 def test_levanter_sophia_h_settings(size, lr):
+    """levanter's published Sophia-H values per size, in a run directory apart from the proposed settings'."""
     cfg = compose_train(["optim=sophia_h_levanter", f"model=gpt2_{size}"])
     o = cfg.optim
     assert (o.name, o.lr, list(o.betas), o.rho, o.eps, o.weight_decay, o.probe, o.hessian_interval) == (

@@ -77,6 +77,7 @@ class ProtocolSettings:
     summed_accumulation: list[str] = field(default_factory=list)
     warmup_from_zero: bool = False
     extra_final_step: bool = False
+    summed_micro_steps: int = 0  # recorded at start (`gpt.protocol`): micro-steps per rank summed, 0 if none
 
 
 @dataclass

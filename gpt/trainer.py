@@ -43,7 +43,7 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
-from gpt.protocol import micro_loss_divisor
+from gpt.protocol import apply_protocol
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
@@ -117,11 +117,12 @@ class Trainer:
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
+        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
+        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums (the
+        # summed count is recorded in the config: it defines the run)
+        self.micro_loss_divisor = apply_protocol(settings, self.plan)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
-        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
-        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
-        self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], self.plan)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

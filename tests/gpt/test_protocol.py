@@ -96,7 +96,7 @@ def test_official_warmup_and_iteration_count(tmp_path, byte_data):  # noqa: F811
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0.0)
     assert config["train"]["max_steps"] == 5 and config["schedule"]["decay_steps"] == 4
     assert config["protocol"] == {"name": "official", "summed_accumulation": ["adamw"],
-                                  "warmup_from_zero": True, "extra_final_step": True}
+                                  "warmup_from_zero": True, "extra_final_step": True, "summed_micro_steps": 2}
 
 
 def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):  # noqa: F811
@@ -110,6 +110,24 @@ def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):  # noqa: 
         train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "protocol=official")))
 
 
+def test_official_adamw_resumed_with_another_accumulation_is_refused(tmp_path, byte_data):  # noqa: F811
+    """Under the official protocol AdamW's clip threshold on the mean gradient is grad_clip / micro-steps, so
+    the micro-steps summed are recorded and a resume with another micro-batch is refused. Under the fair
+    protocol the micro-batch is a hardware setting and may change."""
+    official = tmp_path / "official"
+    train(compose_train(tiny_run(official, byte_data, "train.max_steps=2", "train.ckpt_interval=2",
+                                 "protocol=official", "protocol.extra_final_step=false")))
+    with pytest.raises(UserError, match=re.escape("protocol.summed_micro_steps: 2 -> 1")):
+        train(compose_train(tiny_run(official, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
+                                     "protocol=official", "protocol.extra_final_step=false",
+                                     "schedule.decay_steps=2")))
+    fair = tmp_path / "fair"
+    train(compose_train(tiny_run(fair, byte_data, "train.max_steps=2", "train.ckpt_interval=2")))
+    record = train(compose_train(tiny_run(fair, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
+                                          "schedule.decay_steps=2")))
+    assert record["step"] == 4
+
+
 def test_a_run_older_than_the_new_keys_resumes_as_their_defaults():
     """A config.yaml written before `protocol` and `model.scale_attn_by_inverse_layer_idx` existed was
     trained with their defaults (the fair protocol, plain attention): resuming it under those is no change,
@@ -117,7 +135,7 @@ def test_a_run_older_than_the_new_keys_resumes_as_their_defaults():
     old = {"model": {"n_layer": 2}, "optim": {"name": "adamw"}}
     new = {"model": {"n_layer": 2, "scale_attn_by_inverse_layer_idx": False}, "optim": {"name": "adamw"},
            "protocol": {"name": "fair", "summed_accumulation": [], "warmup_from_zero": False,
-                        "extra_final_step": False}}
+                        "extra_final_step": False, "summed_micro_steps": 0}}
     assert identity_differences(old, new) == []
     official = {**new, "model": {"n_layer": 2, "scale_attn_by_inverse_layer_idx": True},
                 "protocol": {**new["protocol"], "name": "official"}}

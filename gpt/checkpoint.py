@@ -218,14 +218,13 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
                         sharded: bool, device: torch.device) -> dict[str, Any]:
     """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries."""
     if sharded:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         if not (directory / SHARDED_DIR).is_dir():
             raise UserError(f"{directory} is a single-file checkpoint; resume it with train.strategy=ddp")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state, **extra}
-        dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
+        _load_sharded(state, directory)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}
     if not (directory / STATE_FILE).is_file():
@@ -235,6 +234,30 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return {k: state[k] for k in extra if k in state}
+
+
+def _load_sharded(state: dict[str, Any], directory: Path) -> None:
+    """Fill `state` in place from the sharded checkpoint in `directory`; only the keys it names are read."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
+
+
+def load_model_weights(directory: Path, model: nn.Module) -> None:
+    """Load only the model weights of a checkpoint of either format into a plain (unwrapped) model in one
+    process, for evaluation and export: a sharded checkpoint's shards are merged, its optimizer state is not
+    read, and a single-file one is memory-mapped rather than read whole."""
+    if (directory / SHARDED_DIR).is_dir():
+        # Tied weights are asked for once: the tensors are filled in place, so one name fills both.
+        weights, seen = {}, set()
+        for name, tensor in model.state_dict().items():
+            if tensor.data_ptr() not in seen:
+                weights[name] = tensor
+                seen.add(tensor.data_ptr())
+        _load_sharded({"model": weights}, directory)
+    else:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        model.load_state_dict(state["model"])
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

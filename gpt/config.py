@@ -57,6 +57,7 @@ class TrainSettings:
     dry_run: bool = False
     gpu: str = "auto"
     assumed_mfu: float = 0.4
+    init_from: str | None = None
 
 
 @dataclass

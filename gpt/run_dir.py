@@ -20,8 +20,9 @@ from common.errors import UserError
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 # Prefixes of config keys that define the experiment: a resume must not change them.
-IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
-                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps")
+IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.init_from",
+                 "train.global_batch_size", "schedule.name", "schedule.warmup_steps", "schedule.min_lr",
+                 "schedule.decay_steps")
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:

@@ -43,6 +43,7 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
+from gpt.pretrained import init_weights
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
@@ -131,6 +132,8 @@ class Trainer:
             self.wrapped = self.model
         else:
             self.model = GPT(model_config).to(runtime.device)
+            if t.init_from and not CheckpointDir(self.out_dir / "checkpoints").complete_steps():
+                init_weights(self.model, t.init_from)  # a resume loads its checkpoint instead
             self.wrapped = wrap_model(self.model, runtime)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
         self.curvature = self._curvature_schedule()

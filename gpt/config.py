@@ -58,6 +58,9 @@ class TrainSettings:
     gpu: str = "auto"
     assumed_mfu: float = 0.4
     init_from: str | None = None
+    hellaswag_interval: int = 0
+    hellaswag_data: str | None = None
+    hellaswag_limit: int | None = None
 
 
 @dataclass
@@ -137,6 +140,9 @@ def _check(s: Settings) -> None:
                 "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
+    if t.hellaswag_interval < 0 or t.hellaswag_interval % t.eval_interval:
+        raise UserError(f"train.hellaswag_interval={t.hellaswag_interval} must be 0 (off) or a multiple of "
+                        f"train.eval_interval={t.eval_interval}: HellaSwag is scored with validation loss")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     if s.schedule.warmup_steps < 0:

@@ -27,6 +27,7 @@ from torch import nn
 from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
+from data.tokenizers import get_tokenizer
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
@@ -40,6 +41,7 @@ from gpt.distributed import (
     shutdown,
     wrap_model,
 )
+from gpt.hellaswag import PeriodicHellaSwag
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
@@ -143,6 +145,9 @@ class Trainer:
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.flops_per_token = training_flops_per_token(self.model, settings.optim, t.global_batch_size)
         self.peak = peak_flops(runtime.device, t.dtype, t.gpu)
+        self.hellaswag = (PeriodicHellaSwag(t.hellaswag_interval, t.hellaswag_data, t.hellaswag_limit,
+                                            get_tokenizer(settings.data["tokenizer"]))
+                          if t.hellaswag_interval and not t.dry_run else None)
 
     def _check_run_dir(self) -> None:
         previous = read_config(self.out_dir)
@@ -263,6 +268,12 @@ class Trainer:
         self.model.train()
         return (total[0] / total[1]).item()
 
+    def _downstream(self, step: int) -> dict[str, float]:
+        """Downstream scores due at this evaluation (train.hellaswag_interval)."""
+        if self.hellaswag is None or not self.hellaswag.due(step, self.s.train.max_steps):
+            return {}
+        return self.hellaswag(self.model, self.rt, self.autocast)
+
     def run(self) -> dict[str, Any]:
         t, rt = self.s.train, self.rt
         plan = describe_plan(self.s, self.plan, self.model, self.optimizer, rt)
@@ -326,7 +337,8 @@ class Trainer:
         run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
         if start_step == 0:
-            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0}
+            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0,
+                      **self._downstream(0)}
             metrics.write(record)
             log.info(format_line(record))
 
@@ -391,6 +403,7 @@ class Trainer:
                     record["hessian_time_s"] = hessian_time
                 if is_eval:
                     record["val_loss"] = self.evaluate()
+                    record.update(self._downstream(done))
                 metrics.write(record)
                 log.info(format_line(record))
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0

@@ -67,6 +67,9 @@ def load_pretrained(source: str | Path, device: str | torch.device = "cpu") -> P
     path = Path(source)
     if is_project_checkpoint(path):
         return load_checkpoint(path, device)
+    looks_like_a_path = path.is_absolute() or str(source).startswith(".") or str(source).count("/") > 1
+    if looks_like_a_path and not path.exists():  # hub names are `name` or `org/name`
+        raise UserError(f"{path} does not exist (and is no Hugging Face hub name either)")
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory, a checkpoint nor a Hugging Face model folder "
                         "(no checkpoints/, manifest.json or config.json)")

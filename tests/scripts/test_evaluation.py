@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from gpt.trainer import train
 from tests.hydra_compose import compose_train, tiny_run
@@ -91,8 +93,9 @@ metric_list:
 
 
 def test_lm_eval_runs_offline_and_agrees_with_our_scorer(run, tmp_path):
-    """Wrong if the registered model class does not load a run, or the harness's log-likelihoods (and so
-    its accuracy) differ from this project's own scorer on the same items."""
+    """Wrong if the registered model class does not load a run, the harness's log-likelihoods (and so its
+    accuracy) differ from this project's own scorer on the same items, or a perplexity task's document
+    log-likelihood differs from the sum over its tokens."""
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -120,6 +123,13 @@ def test_lm_eval_runs_offline_and_agrees_with_our_scorer(run, tmp_path):
     for k in range(len(ITEMS)):
         assert harness_lls[k] == pytest.approx([s.logprob for s in ours[4 * k : 4 * k + 4]], abs=1e-4)
     assert harness_acc == evaluate_hellaswag(model, items)["acc"]
+
+    text = "ROMEO: But soft!"  # perplexity tasks: a document's log-likelihood after the EOT token
+    tokens = torch.tensor([[0, *text.encode()]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(tokens[:, :-1])[0][0].double(), dim=-1)
+    expected = sum(logprobs[i, t].item() for i, t in enumerate(tokens[0, 1:].tolist()))
+    assert lm.loglikelihood_rolling([SimpleNamespace(args=(text,))]) == pytest.approx([expected], abs=1e-4)
 
 
 def test_lm_eval_script_names_the_extra_when_missing(tmp_path):

@@ -30,6 +30,7 @@ import torch
 
 from data.prepare import prepare
 from gpt.model import GPT, GPTConfig
+from gpt.pretrained import load_checkpoint
 from optim import OPTIMIZERS
 from tests.hydra_compose import compose_train
 
@@ -178,7 +179,8 @@ def test_ddp_resume_matches_the_straight_run(runs):
 def test_fsdp_checkpoint_resumes_and_exports_to_one_file(runs, tmp_path):
     """Sharded (torch.distributed.checkpoint) save and load: the resumed run is bit-identical to the straight
     one. The export merges the shards into one file whose weights load into a fresh GPT and equal those of
-    the one-process run up to the FSDP tolerance. Wrong if a shard is lost or misplaced, or a key renamed."""
+    the one-process run up to the FSDP tolerance, and exactly those the evaluation tools load. Wrong if a
+    shard is lost or misplaced, or a key renamed."""
     straight, resumed = runs("adamw-fsdp"), runs.resumed("adamw-fsdp")
     assert series(resumed, "train_loss") == series(straight, "train_loss")
     assert [p.name for p in (straight / "checkpoints" / f"step_{STEPS:08d}" / "sharded").iterdir()
@@ -195,6 +197,8 @@ def test_fsdp_checkpoint_resumes_and_exports_to_one_file(runs, tmp_path):
                         weights_only=True)["model"]
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, single[name], rtol=0, atol=1e-5, msg=name)
+    evaluated = load_checkpoint(straight).model.state_dict()  # what the evaluation tools read
+    assert all(torch.equal(evaluated[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(runs):

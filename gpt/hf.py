@@ -45,11 +45,6 @@ def require_hf() -> None:
                         f"({e.name} is not installed): {HF_EXTRA}") from None
 
 
-def scales_attention_by_layer(config: GPTConfig) -> bool:
-    """GPT-2's option of dividing attention scores by the layer number; models without the key do not."""
-    return bool(getattr(config, "scale_attn_by_inverse_layer_idx", False))
-
-
 # ------------------------------------------------------------------------------------------------- export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -59,7 +54,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
         "vocab_size": tokenizer.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "scale_attn_by_inverse_layer_idx": scales_attention_by_layer(config),
+        "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
         "reorder_and_upcast_attn": False,
         "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name,
         **FIXED_ARCHITECTURE,
@@ -156,7 +151,7 @@ def check_compatible(hf: dict[str, Any], config: GPTConfig, source: str) -> None
         if hf.get(key, value) != value:
             problems.append(f"{key}={hf[key]!r} (this model has {value!r})")
     scaled = bool(hf.get("scale_attn_by_inverse_layer_idx", False))
-    if scaled != scales_attention_by_layer(config):
+    if scaled != config.scale_attn_by_inverse_layer_idx:
         problems.append(f"scale_attn_by_inverse_layer_idx={scaled} "
                         f"(set model.scale_attn_by_inverse_layer_idx={str(scaled).lower()})")
     if problems:
@@ -202,11 +197,8 @@ def load_hf(source: str) -> tuple[GPT, Tokenizer]:
     tokenizer = tokenizer_of(hf, source)
     config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                        block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=0.0,
-                       bias=any(torch.any(t != 0).item() for k, t in hf_state.items() if k.endswith(".bias")))
-    if bool(hf.get("scale_attn_by_inverse_layer_idx", False)):
-        if not hasattr(config, "scale_attn_by_inverse_layer_idx"):
-            raise UserError(f"{source} scales attention by the inverse layer index, which this model lacks")
-        config.scale_attn_by_inverse_layer_idx = True
+                       bias=any(torch.any(t != 0).item() for k, t in hf_state.items() if k.endswith(".bias")),
+                       scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)))
     check_compatible(hf, config, source)
     model = GPT(config)
     model.load_state_dict(from_hf_state(hf_state, config, source))

@@ -90,7 +90,7 @@ def init_weights(model: GPT, source: str) -> None:
     loaded = load_checkpoint(Path(source))
     keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
             "scale_attn_by_inverse_layer_idx")
-    theirs, ours = ({key: getattr(config, key, False) for key in keys}
+    theirs, ours = ({key: getattr(config, key) for key in keys}
                     for config in (loaded.model.config, model.config))
     problems = [f"{key}={theirs[key]} (model.{key}={ours[key]})" for key in keys if theirs[key] != ours[key]]
     if problems:

@@ -3,6 +3,7 @@ the periodic evaluation in metrics.jsonl, and bad input as one line."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -141,7 +142,7 @@ def test_bad_items_are_one_line(tmp_path):
     assert len(read_items(str(write_items(tmp_path / "ok.jsonl", ITEMS)), limit=2)) == 2
 
 
-def test_script_scores_a_run_and_reports_offline_hub_in_one_line(tmp_path):
+def test_script_scores_a_run_and_reports_offline_hub_in_one_line(tmp_path, capsys):
     """Wrong if the command-line tool does not write the contracted JSON keys, or an unreachable hub
     dataset ends in a traceback rather than one line naming --data."""
     from tests.gpt.test_hf import random_model as random_byte_model
@@ -151,12 +152,12 @@ def test_script_scores_a_run_and_reports_offline_hub_in_one_line(tmp_path):
     write_checkpoint(random_byte_model(), run, "byte")
     data = write_items(tmp_path / "items.jsonl", ITEMS)
     script = str(REPO / "scripts" / "eval_hellaswag.py")
-    result = subprocess.run([sys.executable, script, str(run), "--data", str(data), "--json",
-                             str(tmp_path / "out.json")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    sys.path.insert(0, str(REPO / "scripts"))
+    importlib.import_module("eval_hellaswag").main([str(run), "--data", str(data), "--json",
+                                                     str(tmp_path / "out.json")])
     record = json.loads((tmp_path / "out.json").read_text())
     assert record["n"] == 3 and 0 <= record["acc"] <= 1 and 0 <= record["acc_norm"] <= 1
-    assert "HellaSwag (3 items" in result.stdout
+    assert "HellaSwag (3 items" in capsys.readouterr().out
     offline = subprocess.run([sys.executable, script, str(run), "--limit", "2"], capture_output=True,
                              text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert offline.returncode == 2 and offline.stderr.count("\n") == 1 and "--data" in offline.stderr

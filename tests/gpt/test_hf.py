@@ -21,7 +21,6 @@ from gpt.pretrained import init_weights, load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
-HAS_LAYER_SCALING = "scale_attn_by_inverse_layer_idx" in {f.name for f in dataclasses.fields(GPTConfig)}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,7 @@ def write_checkpoint(model: GPT, run_dir: Path, tokenizer: str, sharded: bool = 
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("scaled", [False, pytest.param(True, marks=pytest.mark.skipif(
-    not HAS_LAYER_SCALING, reason="the model has no model.scale_attn_by_inverse_layer_idx yet"))])
+@pytest.mark.parametrize("scaled", [False, True])
 def test_exported_model_computes_the_same_logits(tmp_path, bias, scaled):
     """Wrong if a weight is exported untransposed, a bias or LayerNorm term is lost, the attention scaling or
     the GELU differs, or dropping the vocabulary padding shifts real tokens' logits."""

@@ -182,3 +182,14 @@ def test_periodic_hellaswag_is_written_to_metrics_and_plotted(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "h.png").stat().st_size > 0
+
+
+def test_an_interval_off_the_evaluation_steps_is_refused():
+    """Wrong if a HellaSwag interval that is no multiple of the evaluation interval is accepted: its scores
+    would be computed but never written (records are written at evaluation steps)."""
+    from gpt.config import load_settings
+    from tests.hydra_compose import compose_train
+
+    with pytest.raises(UserError, match=r"hellaswag_interval=3 must be 0 .* of train\.eval_interval=2"):
+        load_settings(compose_train(["train.hellaswag_interval=3", "train.eval_interval=2"]))
+    assert load_settings(compose_train(["train.hellaswag_interval=4", "train.eval_interval=2"]))

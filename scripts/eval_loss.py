@@ -4,9 +4,10 @@
     python scripts/eval_loss.py gpt2 --data-dir data_cache/openwebtext_gpt2 --eval-steps 500 --batch-size 8
 
 The sequences are the trainer's fixed validation set (the first eval-steps × batch-size windows of the val
-split, the same for every run), so for a run with its own settings the number equals the trainer's last
-`val_loss`. A run's data folder, eval steps, micro-batch and dtype are the defaults; for Hugging Face weights
-pass --data-dir (its tokenizer must be the model's). See docs/evaluation.md.
+split, the same for every run), so for a run with its own settings the number equals the `val_loss` the
+trainer recorded at the checkpoint's step. A run's data folder, eval steps, micro-batch and dtype are the
+defaults; for Hugging Face weights pass --data-dir (its tokenizer must be the model's). See
+docs/evaluation.md.
 """
 
 from __future__ import annotations

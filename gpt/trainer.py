@@ -45,7 +45,7 @@ from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
-from optim import build_optimizer, lr_at, trainer_settings
+from optim import GroupSchedule, build_optimizer, check_run, evaluation_weights, trainer_settings
 
 log = logging.getLogger(__name__)
 SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorded as a spike
@@ -132,7 +132,14 @@ class Trainer:
         else:
             self.model = GPT(model_config).to(runtime.device)
             self.wrapped = wrap_model(self.model, runtime)
+        check_run(settings.optim, strategy=runtime.strategy, schedule=settings.schedule.name)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
+        schedule = settings.schedule
+        self.schedule = GroupSchedule(self.optimizer, schedule.name, reference_lr=settings.optim["lr"],
+                                      warmup_steps=schedule.warmup_steps, decay_steps=schedule.decay_steps,
+                                      min_lr=schedule.min_lr)
+        # Evaluations and checkpoints see the optimizer's evaluation weights (schedule-free: the average)
+        self.evaluation_weights = lambda: evaluation_weights(self.optimizer, settings.optim)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
@@ -188,8 +195,10 @@ class Trainer:
         path, manifest = self.rt.on_main(self._resume_point)
         if path is None:
             return {}
-        extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
-                                    self.rt.strategy == "fsdp", self.rt.device)
+        scaler = {"scaler": self.scaler.state_dict()}
+        with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training weights
+            extra = load_training_state(path, self.model, self.optimizer, scaler, self.rt.strategy == "fsdp",
+                                        self.rt.device)
         self.scaler.load_state_dict(extra["scaler"])
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest
@@ -220,15 +229,16 @@ class Trainer:
             lambda: log.info("saved %s", self.ckpts.commit(step, meta)) if is_main else None,
         ]
         error: OSError | None = None
-        for phase in phases:
-            try:
-                phase()
-            except OSError as e:
-                error = e
-            if not self._all_ranks(error is None):  # also the barrier between the phases
-                break
-        else:
-            return
+        with self.evaluation_weights():
+            for phase in phases:
+                try:
+                    phase()
+                except OSError as e:
+                    error = e
+                if not self._all_ranks(error is None):  # also the barrier between the phases
+                    break
+            else:
+                return
         if is_main:
             self.ckpts.discard(step)
         cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
@@ -248,6 +258,12 @@ class Trainer:
         """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
         forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
         self.model.eval()
+        with self.evaluation_weights():
+            total = self._validation_loss_sum()
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    def _validation_loss_sum(self) -> torch.Tensor:
         total = torch.zeros(2, device=self.rt.device)
         eval_steps, world = self.s.train.eval_steps, self.rt.world_size
         for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
@@ -256,9 +272,7 @@ class Trainer:
                 _, loss = self.model(x, y)
             weight = float(index < eval_steps)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
-        self.rt.all_reduce(total)
-        self.model.train()
-        return (total[0] / total[1]).item()
+        return self.rt.all_reduce(total)
 
     def run(self) -> dict[str, Any]:
         t, rt = self.s.train, self.rt
@@ -313,7 +327,7 @@ class Trainer:
               stop: StopRequested, loop_state: dict[str, Any]) -> dict[str, Any]:
         """`loop_state` (saved with each checkpoint) carries the spike window and the skip streak across a
         resume, so a resumed run flags and stops exactly where the straight run would."""
-        t, rt, schedule = self.s.train, self.rt, self.s.schedule
+        t, rt = self.s.train, self.rt
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         tokens_per_step = self.plan.tokens_per_step
         recent_losses: deque[float] = deque(loop_state.get("recent_losses", []), maxlen=100)
@@ -329,10 +343,7 @@ class Trainer:
 
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
-            lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.schedule.apply(step)  # each group's own base rate × the schedule's factor
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
                                                   step, t.seed, rt, self.autocast, self.scaler)

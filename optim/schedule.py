@@ -51,10 +51,10 @@ def lr_at(
 class GroupSchedule:
     """The schedule as a factor on each param group's own base rate, so the parts of a hybrid optimizer
     (Muon's matrices and its AdamW rest) keep their own rates. The base rates are the groups' `lr` when the
-    optimizer is built, a pure function of the config, so a resumed run needs no state for them. `reference_lr` (the
-    config's `optim.lr`) is the rate the schedule's `min_lr` belongs to: every group decays to the same
-    fraction min_lr / reference_lr of its base. A group whose base equals the reference follows `lr_at`
-    exactly, bit for bit."""
+    optimizer is built, a pure function of the config, so a resumed run needs no state for them.
+    `reference_lr` (the config's `optim.lr`) is the rate the schedule's `min_lr` refers to: each group decays
+    to the same fraction min_lr / reference_lr of its base. A group whose base equals the reference follows
+    `lr_at` exactly, bit for bit."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, *, reference_lr: float,
                  warmup_steps: int, decay_steps: int | None, min_lr: float) -> None:

@@ -315,7 +315,7 @@ def test_every_optimizer_matches_the_unsharded_one(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert sorted(report) == sorted(OPTIMIZERS)
+    assert sorted(report) == sorted(name for name, entry in OPTIMIZERS.items() if entry.shards)
     for name, numbers in report.items():
         assert numbers["param_max_abs_change"] > 1e-3, f"{name} did not move"
         assert numbers["param_max_abs_diff"] <= 2e-5, (name, numbers)

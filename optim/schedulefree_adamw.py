@@ -22,20 +22,33 @@ import torch
 from optim.registry import OptimizerEntry, full_size_state, optional_class, register
 
 
+def _switch(optimizer: torch.optim.Optimizer, evaluation: bool) -> None:
+    """The package's eval() or train(), minus the empty state entries its loop leaves for parameters it has
+    not stepped: torch.distributed.checkpoint takes an optimizer with any state entry for an initialised one,
+    and would then load no state into a fresh one."""
+    (optimizer.eval if evaluation else optimizer.train)()
+    for param in [param for param, state in optimizer.state.items() if not state]:
+        del optimizer.state[param]
+
+
 @contextlib.contextmanager
 def averaged_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """The parameters hold x (the average) inside, y (where gradients are taken) again after."""
-    optimizer.eval()
+    """The parameters hold x (the average) inside, y (where gradients are taken) again after. A fresh
+    optimizer has nothing to switch (x = y) and stays in train mode, the mode a checkpoint is loaded into
+    (sharded loading runs one step with lr 0 to lay out the state); the loaded groups then say "eval mode",
+    as they were saved, and leaving switches the loaded x back to y."""
+    if optimizer.state:
+        _switch(optimizer, evaluation=True)
     try:
         yield
     finally:
-        optimizer.train()
+        _switch(optimizer, evaluation=False)
 
 
 def _in_train_mode(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], kwargs: dict[str, Any]
                    ) -> torch.optim.Optimizer:
     optimizer = cls(groups, **kwargs, warmup_steps=0)
-    optimizer.train()  # the package starts in eval mode and refuses to step there
+    _switch(optimizer, evaluation=False)  # the package starts in eval mode and refuses to step there
     return optimizer
 
 

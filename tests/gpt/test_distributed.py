@@ -59,6 +59,7 @@ RUNS = {f"{optimizer}-{kind}": (1 if kind == "single" else 2, kind, optimizer)
         for optimizer in OPTIMIZER_OVERRIDES for kind in ("single", "ddp", "fsdp")}
 RUNS |= {f"{optimizer}-{kind}": (1 if kind == "single" else 2, kind, optimizer)
          for optimizer in BASELINE_OVERRIDES for kind in ("single", "ddp")}
+RUNS["adamw_schedulefree-fsdp"] = (2, "fsdp", "adamw_schedulefree")
 
 
 def environment() -> dict[str, str]:
@@ -198,6 +199,16 @@ def test_ddp_is_bit_identical_to_one_process_for_todays_baselines(runs, optimize
         for key, value in state.items():
             other = final[0]["optimizer"]["state"][index][key]
             assert torch.equal(other, value) if torch.is_tensor(value) else other == value, (index, key)
+
+
+def test_schedule_free_fsdp_resume_matches_the_straight_run(runs):
+    """Schedule-free under FSDP, stopped at step 4 (an evaluation and a sharded checkpoint of the evaluation
+    weights) and resumed: bit-identical to the straight FSDP run. Wrong if the sharded load found no state
+    to fill (torch.distributed.checkpoint skips an optimizer it believes initialised) or did not switch the
+    loaded weights back to the training iterate."""
+    straight, resumed = runs("adamw_schedulefree-fsdp"), runs.resumed("adamw_schedulefree-fsdp")
+    for key in ("train_loss", "val_loss"):
+        assert series(resumed, key) == series(straight, key), key
 
 
 def test_ddp_resume_matches_the_straight_run(runs):

@@ -1,12 +1,15 @@
 """A fair CPU-scale optimizer study in one command: same model, data order and initialisation for every
 optimizer; each optimizer's learning rate picked by the same sweep; then three seeds at the chosen rate.
 
-    python scripts/cpu_study.py --corpus ../shared/corpus/shakespeare.jsonl
+    python scripts/cpu_study.py --corpus ../shared/corpus/shakespeare.jsonl [--optimizers adamw,muon]
 
-Protocol: for AdamW, Lion, Sophia-G and Sophia-H, sweep lr ∈ {1/3, 1, 3, 9} × the optimizer's GPT-2-small
-learning rate from the paper (seed 0), extended by ×3 steps while the best rate is at an edge of the grid
-(up to 27× either way), pick the lowest final validation loss, then add seeds 1 and 2 at that
-rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
+Protocol: for each optimizer (AdamW, Lion, Sophia-G, Sophia-H, Muon, schedule-free AdamW), sweep
+lr ∈ {1/3, 1, 3, 9} × its reference rate (seed 0): the paper's GPT-2-small rate for the paper's four, the
+documented default for the others (Muon 0.02, Keller Jordan's; schedule-free 2.5e-3, the package's). The
+grid is extended by ×3 steps while the best rate is at an edge (up to 27× either way); the lowest final
+validation loss picks the rate, then seeds 1 and 2 run at it. The final learning rate is 0.05 × peak for
+every run, as in the paper; Muon's AdamW part keeps its configured rate and follows the same schedule factor;
+schedule-free runs the constant schedule it requires (same warm-up). Everything else comes from
 `configs/experiment/cpu_study.yaml`. Finished runs are not rerun and an unfinished one resumes from its last
 checkpoint: an interrupted study continues where it stopped, and rerunning a finished one only redraws its
 figures and tables. Writes the figures (lr sweep, curves, diagnostics), `<report-dir>/cpu_study.json` and
@@ -29,6 +32,7 @@ import torch
 from matplotlib.figure import Figure
 
 from common.errors import UserError
+from optim import OPTIMIZERS
 
 from plot_curves import plot_curves
 from plot_diagnostics import plot_diagnostics
@@ -36,7 +40,10 @@ from runs import load_run
 from speedup import compare, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_LR = {"adamw": 6e-4, "lion": 1e-4, "sophia_g": 6e-4, "sophia_h": 6e-4}  # PAPER.md §3, 125M
+# The reference rate each sweep is centred on: the paper's GPT-2 small rate (the first four), the optimizer's
+# documented default (configs/optim/muon.yaml, configs/optim/adamw_schedulefree.yaml) for the others.
+BASE_LR = {"adamw": 6e-4, "lion": 1e-4, "sophia_g": 6e-4, "sophia_h": 6e-4, "muon": 0.02,
+           "adamw_schedulefree": 2.5e-3}
 MULTIPLIERS = (1 / 3, 1, 3, 9)
 SEEDS = (0, 1, 2)
 
@@ -56,10 +63,12 @@ def train(corpus: Path, root: Path, optim: str, lr: float, seed: int, steps: int
     out = run_dir(root, optim, lr, seed)
     if finished(out, steps):
         return out
+    schedules = OPTIMIZERS[optim].schedules  # schedule-free: the constant schedule it requires
     command = [
         sys.executable, "train.py", "experiment=cpu_study", f"optim={optim}", f"optim.lr={lr:.6g}",
         f"schedule.min_lr={0.05 * lr:.6g}", f"train.seed={seed}", f"train.max_steps={steps}",
         f"data.files={corpus.resolve()}", f"out_dir={out}",
+        *([f"schedule={schedules[0]}"] if schedules else []),
     ]
     started = time.perf_counter()
     # One thread: the tiny model gains nothing from two, and idle OpenMP threads spinning on a busy core
@@ -89,8 +98,9 @@ def plot_sweep(sweep: dict[str, dict[float, float]], out: Path) -> None:
     for optim, losses in sweep.items():
         rates = sorted(losses)
         ax.plot([lr / BASE_LR[optim] for lr in rates], [losses[lr] for lr in rates], marker="o",
-                label=f"{optim} (paper lr {BASE_LR[optim]:g})")
-    ax.set(xscale="log", xlabel="lr / the paper's GPT-2 small lr", ylabel="final val_loss (seed 0)")
+                label=f"{optim} (reference lr {BASE_LR[optim]:g})")
+    ax.set(xscale="log", xlabel="lr / the reference lr (the paper's GPT-2 small lr, or the default)",
+           ylabel="final val_loss (seed 0)")
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(out, dpi=150)
@@ -115,7 +125,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=Path, default=Path("runs/cpu_study"))
     parser.add_argument("--report-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--optimizers", default=",".join(BASE_LR), help="comma-separated, from: "
+                        + ", ".join(BASE_LR))
     args = parser.parse_args()
+    optimizers = args.optimizers.split(",")
+    unknown = [name for name in optimizers if name not in BASE_LR]
+    if unknown:
+        parser.error(f"no reference rate for {', '.join(unknown)}; valid: {', '.join(BASE_LR)}")
+    if "adamw" not in optimizers:
+        parser.error("--optimizers must include adamw: the speed-ups are measured against it")
     root, report = (ROOT / args.runs).resolve(), ROOT / args.report_dir
     report.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -123,7 +141,8 @@ def main() -> None:
     print("sweep (seed 0):", flush=True)
     sweep: dict[str, dict[float, float]] = {}
     sweep_runs: list[Path] = []
-    for optim, base in BASE_LR.items():
+    for optim in optimizers:
+        base = BASE_LR[optim]
         sweep[optim] = {}
         multipliers = list(MULTIPLIERS)
         while multipliers:

@@ -56,6 +56,16 @@ def test_every_registered_optimizer_ships_a_config():
     assert {path.stem for path in (ROOT / "configs" / "optim").glob("*.yaml")} == set(OPTIMIZERS)
 
 
+def test_every_registered_optimizer_is_documented():
+    """A row of the update-rule table in docs/optimizers.md and a mention in the README's optimizer list:
+    wrong if an optimizer were added without telling its users."""
+    table = (ROOT / "docs" / "optimizers.md").read_text().split("## Update rules")[1].split("\n## ")[0]
+    readme = (ROOT / "README.md").read_text().split("## Optimizers")[1].split("\n## ")[0]
+    for name in OPTIMIZERS:
+        assert f"| `{name}` |" in table, name
+        assert f"`{name}`" in readme, name
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_state_dict_round_trip_gives_a_bit_identical_next_step(name):
     # Wrong here: some resume state lives outside self.state (a counter, a frozen scale, an init flag), or

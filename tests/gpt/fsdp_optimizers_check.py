@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -37,9 +38,17 @@ SETTINGS = {
     "sgd_sai": {"lr": 1e-3, "weight_decay": 0.1},
     "adam_mini": {"lr": 1e-3, "weight_decay": 0.1},
     "adahessian": {"lr": 1e-3, "hessian_interval": 1},
-    "adamw_schedulefree": {"lr": 1e-3, "weight_decay": 0.1},
 }
 SHARDED = [name for name, entry in OPTIMIZERS.items() if entry.shards]  # the others refuse FSDP
+
+
+def settings(name: str) -> dict:
+    """SETTINGS, or for an optimizer not listed there its configs/optim/<name>.yaml at lr 1e-3."""
+    if name in SETTINGS:
+        return SETTINGS[name]
+    path = Path(__file__).resolve().parents[2] / "configs" / "optim" / f"{name}.yaml"
+    cfg = {key: value for key, value in OmegaConf.to_container(OmegaConf.load(path)).items() if key != "name"}
+    return {**cfg, "lr": 1e-3, **({"hessian_interval": 1} if "hessian_interval" in cfg else {})}
 
 
 def build(name: str, sharded: bool) -> tuple[GPT, torch.optim.Optimizer]:
@@ -49,7 +58,7 @@ def build(name: str, sharded: bool) -> tuple[GPT, torch.optim.Optimizer]:
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    optimizer = build_optimizer({"name": name, **SETTINGS[name]}, model, tokens_per_step=4 * 33)
+    optimizer = build_optimizer({"name": name, **settings(name)}, model, tokens_per_step=4 * 33)
     return model, optimizer
 
 

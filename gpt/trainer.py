@@ -229,16 +229,15 @@ class Trainer:
             lambda: log.info("saved %s", self.ckpts.commit(step, meta)) if is_main else None,
         ]
         error: OSError | None = None
-        with self.evaluation_weights():
-            for phase in phases:
-                try:
-                    phase()
-                except OSError as e:
-                    error = e
-                if not self._all_ranks(error is None):  # also the barrier between the phases
-                    break
-            else:
-                return
+        for phase in phases:
+            try:
+                phase()
+            except OSError as e:
+                error = e
+            if not self._all_ranks(error is None):  # also the barrier between the phases
+                break
+        else:
+            return
         if is_main:
             self.ckpts.discard(step)
         cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
@@ -253,17 +252,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    @torch.no_grad()
     def evaluate(self) -> float:
+        """The validation loss at the optimizer's evaluation weights (schedule-free: the averaged iterate)."""
+        with self.evaluation_weights():
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> float:
         """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
         forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
         self.model.eval()
-        with self.evaluation_weights():
-            total = self._validation_loss_sum()
-        self.model.train()
-        return (total[0] / total[1]).item()
-
-    def _validation_loss_sum(self) -> torch.Tensor:
         total = torch.zeros(2, device=self.rt.device)
         eval_steps, world = self.s.train.eval_steps, self.rt.world_size
         for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
@@ -272,7 +270,9 @@ class Trainer:
                 _, loss = self.model(x, y)
             weight = float(index < eval_steps)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
-        return self.rt.all_reduce(total)
+        self.rt.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
 
     def run(self) -> dict[str, Any]:
         t, rt = self.s.train, self.rt
@@ -404,8 +404,9 @@ class Trainer:
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
 
             if done % t.ckpt_interval == 0 or done == t.max_steps or stopping:
-                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
-                           {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
+                with self.evaluation_weights():  # what a checkpoint holds (schedule-free: the average)
+                    self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
+                               {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
             if stopping:
                 name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
                 log.info("stopped by %s after step %d, checkpoint saved: rerun to resume", name, done)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optim.fused import CompiledOrEager
+from optim.fused import LargeInputKernel
 
 # Inverse-CDF sampling searches blocks of this many vocabulary entries first, then one entry in the block.
 SAMPLING_BLOCK = 64
@@ -54,19 +54,9 @@ def _cross_entropy_grad(logits: Tensor, row_max: Tensor, log_sum: Tensor, labels
     return (grad * scale).to(logits.dtype)
 
 
-class _LogitKernel(CompiledOrEager):
-    """One pass over a (N, V) logits tensor: compiled when the tensor is large, eager otherwise."""
-
-    def __call__(self, logits: Tensor, *args: Any) -> Any:
-        if logits.numel() >= MIN_COMPILED_LOGITS and logits.is_contiguous():
-            compiled, result = self._try_compiled(logits, *args)
-            if compiled:
-                return result
-        return self.eager(logits, *args)
-
-
-ROW_STATISTICS = _LogitKernel(_row_statistics, dynamic=False)
-CROSS_ENTROPY_GRAD = _LogitKernel(_cross_entropy_grad, dynamic=False)
+# One pass over the (N, V) logits each; the vocabulary is fixed and N takes one or two values per run.
+ROW_STATISTICS = LargeInputKernel(_row_statistics, MIN_COMPILED_LOGITS, dynamic=False)
+CROSS_ENTROPY_GRAD = LargeInputKernel(_cross_entropy_grad, MIN_COMPILED_LOGITS, dynamic=False)
 
 
 def row_statistics(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:

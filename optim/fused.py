@@ -91,6 +91,23 @@ class FusedKernel(CompiledOrEager):
         self.eager(*args)
 
 
+class LargeInputKernel(CompiledOrEager):
+    """A function of a tensor (and more arguments), compiled when that first tensor has at least
+    `min_numel` elements and is contiguous, eager otherwise (where a compiled call's fixed cost exceeds
+    the passes over memory it saves). Unlike `FusedKernel`, shapes are kept: reductions along rows."""
+
+    def __init__(self, fn: Callable[..., Any], min_numel: int, **compile_options: Any) -> None:
+        super().__init__(fn, **compile_options)
+        self.min_numel = min_numel
+
+    def __call__(self, tensor: Tensor, *args: Any) -> Any:
+        if tensor.numel() >= self.min_numel and tensor.is_contiguous():
+            compiled, result = self._try_compiled(tensor, *args)
+            if compiled:
+                return result
+        return self.eager(tensor, *args)
+
+
 def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
     average.mul_(beta).add_(value * one_minus_beta)
 

@@ -306,7 +306,8 @@ def test_gnb_loss_value_and_gradient_equal_plain_cross_entropy(dtype):
 @pytest.mark.slow
 def test_compiled_gnb_kernels_equal_plain_cross_entropy(monkeypatch):
     # The path the trainer takes on real logits (over MIN_COMPILED_LOGITS): compiled statistics and gradient.
-    monkeypatch.setattr(curvature, "MIN_COMPILED_LOGITS", 0)
+    for kernel in (curvature.ROW_STATISTICS, curvature.CROSS_ENTROPY_GRAD):
+        monkeypatch.setattr(kernel, "min_numel", 0)
     logits = (torch.randn(2, 32, 300, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
     assert_gnb_loss_matches_plain_cross_entropy(logits)
 

@@ -1,9 +1,10 @@
 """Data preparation: turn a text corpus into `train.bin`, `val.bin` and `meta.json` in nanoGPT's format.
 
 Documents are split into train/val with the same call nanoGPT uses (`train_test_split(test_size=val_fraction,
-seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is
-tokenised in parallel with `Dataset.map` into a (disk-backed) dataset; the lengths are summed first, then the
-tokens are copied batch by batch into a preallocated memmap, so memory stays flat for billions of tokens.
+seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is streamed
+in batches of documents from the (disk-backed) dataset, tokenised on `num_proc` threads (tiktoken's batch
+encoder releases the GIL) and appended to the output, so memory stays flat for billions of tokens and no
+intermediate tokenised dataset is written.
 Files are written under `.tmp` names, fsynced and renamed; `meta.json` is written last and is the commit
 marker: without it the loader refuses the folder and a rerun starts over. A rerun with the same settings
 (their fingerprint is in `meta.json`) does nothing; a rerun with different settings into a folder that holds
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -254,45 +256,30 @@ def _split(documents, val_fraction: float, split_seed: int) -> dict[str, Any]:
     return {"train": parts["train"], "val": parts["test"]}
 
 
-def _tokenize(batch: dict[str, list], tokenizer_name: str) -> dict[str, list]:
-    tokenizer = get_tokenizer(tokenizer_name)
-    ids = [[*doc, tokenizer.eot_id] for doc in tokenizer.encode_batch(batch["text"])]
-    return {"ids": ids, "len": [len(doc) for doc in ids]}
+def _token_batches(split, tokenizer: Tokenizer, threads: int) -> Iterator[np.ndarray]:
+    """The split's documents in order, `WRITE_BATCH_DOCS` at a time, each batch as one uint16 array of
+    every document's ids followed by the EOT id."""
+    for batch in split.iter(batch_size=WRITE_BATCH_DOCS):
+        documents = tokenizer.encode_batch(batch["text"], num_threads=threads)
+        lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+        ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=DTYPE, count=int(lengths.sum()))
+        yield np.insert(ids, np.cumsum(lengths), tokenizer.eot_id)
 
 
 def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: bool) -> dict[str, int]:
-    """Tokenise one split and write it to `path` through a temporary file; return its counts."""
-    import datasets
-    import pyarrow.compute as pc
-
-    features = datasets.Features(
-        {"ids": datasets.List(datasets.Value("uint16")), "len": datasets.Value("int64")}
-    )
-    tokenized = split.map(
-        _tokenize,
-        batched=True,
-        num_proc=min(num_proc, len(split)),
-        remove_columns=split.column_names,
-        fn_kwargs={"tokenizer_name": tokenizer.name},
-        features=features,
-        desc=f"tokenising {path.stem}",
-    )
-    total = pc.sum(tokenized.data.column("len")).as_py()
+    """Tokenise one split and append it batch by batch to a temporary file, renamed to `path` when complete;
+    return its counts. Memory holds one batch of documents; tokenisation runs on `num_proc` threads."""
     tmp = path.with_name(path.name + ".tmp")
-    tokens = np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(total,))
-    written = 0
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}", disable=quiet) as bar:
-        for batch in tokenized.with_format("arrow").iter(batch_size=WRITE_BATCH_DOCS):
-            ids = batch.column("ids").combine_chunks().flatten().to_numpy()
-            tokens[written : written + len(ids)] = ids
-            written += len(ids)
+    total = 0
+    with open(tmp, "wb") as out, tqdm(unit="tok", unit_scale=True, desc=f"writing {path.name}",
+                                      disable=quiet) as bar:
+        for ids in _token_batches(split, tokenizer, num_proc):
+            out.write(ids.tobytes())
+            total += len(ids)
             bar.update(len(ids))
-    assert written == total, (written, total)
-    tokens.flush()
-    del tokens
     _fsync(tmp)
     os.replace(tmp, path)
-    return {"tokens": total, "documents": len(tokenized)}
+    return {"tokens": total, "documents": len(split)}
 
 
 def _write_atomic(path: Path, content: bytes) -> None:

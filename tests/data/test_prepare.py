@@ -248,3 +248,36 @@ def test_vocabulary_beyond_uint16_is_refused(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "corpus.jsonl", DOCS)
     with pytest.raises(UserError, match="uint16"):
         prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl")))
+
+
+def reference_token_files(cfg, encode, eot_id):
+    """The token files as the straightforward definition gives them: the documents of each split (the
+    split itself is not under test here), each encoded on its own, followed by EOT, concatenated in order."""
+    splits = prep._split(prep._load_documents(cfg), cfg["val_fraction"], cfg["split_seed"])
+    return {name: np.array([t for doc in split["text"] for t in [*encode(doc), eot_id]], dtype="<u2")
+            .tobytes() for name, split in splits.items()}
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "byte"])
+@pytest.mark.parametrize("source", ["sample", "files"])
+def test_token_files_are_byte_identical_to_the_per_document_reference(tmp_path, monkeypatch, source,
+                                                                      tokenizer):
+    """Otherwise the batched, threaded writer reorders, drops or merges documents, or loses an EOT: runs
+    would train on other bytes than before (the old pipeline's files matched this reference too). The
+    multi-file corpus mixes .txt and .jsonl, spans several write batches and holds non-ASCII text and a
+    literal <|endoftext|>."""
+    monkeypatch.setattr(prep, "WRITE_BATCH_DOCS", 7)
+    if source == "sample":
+        cfg = data_cfg(tmp_path, "shakespeare", tokenizer=tokenizer)
+    else:
+        for i, doc in enumerate(DOCS[:8]):
+            (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
+        write_jsonl(tmp_path / "more.jsonl", DOCS[8:] * 2)
+        cfg = data_cfg(tmp_path, files=[str(tmp_path / "*.txt"), str(tmp_path / "more.jsonl")],
+                       tokenizer=tokenizer, val_fraction=0.2, num_proc=3)
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    encode, eot_id = ((GPT2.encode_ordinary, GPT2.eot_token) if tokenizer == "gpt2"
+                      else (lambda text: list(text.encode()), 0))
+    out = prepare(cfg)
+    for name, expected in reference_token_files(cfg, encode, eot_id).items():
+        assert (out / f"{name}.bin").read_bytes() == expected, name

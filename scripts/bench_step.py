@@ -11,7 +11,8 @@ included) and curvature pass (forward, sampling, backward, update). Throughput i
 attention) × tokens/s by a bf16 matmul peak measured in the same process (the best of a few square sizes), so
 the figure means the same on any machine.
 
-    python scripts/bench_step.py [--rounds 4] [--only adamw,sophia_g,sophia_g@half] [--out bench_step.json]
+    python scripts/bench_step.py [--rounds 4] [--only adamw,sophia_g,sophia_h] [--out bench_step.json]
+    python scripts/bench_step.py --micro-batch 4 --only adamw,sophia_g,sophia_g@half
 
 A variant is an optimizer name, optionally `@half` (curvature pass on half the batch:
 `optim.hessian_batch_size`). Defaults: the 4-layer, 256-wide, context-256 model with GPT-2's vocabulary, 8
@@ -192,7 +193,7 @@ def summarize(variant: Variant, baseline: Variant | None, args: argparse.Namespa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="adamw,sophia_g,sophia_g@half,sophia_h,adam_mini",
+    parser.add_argument("--only", default="adamw,sophia_g,sophia_h,adam_mini",
                         help="comma-separated variants; the first AdamW is the baseline")
     parser.add_argument("--rounds", type=int, default=4, help="timed blocks per variant")
     parser.add_argument("--warmup-rounds", type=int, default=1, help="untimed blocks first (compilation)")
@@ -219,7 +220,8 @@ def main() -> None:
         parser.error(f"unknown optimizer(s) {unknown}; valid: {', '.join(CONFIGS)}")
     halves = any(n.endswith("@half") for n in names)
     if args.batch % args.micro_batch or (halves and (args.batch // 2) % args.micro_batch):
-        parser.error("--batch (and half of it, for @half variants) must be a multiple of --micro-batch")
+        parser.error(f"--batch {args.batch} (and half of it, for @half variants) must be a multiple of "
+                     f"--micro-batch {args.micro_batch}: e.g. --micro-batch {args.batch // 2}")
     if args.dtype == "float16":
         parser.error("float16 needs the trainer's loss scaling; use bfloat16 or float32")
     device = torch.device(args.device)

@@ -40,7 +40,8 @@ FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-WRITE_BATCH_DOCS = 1024
+WRITE_BATCH_DOCS = 256  # documents read from the dataset at a time
+TOKENIZE_BATCH_CHARS = 1 << 21  # text encoded at a time: its ids as Python ints take ~20× its size in memory
 # Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
 CONFIG_KEYS = frozenset({
     "name", "source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "tokenizer",
@@ -257,13 +258,22 @@ def _split(documents, val_fraction: float, split_seed: int) -> dict[str, Any]:
 
 
 def _token_batches(split, tokenizer: Tokenizer, threads: int) -> Iterator[np.ndarray]:
-    """The split's documents in order, `WRITE_BATCH_DOCS` at a time, each batch as one uint16 array of
-    every document's ids followed by the EOT id."""
+    """The split's documents in order, as uint16 arrays of consecutive documents' ids, each followed by the
+    EOT id. Documents are encoded ~`TOKENIZE_BATCH_CHARS` of text at a time (a longer document alone), so
+    memory stays bounded whatever the documents' sizes."""
     for batch in split.iter(batch_size=WRITE_BATCH_DOCS):
-        documents = tokenizer.encode_batch(batch["text"], num_threads=threads)
-        lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-        ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=DTYPE, count=int(lengths.sum()))
-        yield np.insert(ids, np.cumsum(lengths), tokenizer.eot_id)
+        texts = batch["text"]
+        start = 0
+        while start < len(texts):
+            end, size = start + 1, len(texts[start])
+            while end < len(texts) and size + len(texts[end]) <= TOKENIZE_BATCH_CHARS:
+                size += len(texts[end])
+                end += 1
+            documents = tokenizer.encode_batch(texts[start:end], num_threads=threads)
+            lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+            ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=DTYPE, count=int(lengths.sum()))
+            yield np.insert(ids, np.cumsum(lengths), tokenizer.eot_id)
+            start = end
 
 
 def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: bool) -> dict[str, int]:

@@ -264,9 +264,10 @@ def test_token_files_are_byte_identical_to_the_per_document_reference(tmp_path, 
                                                                       tokenizer):
     """Otherwise the batched, threaded writer reorders, drops or merges documents, or loses an EOT: runs
     would train on other bytes than before (the old pipeline's files matched this reference too). The
-    multi-file corpus mixes .txt and .jsonl, spans several write batches and holds non-ASCII text and a
-    literal <|endoftext|>."""
+    multi-file corpus mixes .txt and .jsonl, spans several read batches and encoder calls (documents longer
+    than one call's budget included) and holds non-ASCII text and a literal <|endoftext|>."""
     monkeypatch.setattr(prep, "WRITE_BATCH_DOCS", 7)
+    monkeypatch.setattr(prep, "TOKENIZE_BATCH_CHARS", 300)  # several encoder calls per read batch
     if source == "sample":
         cfg = data_cfg(tmp_path, "shakespeare", tokenizer=tokenizer)
     else:

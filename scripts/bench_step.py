@@ -101,12 +101,14 @@ class Variant:
             raise SystemExit(f"error: unknown variant option {option!r} in {name!r}; only @half exists")
         if "hessian_interval" in cfg:
             cfg["hessian_interval"] = args.interval
+        kind = getattr(OPTIMIZERS[optimizer_name], "curvature", None)
         self.model = GPT(model_config(args)).to(runtime.device)
         self.model.load_state_dict(state)
         self.forward = torch.compile(self.model) if args.compile else self.model
+        # Hutchinson's double backward cannot run through a compiled graph: its pass gets the plain model.
+        self.curvature_model = self.model if kind == "hutchinson" else self.forward
         self.optimizer = build_optimizer(cfg, self.model, args.batch * args.block_size)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        kind = getattr(self.optimizer, "curvature", None)
         self.schedule = None
         if kind is not None:
             interval, batch_size, clip = trainer_settings(cfg)
@@ -133,9 +135,9 @@ class Variant:
             curvature = 0.0
             if self.schedule is not None and self.schedule.due(step):
                 sync(device)
-                curvature = run_curvature_pass(self.schedule, self.forward, self.optimizer, self.loader, step,
-                                               self.args.seed, self.runtime, self.autocast, self.scaler,
-                                               phases)
+                curvature = run_curvature_pass(self.schedule, self.curvature_model, self.optimizer,
+                                               self.loader, step, self.args.seed, self.runtime,
+                                               self.autocast, self.scaler, phases)
                 sync(device)
             t1 = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)

@@ -7,7 +7,8 @@ groups of ~2M characters as the pipeline encodes them; the pipeline is `data.pre
 and `num_proc=--threads` into a fresh folder. They alternate `--reps` times; the ratio is the median of raw
 time / pipeline time per repetition, for the tokenise-and-write phase (the steady state: `_write_split` of
 both splits) and end to end (also reading the files into the datasets cache and splitting). Memory: the
-resident set sampled every 0.1 s while the splits are written, as growth over its value when writing starts.
+anonymous resident set (Linux; mapped cache files excluded) sampled every 0.1 s while the splits are written,
+as growth over its value when writing starts.
 
     python scripts/bench_prepare.py [--tokens 30000000] [--threads 2] [--reps 3] [--out bench_prepare.json]
 """
@@ -84,8 +85,10 @@ def raw_tiktoken(encoding: tiktoken.Encoding, documents: list[str], threads: int
 
 
 def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Anonymous resident memory (Linux): the process's own allocations, without the pages of memory-mapped
+    files (the datasets cache), which the kernel can drop at any time."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
 
 
 class WriteTimer:

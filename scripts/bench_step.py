@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]
         if flops > best["flops"]:
             best.update(flops=flops, size=n)
     return best
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def sync(device: torch.device) -> None:
@@ -250,16 +255,25 @@ def main() -> None:
         loader = BatchLoader(data, block_size=args.block_size, global_batch_size=args.batch,
                              micro_batch_size=args.micro_batch, seed=args.seed, device=device)
         variants = [Variant(name, args, loader, state, runtime) for name in names]
-        for round_index in range(args.warmup_rounds + args.rounds):
-            record = round_index >= args.warmup_rounds
-            shift = round_index % len(variants)
-            for variant in variants[shift:] + variants[:shift]:
-                seconds = variant.run_block(args.block, record)
-                print(f"  round {round_index}{'' if record else ' (warm-up)'}: {variant.name} "
-                      f"{1e3 * seconds / args.block:.0f} ms/step", flush=True)
-            again = matmul_peak(device, getattr(torch, args.dtype), sizes)  # the load varies: keep the best
-            if again["flops"] > peak["flops"]:
-                peak = again
+        signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: summarise the rounds completed so far
+        try:
+            for round_index in range(args.warmup_rounds + args.rounds):
+                record = round_index >= args.warmup_rounds
+                shift = round_index % len(variants)
+                for variant in variants[shift:] + variants[:shift]:
+                    seconds = variant.run_block(args.block, record)
+                    print(f"  round {round_index}{'' if record else ' (warm-up)'}: {variant.name} "
+                          f"{1e3 * seconds / args.block:.0f} ms/step", flush=True)
+                again = matmul_peak(device, getattr(torch, args.dtype), sizes)  # the load varies: the best
+                if again["flops"] > peak["flops"]:
+                    peak = again
+        except KeyboardInterrupt:
+            print("interrupted: summarising the complete rounds", flush=True)
+    rounds = min(len(v.block_seconds) for v in variants)
+    if rounds == 0:
+        sys.exit("error: no timed round completed")
+    for variant in variants:
+        variant.block_seconds = variant.block_seconds[:rounds]
 
     baseline = next((v for v in variants if v.name == "adamw"), None)
     results = [summarize(v, baseline, args, peak["flops"], flops_per_token) for v in variants]
@@ -273,7 +287,7 @@ def main() -> None:
               f"{b['optimizer_step']:9.1f} {c['forward']:9.1f} {c['sampling']:9.1f} {c['backward']:9.1f} "
               f"{c['update']:9.1f} {r['tokens_per_s']:7.0f} {r['mfu']:6.1%}")
     with open(args.out, "w") as f:
-        json.dump({"machine": info, "command": " ".join(sys.argv), "args": vars(args),
+        json.dump({"machine": info, "command": " ".join(sys.argv), "args": vars(args), "rounds_timed": rounds,
                    "load_average": {"before": load_before, "after": os.getloadavg()},
                    "matmul_peak": peak, "model_flops_per_token": flops_per_token, "results": results},
                   f, indent=2)

@@ -13,9 +13,9 @@ state_dict) plus `n_head`:
 Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. Per
 tensor, the step makes two passes over memory, as fused AdamW makes one: a compiled row reduction of g²
 (`optim.fused.LargeInputKernel`), then, after the small per-block arithmetic, one compiled elementwise kernel
-updating m and θ with each row's denominator (`FusedKernel`). `fused=False` runs the same functions eagerly:
-the reference loop. FSDP2-sharded tensors take the eager DTensor operations, whose row reduction gathers
-one value per row.
+on (rows, width) views updating m and θ with each row's denominator. `fused=False` runs the same functions
+eagerly: the reference loop. FSDP2-sharded tensors take the eager DTensor operations, whose row reduction
+gathers one value per row.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
-from optim.fused import MIN_COMPILED_NUMEL, FusedKernel, LargeInputKernel
+from optim.fused import MIN_COMPILED_NUMEL, LargeInputKernel
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
 
@@ -58,16 +58,16 @@ ROW_MEAN_SQUARES = LargeInputKernel(_row_mean_squares, MIN_COMPILED_NUMEL, dynam
                                     options={"cpp.dynamic_threads": True})
 
 
-def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, row_denominator: Tensor, beta1: float,
+def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denominator: Tensor, beta1: float,
                        one_minus_beta1: float, decay: float, step_size: float) -> None:
-    """m ← β1·m + (1−β1)·g; θ ← θ·decay − step_size·m / d_row (d_row: the denominator of θ's row)."""
+    """On (rows, width) views, `denominator` (rows, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay − step_size·m / d.
+    Rows stay a dimension so the compiled loop broadcasts d per row without an index division."""
     exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    rows = row_denominator.numel()
-    step = (exp_avg.view(rows, -1) / row_denominator.view(rows, 1)).view_as(param)
-    param.mul_(decay).add_(step * -step_size)
+    param.mul_(decay).add_(exp_avg / denominator * -step_size)
 
 
-ADAM_MINI_UPDATE = FusedKernel(_adam_mini_update_)
+ADAM_MINI_UPDATE = LargeInputKernel(_adam_mini_update_, MIN_COMPILED_NUMEL, dynamic=True,
+                                    options={"cpp.dynamic_threads": True})
 
 
 def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
@@ -152,6 +152,8 @@ class AdamMini(BaseOptimizer):
                     param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))),
                                    value=-step_size)
                 else:
-                    ADAM_MINI_UPDATE.select(group["fused"])(param, grad, state["exp_avg"], denominator, beta1,
-                                                            1.0 - beta1, decay, step_size)
+                    rows = denominator.numel()
+                    update = ADAM_MINI_UPDATE if group["fused"] else _adam_mini_update_
+                    update(param.view(rows, -1), grad.reshape(rows, -1), state["exp_avg"].view(rows, -1),
+                           denominator.view(rows, 1), beta1, 1.0 - beta1, decay, step_size)
         return loss

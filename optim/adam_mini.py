@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.fused import MIN_COMPILED_NUMEL, LargeInputKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
 
@@ -157,3 +158,6 @@ class AdamMini(BaseOptimizer):
                     update(param.view(rows, -1), grad.reshape(rows, -1), state["exp_avg"].view(rows, -1),
                            denominator.view(rows, 1), beta1, 1.0 - beta1, decay, step_size)
         return loss
+
+
+register(OptimizerEntry("adam_mini", lambda: AdamMini, full_size_state(1)))  # m; v is per block

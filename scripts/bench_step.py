@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_optim import CONFIGS, machine
+from bench_optim import machine, shipped_config
 
 from data.loader import BatchLoader, TokenData
 from data.prepare import FORMAT_VERSION
@@ -99,7 +99,7 @@ class Variant:
                  runtime: Runtime) -> None:
         self.name = name
         optimizer_name, _, option = name.partition("@")
-        cfg = {"name": optimizer_name, **CONFIGS[optimizer_name]}
+        cfg = shipped_config(optimizer_name)
         if option == "half":
             cfg["hessian_batch_size"] = args.batch // 2
         elif option:
@@ -222,9 +222,9 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     names = args.only.split(",")
-    unknown = [n for n in names if n.partition("@")[0] not in set(OPTIMIZERS) & set(CONFIGS)]
+    unknown = [n for n in names if n.partition("@")[0] not in OPTIMIZERS]
     if unknown:
-        parser.error(f"unknown optimizer(s) {unknown}; valid: {', '.join(CONFIGS)}")
+        parser.error(f"unknown optimizer(s) {unknown}; valid: {', '.join(OPTIMIZERS)}")
     halves = any(n.endswith("@half") for n in names)
     if args.batch % args.micro_batch or (halves and (args.batch // 2) % args.micro_batch):
         parser.error(f"--batch {args.batch} (and half of it, for @half variants) must be a multiple of "

@@ -7,8 +7,8 @@ verifies the manifest and falls back to the next newest checkpoint, with a warni
 Old checkpoints are pruned only after a new one is complete, and only those older than it: a newer one that
 failed verification is replaced when the run reaches its step again, so the run directory always keeps the
 checkpoint it just wrote. Removal renames to a `.tmp` name first, so an interrupted prune leaves no
-half-deleted directory that looks complete. Files are loaded with `weights_only=True`: a checkpoint is data,
-never code.
+half-deleted directory that looks complete. Files are loaded with `weights_only=True`, sharded ones through an
+allow-list (gpt/sharded_checkpoint.py): a checkpoint is data, never code.
 """
 
 from __future__ import annotations
@@ -218,14 +218,15 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
                         sharded: bool, device: torch.device) -> dict[str, Any]:
     """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries."""
     if sharded:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from gpt.sharded_checkpoint import load_into
 
         if not (directory / SHARDED_DIR).is_dir():
             raise UserError(f"{directory} is a single-file checkpoint; resume it with train.strategy=ddp")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state, **extra}
-        dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
+        load_into(state, directory / SHARDED_DIR)  # never unpickles code
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}
     if not (directory / STATE_FILE).is_file():

@@ -44,6 +44,7 @@ from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
 
@@ -63,7 +64,8 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     try:
-        return Trainer(settings, runtime).run()
+        with holding_out_dir(settings.out_dir, runtime, enabled=not settings.train.dry_run):
+            return Trainer(settings, runtime).run()
     finally:
         if not keep_process_group:
             shutdown()

@@ -23,6 +23,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
+from gpt.run_lock import RunLock
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
@@ -436,6 +438,22 @@ def test_truncated_token_file_is_refused(tmp_path, data_dir):
     assert_user_error(result, f"{data / 'train.bin'} has", "truncated or replaced", "rebuild it with")
     with pytest.raises(UserError, match="truncated or replaced"):
         TokenData(data)
+
+
+def test_second_train_py_on_a_held_out_dir_refuses_naming_the_holder(tmp_path, data_dir):
+    """Wrong if a run starts in (and writes into) an out_dir another live run holds, e.g. a requeue racing
+    a still-running job: metrics.jsonl would hold every step twice."""
+    out = tmp_path / "run"
+    lock = RunLock(out)  # held by this (live) process, as by a running job
+    lock.acquire()
+    try:
+        result = subprocess.run(train_command(out, data_dir, TINY), cwd=tmp_path, env=environment(),
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert_user_error(result, f"out_dir {out} is in use by another run", f"host {socket.gethostname()}",
+                      f"pid {os.getpid()}")
+    assert sorted(p.name for p in out.iterdir()) == [], "the refused run wrote into the out_dir"
 
 
 # ------------------------------------------------------------------------------------- data preparation

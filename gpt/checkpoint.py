@@ -192,6 +192,21 @@ class CheckpointDir:
         return path
 
 
+def first_nonfinite(model: nn.Module, optimizer: Optimizer) -> str | None:
+    """The name of a weight or optimizer-state tensor holding NaN or inf on this rank (its local shard under
+    FSDP), or None when all are finite: a checkpoint of such state would resume into garbage."""
+    named = [(f"weight {name}", tensor) for name, tensor in model.state_dict().items()]
+    names = {id(p): name for name, p in model.named_parameters()}
+    for param, state in optimizer.state.items():
+        named += [(f"optimizer state {key} of {names.get(id(param), '?')}", value)
+                  for key, value in state.items()]
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    return next(name for name, t in named if not torch.isfinite(t).all())
+
+
 def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
                         sharded: bool, is_main: bool) -> None:
     """Model and optimizer state into `directory`: one `state.pt` written by rank 0, or (FSDP) one shard per

@@ -27,7 +27,13 @@ from torch import nn
 from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
-from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
+from gpt.checkpoint import (
+    CheckpointDir,
+    first_nonfinite,
+    load_training_state,
+    read_manifest,
+    save_training_state,
+)
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import (
@@ -213,6 +219,12 @@ class Trainer:
         full disk rarely empties itself; the lost work is bounded by train.ckpt_interval.
         """
         is_main = self.rt.is_main
+        problem = first_nonfinite(self.model, self.optimizer)
+        if not self._all_ranks(problem is None):
+            last_good = self.ckpts.last_complete()
+            raise UserError(f"after step {step}, {problem or 'a tensor on another rank'} is not finite: its "
+                            f"checkpoint was not written. Last good checkpoint: {last_good}. A lower "
+                            "optim.lr is another experiment: give it a new out_dir", echo=is_main)
         meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state}
         phases: list[Callable[[], object]] = [
             lambda: self.ckpts.begin(step) if is_main else None,

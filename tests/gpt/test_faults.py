@@ -387,6 +387,16 @@ def test_skip_policy_counts_skipped_updates_and_stops_after_max_skipped(tmp_path
     assert "skipped (1 in a row)" in result.stdout and "skipped (2 in a row)" in result.stdout
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, data_dir):
+    """optim.lr=inf turns the weights NaN in step 1 while its loss and gradient were finite. Wrong if that
+    state is written as a checkpoint (a resume would load garbage) or named as the last good one."""
+    out = tmp_path / "run"
+    result = run(train_command(out, data_dir, TINY, "optim.lr=inf", "train.ckpt_interval=1"), tmp_path)
+    assert_user_error(result, "after step 1, ", "is not finite: its checkpoint was not written",
+                      "Last good checkpoint: none")
+    assert complete_steps(out) == [] and not list((out / "checkpoints").glob("*"))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 BAD_CONFIGS = [

@@ -22,6 +22,7 @@ import torch
 from common.errors import UserError
 from gpt.checkpoint import MANIFEST, CheckpointDir, _sha256, load_training_state, save_training_state
 from gpt.model import GPT, GPTConfig
+from tests.gpt.test_checkpoint import stepped
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,19 +37,9 @@ class Planted:
         return os.system, (f"touch {self.marker}",)
 
 
-def tiny_model_and_optimizer() -> tuple[GPT, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 32, (2, 8))
-    model(x, x)[1].backward()
-    optimizer.step()
-    return model, optimizer
-
-
 def sharded_checkpoint(root: Path, scale: object = 2.0) -> Path:
     """A complete, manifest-sealed sharded checkpoint of step 1, its scaler's `scale` being `scale`."""
-    model, optimizer = tiny_model_and_optimizer()
+    model, optimizer = stepped()
     ckpts = CheckpointDir(root)
     staging = ckpts.begin(1)
     save_training_state(staging, model, optimizer, {"scaler": {"scale": scale}}, sharded=True, is_main=True)
@@ -81,7 +72,7 @@ def test_planted_pickle_is_refused_at_resume_without_running(plant, tmp_path):
     marker = tmp_path / "marker"
     checkpoint = plant(tmp_path, marker)
     assert CheckpointDir(checkpoint.parent).verify(checkpoint) is None  # the manifest cannot tell
-    model, optimizer = tiny_model_and_optimizer()
+    model, optimizer = stepped()
     with pytest.raises(UserError, match="refused unloaded") as caught:
         load_training_state(checkpoint, model, optimizer, {"scaler": {"scale": 0.0}}, sharded=True,
                             device=torch.device("cpu"))
@@ -108,7 +99,7 @@ def test_honest_sharded_checkpoint_still_loads_and_exports(tmp_path):
     """Wrong if the allow-list refuses what DCP itself writes, or the safe loading changes a value: the
     loaded and exported weights, optimizer moments and non-tensor values equal the saved ones."""
     checkpoint = sharded_checkpoint(tmp_path / "checkpoints")
-    saved_model, saved_optimizer = tiny_model_and_optimizer()
+    saved_model, saved_optimizer = stepped()
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=5.0)
     model(torch.zeros(1, 8, dtype=torch.long))[0].sum().backward()

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from data import blocks
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -112,6 +113,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "eot_id": tokenizer.eot_id,
         "dtype": "uint16",
         "splits": counts,
+        "blocks": blocks.record(out, list(counts)),  # for the content check at every training start
     }
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     log.info(

@@ -42,7 +42,7 @@ class TrainSettings:
     global_batch_size: int = 480
     micro_batch_size: int = 12
     eval_interval: int = 1000
-    eval_steps: int = 200
+    eval_sequences: int = 2400
     log_interval: int = 10
     ckpt_interval: int = 1000
     keep_checkpoints: int = 3
@@ -132,7 +132,7 @@ def _check(s: Settings) -> None:
         raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_steps",
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_sequences",
                 "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")

@@ -20,8 +20,10 @@ from common.errors import UserError
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 # Prefixes of config keys that define the experiment: a resume must not change them.
-IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
-                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps")
+IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "data.val_fraction", "data.split_seed",
+                 "train.seed", "train.global_batch_size", "schedule.name", "schedule.warmup_steps",
+                 "schedule.min_lr", "schedule.decay_steps")
+log = logging.getLogger(__name__)
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
@@ -69,6 +71,27 @@ def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> No
             f"{where} holds a different experiment ({'; '.join(differences)}); "
             f"use another out_dir, or the original settings to resume it{hint}"
         )
+
+
+def check_same_data(manifest: dict[str, Any], data: dict[str, Any], config: dict[str, Any],
+                    where: str) -> None:
+    """A resume must read the data its checkpoint was trained on: the same preparation (fingerprint), sizes
+    and content (digest of the block hashes, data/blocks.py). `data.dir` may change (data moved to another
+    disk) as long as what it holds is the same; checkpoints older than this record are not checked."""
+    recorded = manifest.get("data")
+    if recorded is None:
+        return
+    old_dir, new_dir = manifest["config"]["data"].get("dir"), config["data"].get("dir")
+    differences = [f"{key}: {recorded.get(key)!r} -> {data.get(key)!r}" for key in sorted(recorded)
+                   if recorded.get(key) != data.get(key)]
+    if differences:
+        moved = f" (data.dir {old_dir} -> {new_dir})" if old_dir != new_dir else ""
+        raise UserError(f"{where} was trained on other data than data.dir holds now{moved}: "
+                        f"{'; '.join(differences)}; point data.dir at the data it was trained on, or use "
+                        "another out_dir")
+    if old_dir != new_dir:
+        log.info("data.dir changed from %s to %s; it holds the same data (fingerprint and content)", old_dir,
+                 new_dir)
 
 
 def read_config(out_dir: Path) -> dict[str, Any] | None:

@@ -49,7 +49,7 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
-from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.run_dir import check_compatible, check_same_data, read_config, setup_logging, write_config
 from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
@@ -163,6 +163,7 @@ class Trainer:
             log.info("preparing %s into %s", d["name"], d["dir"])
             self.rt.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
+        self.rt.on_main(data.verify_sampled_blocks)
         if data.vocab_size > self.s.model.vocab_size:
             raise UserError(
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
@@ -171,7 +172,7 @@ class Trainer:
         return BatchLoader(
             data, block_size=self.s.model.block_size, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, world_size=self.rt.world_size, rank=self.rt.rank,
-            seed=t.seed, device=self.rt.device,
+            seed=t.seed, device=self.rt.device, vocab_limit=self.s.model.vocab_size,
         )
 
     def _curvature_schedule(self) -> CurvatureSchedule | None:
@@ -209,6 +210,7 @@ class Trainer:
             return None, {}
         manifest = read_manifest(path)
         check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        check_same_data(manifest, self.loader.data.identity(), self.config, f"checkpoint {path}")
         return path, manifest
 
     def _save(self, step: int, elapsed: float, wandb_id: str | None, loop_state: dict[str, Any]) -> None:
@@ -225,7 +227,8 @@ class Trainer:
             raise UserError(f"after step {step}, {problem or 'a tensor on another rank'} is not finite: its "
                             f"checkpoint was not written. Last good checkpoint: {last_good}. A lower "
                             "optim.lr is another experiment: give it a new out_dir", echo=is_main)
-        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state}
+        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state,
+                "data": self.loader.data.identity()}
         phases: list[Callable[[], object]] = [
             lambda: self.ckpts.begin(step) if is_main else None,
             lambda: save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
@@ -259,16 +262,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
-        forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
+        """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
+        micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
+        (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
-        eval_steps, world = self.s.train.eval_steps, self.rt.world_size
-        for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
-            x, y = self.loader.val_batch(min(index, eval_steps - 1))
+        for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
+            x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
-            weight = float(index < eval_steps)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()

@@ -74,8 +74,9 @@ def overrides(data_dir: Path, optimizer: str, strategy: str, *extra: str) -> lis
     return [
         "experiment=quickstart", f"data.dir={data_dir}", f"train.max_steps={STEPS}",
         f"schedule.decay_steps={STEPS}", "train.log_interval=1",
-        "train.eval_interval=4", "train.eval_steps=3", "train.ckpt_interval=4", "train.global_batch_size=8",
-        "train.micro_batch_size=4", *(f"model.{k}={v}" for k, v in TINY.items() if k != "vocab_size"),
+        "train.eval_interval=4", "train.eval_sequences=12", "train.ckpt_interval=4",
+        "train.global_batch_size=8", "train.micro_batch_size=4",
+        *(f"model.{k}={v}" for k, v in TINY.items() if k != "vocab_size"),
         f"train.strategy={'auto' if strategy == 'single' else strategy}", *OPTIMIZER_OVERRIDES[optimizer],
         *extra,
     ]

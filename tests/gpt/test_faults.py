@@ -31,11 +31,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from common.errors import UserError
+from data import blocks
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
@@ -46,13 +48,13 @@ TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuc
 # A tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's length is
 # set apart from max_steps, so a test may resume it with a larger budget.
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2",
+        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_sequences=8",
         "train.ckpt_interval=4", "train.max_steps=8", "schedule.decay_steps=8"]
 # Wide but fed little: cheap steps (2 micro-steps of 2 × 32 tokens), a long evaluation (60 micro-batches)
 # and a 38 MB checkpoint, so each kill window lasts long enough to be hit from outside.
 KILL = ["model.n_layer=4", "model.n_embd=256", "model.block_size=32", "train.global_batch_size=4",
-        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=60",
-        "train.ckpt_interval=4", "train.max_steps=8"]
+        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=4",
+        "train.eval_sequences=120", "train.ckpt_interval=4", "train.max_steps=8"]
 COMPARED = ("train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens")
 
 
@@ -464,6 +466,53 @@ def test_second_train_py_on_a_held_out_dir_refuses_naming_the_holder(tmp_path, d
     assert_user_error(result, f"out_dir {out} is in use by another run", f"host {socket.gethostname()}",
                       f"pid {os.getpid()}")
     assert sorted(p.name for p in out.iterdir()) == [], "the refused run wrote into the out_dir"
+
+
+def rewrite_tokens(path: Path, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Rewrite a token file in place, keeping its size (what meta.json's size check cannot see)."""
+    path.write_bytes(change(np.fromfile(path, dtype="<u2")).astype("<u2").tobytes())
+
+
+@pytest.mark.slow
+def test_data_changed_under_a_run_is_refused_at_resume(tmp_path, tiny_straight, data_dir):
+    """Wrong if a resume trains on other data than its checkpoint was trained on without saying so: train.bin
+    shuffled in place (same size), the data re-prepared with other content, or another validation split;
+    also wrong if data that merely moved to another data.dir is refused."""
+    data = tmp_path / "moved"
+    shutil.copytree(data_dir, data)
+    out = copy_run(tiny_straight, tmp_path)
+    result = run(train_command(out, data, TINY, "train.max_steps=9"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 8)}" in result.stdout and "holds the same data" in result.stdout
+
+    original = (data / "train.bin").read_bytes()
+    rewrite_tokens(data / "train.bin", np.random.default_rng(0).permutation)
+    result = run(train_command(out, data, TINY, "train.max_steps=10"), tmp_path)
+    assert_user_error(result, "train.bin block 0", "differs from the hash recorded when it was prepared")
+
+    (data / "train.bin").write_bytes(original)  # a re-preparation that tokenised one byte differently
+    rewrite_tokens(data / "train.bin", lambda tokens: np.where(np.arange(len(tokens)) == 5, 7, tokens))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["blocks"]["train"] = blocks.block_hashes(data / "train.bin", meta["blocks"]["block_bytes"])
+    (data / "meta.json").write_text(json.dumps(meta))
+    result = run(train_command(out, data, TINY, "train.max_steps=10"), tmp_path)
+    assert_user_error(result, f"checkpoint {checkpoint(out, 9)} was trained on other data", "content: ")
+
+    result = run(train_command(out, tmp_path / "resplit", TINY, "data.val_fraction=0.2"), tmp_path)
+    assert_user_error(result, "holds a different experiment (data.val_fraction: 0.1 -> 0.2)")
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path, data_dir):
+    """Wrong if a token file holding ids the model has no embedding for (damaged, or data prepared without
+    block hashes and then overwritten) crashes with an IndexError traceback instead of one line."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["blocks"]  # as data adopted or prepared before block hashes existed
+    (data / "meta.json").write_text(json.dumps(meta))
+    rewrite_tokens(data / "val.bin", lambda tokens: np.full_like(tokens, 300))
+    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    assert_user_error(result, "val.bin holds token id 300 >= the model's vocabulary of 256")
 
 
 # ------------------------------------------------------------------------------------- data preparation

@@ -10,7 +10,6 @@ independent of the training seed, the micro-batch size and the world size.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from common.errors import UserError
 from data import blocks
-from data.prepare import FORMAT_VERSION
+from data.prepare import FORMAT_VERSION, read_meta
 
 TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
 VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
@@ -37,7 +36,7 @@ class TokenData:
                 f"{self.dir} holds no prepared data (no meta.json; a preparation may have been interrupted). "
                 f"Run: python -m data.prepare data=<name> data.dir={self.dir}"
             )
-        self._meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self._meta: dict[str, Any] = read_meta(self.dir)
         if self._meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{meta_path} has format version {self._meta.get('format_version')}, this code reads "

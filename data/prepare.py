@@ -57,7 +57,7 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     out = Path(data_cfg["dir"])
     command = (f"python -m data.prepare data={data_cfg['name']} data.tokenizer={data_cfg['tokenizer']} "
                "data.dir=")
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
                 f"prepare it with: {command}{out}")
@@ -80,7 +80,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most"
         )
 
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is not None:
         if meta.get("fingerprint") != fingerprint:
             raise UserError(
@@ -313,9 +313,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read_meta(out: Path) -> dict[str, Any] | None:
+def read_meta(out: Path) -> dict[str, Any] | None:
+    """The folder's meta.json, None if it has none; a damaged one is a UserError naming what is wrong."""
     path = out / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"delete {out} and prepare the data again"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; {fix}")
+    splits = meta.get("splits")
+    if not (isinstance(splits, dict) and {"train", "val"} <= splits.keys()
+            and all(isinstance(c, dict) and isinstance(c.get("tokens"), int) for c in splits.values())):
+        raise UserError(f"{path} has no valid 'splits' (token counts of train and val); {fix}")
+    for key, kind in (("vocab_size", int), ("eot_id", int), ("tokenizer", str), ("dtype", str)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{path} has no valid {key!r}; {fix}")
+    return meta
 
 
 def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:

@@ -95,8 +95,21 @@ def check_same_data(manifest: dict[str, Any], data: dict[str, Any], config: dict
 
 
 def read_config(out_dir: Path) -> dict[str, Any] | None:
+    """The config.yaml of a run directory; None if it has none. A damaged one is an error, not ignored:
+    it is what a resume checks the experiment against."""
     path = out_dir / CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not readable YAML ({first}); restore it, or move it away to resume "
+                        "from the checkpoints' own record of the config") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a mapping of settings; restore it, or "
+                        "move it away to resume from the checkpoints' own record of the config")
+    return config
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> None:

@@ -419,6 +419,12 @@ BAD_CONFIGS = [
      ["prepared with other settings", "tokenizer", "python -m data.prepare"]),
     (["data.dir={tmp}/absent", "data.auto_prepare=false"],
      ["no prepared data", "data.prepare data=shakespeare data.tokenizer=byte data.dir={tmp}/absent"]),
+    (["model.n_layer=0"], ["model.n_layer must be at least 1 (got 0)"]),
+    (["model.n_embd=0"], ["model.n_embd must be at least 1 (got 0)"]),
+    (["model.dropout=2.0"], ["model.dropout=2.0 must be in [0, 1)"]),
+    (["train.grad_clip=nan"], ["train.grad_clip=nan must be a finite number >= 0 (0 disables clipping)"]),
+    (["schedule.min_lr=nan"], ["schedule.min_lr=nan must be a finite number >= 0"]),
+    (["schedule.decay_steps=-5"], ["schedule.decay_steps=-5 must be at least 1"]),
 ]
 
 
@@ -431,6 +437,63 @@ def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_d
     result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
     assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def not_json(path: Path) -> None:
+    path.write_text('{"splits": ')
+
+
+def not_an_object(path: Path) -> None:
+    path.write_text("[1, 2]")
+
+
+@pytest.mark.parametrize(("where", "damage", "expected"), [
+    ("data", not_json, "meta.json is not valid JSON"),
+    ("data", not_an_object, "meta.json holds a JSON list, not an object"),
+    ("run", lambda path: path.write_text("model: [unclosed"), "config.yaml is not readable YAML"),
+    ("run", lambda path: path.write_text("- just a list"), "config.yaml holds a list, not a mapping"),
+], ids=["meta-not-json", "meta-not-object", "config-not-yaml", "config-not-mapping"])
+def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_path, data_dir):
+    """Wrong if a damaged meta.json (read by train.py and by data.prepare) or run-directory config.yaml
+    gives a traceback instead of one line naming the file."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_dir, data)
+    if where == "data":
+        damage(data / "meta.json")
+    else:
+        out.mkdir()
+        damage(out / "config.yaml")
+    result = run(train_command(out, data, TINY), tmp_path)
+    assert_user_error(result, expected)
+    if where == "data":
+        prepared = run([sys.executable, "-m", "data.prepare", "data=shakespeare", "data.tokenizer=byte",
+                        f"data.dir={data}"], REPO)
+        assert_user_error(prepared, expected)
+
+
+@pytest.mark.parametrize(("out_dir", "expected"), [
+    ("{tmp}/file", "cannot create out_dir {tmp}/file (File exists)"),
+    ("{tmp}/file/run", "cannot create out_dir {tmp}/file/run (Not a directory)"),
+    ("''", "out_dir is empty"),
+], ids=["a-file", "below-a-file", "empty"])
+def test_unusable_out_dir_is_one_line(out_dir, expected, tmp_path, data_dir):
+    """Wrong if an out_dir that cannot hold a run gives a traceback, or an empty one trains into the
+    working directory."""
+    (tmp_path / "file").write_text("")
+    command = [*train_command(tmp_path / "unused", data_dir, TINY), f"out_dir={out_dir.format(tmp=tmp_path)}"]
+    command.remove(f"out_dir={tmp_path / 'unused'}")
+    result = run(command, tmp_path)
+    assert_user_error(result, expected.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "something was written"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_out_dir_without_write_permission_is_one_line(tmp_path, data_dir):
+    """Wrong if an out_dir below a directory the user cannot write gives a traceback."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = run(train_command(locked / "run", data_dir, TINY), tmp_path)
+    assert_user_error(result, f"cannot create out_dir {locked / 'run'} (Permission denied)")
 
 
 @pytest.mark.slow

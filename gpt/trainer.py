@@ -46,6 +46,7 @@ from gpt.distributed import (
     shutdown,
     wrap_model,
 )
+from gpt.memory_check import check_memory_fits
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
@@ -127,6 +128,8 @@ class Trainer:
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
         self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
+        if not t.dry_run:
+            check_memory_fits(settings, self.plan, runtime.strategy, runtime.device)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -261,13 +264,18 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, stop: StopRequested | None = None) -> float | None:
         """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
         micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
-        (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
+        (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
+        signal (on any rank) abandons it between two micro-batches: None."""
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
         for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
+            if stop is not None and not self._all_ranks(stop.signal is None):
+                log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
+                self.model.train()
+                return None
             x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
@@ -339,7 +347,12 @@ class Trainer:
         run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
         if start_step == 0:
-            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0}
+            val_loss = self.evaluate(stop)
+            if val_loss is None:
+                log.info("stopped during the evaluation of step 0: nothing trained, nothing to save")
+                stop.hand_over()
+                return {}
+            record = {"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": 0.0}
             metrics.write(record)
             log.info(format_line(record))
 
@@ -403,7 +416,10 @@ class Trainer:
                     record["hessian_norm"] = self.optimizer.hessian_norm()
                     record["hessian_time_s"] = hessian_time
                 if is_eval:
-                    record["val_loss"] = self.evaluate()
+                    val_loss = self.evaluate(stop)
+                    stopping = stopping or val_loss is None  # abandoned for a stop: save and go
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
                 metrics.write(record)
                 log.info(format_line(record))
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0

@@ -265,6 +265,40 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(signum, tmp_path, dat
     assert curve(out) == curve(kill_straight)
 
 
+def during_first_evaluation(out: Path) -> Callable[[], bool]:
+    """config.yaml is written just before the step-0 evaluation starts; 300 micro-batches follow."""
+    seen: list[float] = []
+
+    def ready() -> bool:
+        if not seen and (out / "config.yaml").exists():
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() > seen[0] + 0.5
+    return ready
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", ["step-0", "step-4"])
+def test_stop_signal_abandons_a_long_evaluation(window, tmp_path, data_dir):
+    """A validation set of 600 sequences (300 micro-batches, ~10 s on the KILL model) and SIGTERM during
+    the evaluation of step 0 or step 4. Wrong if the run finishes the evaluation (and then a step) before
+    honouring the signal, as a pre-emption grace would not allow; at step 4 the checkpoint of step 4 must
+    still be saved, and its record has no val_loss."""
+    out = tmp_path / "run"
+    process = start(train_command(out, data_dir, KILL, "train.eval_sequences=600"), tmp_path)
+    ready = during_first_evaluation(out) if window == "step-0" else step_times_after(3, 2)(out)
+    signal_when(process, ready, signal.SIGTERM)
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "evaluation abandoned for the stop signal" in (tmp_path / "stderr.txt").read_text() + stdout
+    if window == "step-0":
+        assert "nothing trained, nothing to save" in stdout
+        assert logged(out) == {} and complete_steps(out) == []
+    else:
+        records = logged(out)
+        assert max(records) == 4 and "val_loss" not in records[4] and complete_steps(out) == [4]
+        assert "stopped by SIGTERM after step 4, checkpoint saved" in stdout
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def flip_bytes(path: Path) -> None:
@@ -425,6 +459,8 @@ BAD_CONFIGS = [
     (["train.grad_clip=nan"], ["train.grad_clip=nan must be a finite number >= 0 (0 disables clipping)"]),
     (["schedule.min_lr=nan"], ["schedule.min_lr=nan must be a finite number >= 0"]),
     (["schedule.decay_steps=-5"], ["schedule.decay_steps=-5 must be at least 1"]),
+    # 2^33 × 64 embedding weights alone need 2^39 × 16 bytes = 8,192 GiB with AdamW, so at least that
+    (["model.vocab_size=8589934592"], ["this plan needs at least ", "GiB per rank (549,755,", "GiB of RAM"]),
 ]
 
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
-from data import blocks
+from data import allocate, blocks
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -102,10 +102,11 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     documents = _load_documents(data_cfg)
     splits = _split(documents, settings["val_fraction"], settings["split_seed"])
-    counts = {
-        name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
-        for name, split in splits.items()
-    }
+    with allocate.removed_on_failure([out / f"{name}.bin.tmp" for name in splits]):
+        counts = {
+            name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
+            for name, split in splits.items()
+        }
     meta = {
         **settings,
         "fingerprint": fingerprint,
@@ -281,7 +282,8 @@ def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: 
     )
     total = pc.sum(tokenized.data.column("len")).as_py()
     tmp = path.with_name(path.name + ".tmp")
-    tokens = np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(total,))
+    allocate.reserve(tmp, total * DTYPE.itemsize)  # a full disk is an error here, not a SIGBUS below
+    tokens = np.memmap(tmp, dtype=DTYPE, mode="r+", shape=(total,))
     written = 0
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}", disable=quiet) as bar:
         for batch in tokenized.with_format("arrow").iter(batch_size=WRITE_BATCH_DOCS):

@@ -683,6 +683,17 @@ def limit_file_size(limit: int) -> Callable[[], None]:
     return apply
 
 
+def test_full_disk_while_auto_preparing_is_one_line(tmp_path):
+    """Wrong if train.py's automatic preparation dies on a full disk (here a file-size limit below
+    train.bin's size) with SIGBUS or a traceback, or leaves its partial token file behind."""
+    data = tmp_path / "data"
+    result = subprocess.run(train_command(tmp_path / "run", data, TINY), cwd=tmp_path, env=environment(),
+                            capture_output=True, text=True, timeout=TIMEOUT,
+                            preexec_fn=limit_file_size(100_000))
+    assert_user_error(result, f"cannot allocate 0.00 GiB for {data / 'train.bin.tmp'} (File too large)")
+    assert sorted(p.name for p in data.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_straight, data_dir):
     """Wrong if a failed checkpoint write damages or removes the previous checkpoint, leaves its partial

@@ -231,22 +231,26 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
                         sharded: bool, device: torch.device) -> dict[str, Any]:
-    """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries."""
-    if sharded:
+    """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries.
+
+    `sharded` is whether this run is FSDP-sharded. A sharded checkpoint loads into any layout: DCP reshards
+    it to this run's ranks, whether FSDP on another number of ranks, DDP or one process (`model` is the
+    unwrapped module). A single-file checkpoint loads into one process or DDP on any number of ranks, not
+    into FSDP."""
+    if (directory / SHARDED_DIR).is_dir():
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         from gpt.sharded_checkpoint import load_into
 
-        if not (directory / SHARDED_DIR).is_dir():
-            raise UserError(f"{directory} is a single-file checkpoint; resume it with train.strategy=ddp")
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state, **extra}
         load_into(state, directory / SHARDED_DIR)  # never unpickles code
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}
-    if not (directory / STATE_FILE).is_file():
-        raise UserError(f"{directory} is a sharded (FSDP) checkpoint; resume it with train.strategy=fsdp or "
-                        "export it with scripts/export_checkpoint.py")
+    if sharded:
+        raise UserError(f"{directory} is a single-file checkpoint (written by one process or DDP), which "
+                        "cannot be resumed sharded; resume it with train.strategy=ddp (any number of ranks) "
+                        "or as one process")
     state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -35,3 +35,17 @@ def test_a_single_non_finite_element_is_found_and_named(where, value):
     expected = ("weight " if where == "weight" else "optimizer state exp_avg_sq of ") + \
         "transformer.h.0.mlp.c_fc.weight"
     assert problem == expected
+
+
+def test_single_file_checkpoint_under_fsdp_says_what_is_supported(tmp_path):
+    """Wrong if a single-file checkpoint resumed sharded fails obscurely or names a layout that cannot load
+    it: it loads as one process or DDP on any number of ranks, and says so."""
+    from common.errors import UserError
+    from gpt.checkpoint import load_training_state, save_training_state
+
+    model, optimizer = stepped()
+    save_training_state(tmp_path, model, optimizer, {}, sharded=False, is_main=True)
+    with pytest.raises(UserError, match=r"cannot be resumed sharded; resume it with train.strategy=ddp \(any "
+                                        r"number of ranks\) or as one process"):
+        load_training_state(tmp_path, model, optimizer, {}, sharded=True, device=torch.device("cpu"))
+    load_training_state(tmp_path, model, optimizer, {}, sharded=False, device=torch.device("cpu"))

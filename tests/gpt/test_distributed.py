@@ -198,6 +198,21 @@ def test_fsdp_checkpoint_resumes_and_exports_to_one_file(runs, tmp_path):
         torch.testing.assert_close(tensor, single[name], rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("target", ["single", "ddp"])
+def test_fsdp_checkpoint_resumes_resharded_as_one_process_or_ddp(runs, target):
+    """An FSDP run on 2 ranks stopped at step 4 and resumed as one process (e.g. a smaller allocation) or as
+    DDP: torch.distributed.checkpoint reshards the saved shards to the new layout, and steps 5-8 match the
+    straight FSDP run within the FSDP tolerance. Wrong if the resume is refused, loses a shard or the
+    optimizer state (the losses after step 4 would drift far beyond 1e-5)."""
+    key = f"adamw-fsdp-then-{target}"
+    runs.run(key, 2, overrides(runs.data_dir, "adamw", "fsdp", "train.max_steps=4"))
+    output = runs.run(key, 1 if target == "single" else 2, overrides(runs.data_dir, "adamw", target))
+    assert "(step 4)" in output and "resumed from" in output, output[-3000:]
+    run, straight = runs.root / key / "run", runs("adamw-fsdp")
+    for key_name in ("train_loss", "val_loss", "grad_norm"):
+        assert_close_series(series(run, key_name), series(straight, key_name), f"{target} {key_name}")
+
+
 def test_killed_worker_restarts_from_the_last_checkpoint(runs):
     """SIGKILL one worker after the first checkpoint: torchrun (--max-restarts=1) restarts both, they resume
     from that checkpoint, and the finished job's losses equal the straight run's exactly."""

@@ -256,6 +256,11 @@ class Trainer:
                         f"removed. Last good checkpoint: {self.ckpts.last_complete()}. Free disk space and "
                         "rerun to resume from it")
 
+    def _stop_agreed(self, stop: StopRequested) -> bool:
+        """Whether any rank was signalled to stop: a collective when distributed, no device sync alone."""
+        signalled = stop.signal is not None
+        return not self._all_ranks(not signalled) if self.rt.distributed else signalled
+
     def _all_ranks(self, ok: bool) -> bool:
         """True on every rank iff `ok` is true on every rank (a collective)."""
         failed = torch.tensor(float(not ok), device=self.rt.device)
@@ -272,7 +277,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
         for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
-            if stop is not None and not self._all_ranks(stop.signal is None):
+            if stop is not None and self._stop_agreed(stop):
                 log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
                 self.model.train()
                 return None

@@ -18,7 +18,7 @@ import torch
 from common.errors import UserError
 from gpt.config import BatchPlan, Settings
 from gpt.model import GPT, GPTConfig
-from gpt.plan import STATE_TENSORS
+from optim import entry_for
 
 GIB = 2**30
 
@@ -27,9 +27,10 @@ def lower_bound_bytes(settings: Settings, plan: BatchPlan, strategy: str) -> tup
     """(bytes one rank needs at least, number of parameters); the model is built on the meta device."""
     model_settings = {k: v for k, v in vars(settings.model).items() if k != "name"}
     with torch.device("meta"):
-        n_params = GPT(GPTConfig(**model_settings)).num_params()
-    per_param = 4 * (2 + STATE_TENSORS.get(settings.optim["name"], 2))  # weight, gradient, state
-    training_state = n_params * per_param // (plan.world_size if strategy == "fsdp" else 1)
+        model = GPT(GPTConfig(**model_settings))
+    n_params = model.num_params()
+    state_numel = entry_for(settings.optim).state_numel(model, settings.optim)  # as the registry declares
+    training_state = 4 * (2 * n_params + state_numel) // (plan.world_size if strategy == "fsdp" else 1)
     element = torch.finfo(getattr(torch, settings.train.dtype)).bits // 8
     logits = plan.micro_batch_size * plan.block_size * settings.model.vocab_size * element
     return training_state + logits, n_params

@@ -54,7 +54,7 @@ from gpt.protocol import apply_protocol
 from gpt.run_dir import check_compatible, check_same_data, read_config, setup_logging, write_config
 from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
-from optim import build_optimizer, lr_at, trainer_settings
+from optim import GroupSchedule, build_optimizer, check_run, evaluation_weights, trainer_settings
 
 log = logging.getLogger(__name__)
 SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorded as a spike
@@ -147,7 +147,15 @@ class Trainer:
         else:
             self.model = GPT(model_config).to(runtime.device)
             self.wrapped = wrap_model(self.model, runtime)
+        check_run(settings.optim, strategy=runtime.strategy, schedule=settings.schedule.name)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
+        schedule = settings.schedule
+        self.schedule = GroupSchedule(self.optimizer, schedule.name, reference_lr=settings.optim["lr"],
+                                      warmup_steps=schedule.warmup_steps, decay_steps=schedule.decay_steps,
+                                      min_lr=schedule.min_lr,
+                                      warmup_from_zero=settings.protocol.warmup_from_zero)
+        # Evaluations and checkpoints see the optimizer's evaluation weights (schedule-free: the average)
+        self.evaluation_weights = lambda: evaluation_weights(self.optimizer, settings.optim)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
@@ -204,8 +212,10 @@ class Trainer:
         path, manifest = self.rt.on_main(self._resume_point)
         if path is None:
             return {}
-        extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
-                                    self.rt.strategy == "fsdp", self.rt.device)
+        scaler = {"scaler": self.scaler.state_dict()}
+        with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training weights
+            extra = load_training_state(path, self.model, self.optimizer, scaler, self.rt.strategy == "fsdp",
+                                        self.rt.device)
         self.scaler.load_state_dict(extra["scaler"])
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest
@@ -272,8 +282,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    @torch.no_grad()
     def evaluate(self, stop: StopRequested | None = None) -> float | None:
+        """The validation loss at the optimizer's evaluation weights (schedule-free: the averaged iterate);
+        None if a stop signal abandoned it."""
+        with self.evaluation_weights():
+            return self._evaluate(stop)
+
+    @torch.no_grad()
+    def _evaluate(self, stop: StopRequested | None) -> float | None:
         """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
         micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
         (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
@@ -346,7 +362,7 @@ class Trainer:
               stop: StopRequested, loop_state: dict[str, Any]) -> dict[str, Any]:
         """`loop_state` (saved with each checkpoint) carries the spike window and the skip streak across a
         resume, so a resumed run flags and stops exactly where the straight run would."""
-        t, rt, schedule = self.s.train, self.rt, self.s.schedule
+        t, rt = self.s.train, self.rt
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         tokens_per_step = self.plan.tokens_per_step
         recent_losses: deque[float] = deque(loop_state.get("recent_losses", []), maxlen=100)
@@ -367,11 +383,7 @@ class Trainer:
 
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
-            lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr,
-                       warmup_from_zero=self.s.protocol.warmup_from_zero)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.schedule.apply(step)  # each group's own base rate × the schedule's factor
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
                                                   step, t.seed, rt, self.autocast, self.scaler)
@@ -435,8 +447,9 @@ class Trainer:
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
 
             if done % t.ckpt_interval == 0 or done == t.max_steps or stopping:
-                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
-                           {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
+                with self.evaluation_weights():  # what a checkpoint holds (schedule-free: the average)
+                    self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
+                               {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
             if stopping:
                 name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
                 log.info("stopped by %s after step %d, checkpoint saved: rerun to resume", name, done)

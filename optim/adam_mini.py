@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
+from optim.registry import OptimizerEntry, full_size_state, register
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
 
@@ -110,3 +111,6 @@ class AdamMini(BaseOptimizer):
                 param.addcdiv_(state["exp_avg"], _broadcast_rows(denominator, segments, param),
                                value=-lr / bias_correction1)
         return loss
+
+
+register(OptimizerEntry("adam_mini", lambda: AdamMini, full_size_state(1)))  # m; v is per block

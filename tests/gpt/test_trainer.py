@@ -11,6 +11,7 @@ import torch
 from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
+from optim import OPTIMIZERS
 from tests.hydra_compose import compose_train, tiny_run
 
 
@@ -134,13 +135,14 @@ def test_dry_run_prints_plan_without_data(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["adamw", "lion", "sophia_g", "sophia_h", "sgd_sai", "adam_mini",
-                                   "adahessian"])
+@pytest.mark.parametrize("optim", list(OPTIMIZERS))
 def test_every_optimizer_lowers_the_quickstart_validation_loss(tmp_path, byte_data, optim):
     """Each registered optimizer, with its configured defaults, trains the quick-start model: wrong if an
     update has the wrong sign or scale, or a curvature estimate never reaches it."""
     out = tmp_path / optim
+    schedules = OPTIMIZERS[optim].schedules
+    extra = [f"schedule={schedules[0]}"] if schedules else []
     train(compose_train(tiny_run(out, byte_data, f"optim={optim}", "train.max_steps=40",
-                                 "train.eval_interval=40", "schedule.warmup_steps=5")))
+                                 "train.eval_interval=40", "schedule.warmup_steps=5", *extra)))
     val = [r["val_loss"] for r in read_records(out) if "val_loss" in r]
     assert val[-1] < val[0] - 0.3, val

@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from data import allocate, blocks
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -60,7 +61,7 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     out = Path(data_cfg["dir"])
     command = (f"python -m data.prepare data={data_cfg['name']} data.tokenizer={data_cfg['tokenizer']} "
                "data.dir=")
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
                 f"prepare it with: {command}{out}")
@@ -83,7 +84,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most"
         )
 
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is not None:
         if meta.get("fingerprint") != fingerprint:
             raise UserError(
@@ -105,10 +106,11 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     documents = _load_documents(data_cfg)
     splits = _split(documents, settings["val_fraction"], settings["split_seed"])
-    counts = {
-        name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
-        for name, split in splits.items()
-    }
+    with allocate.removed_on_failure([out / f"{name}.bin.tmp" for name in splits]):
+        counts = {
+            name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
+            for name, split in splits.items()
+        }
     meta = {
         **settings,
         "fingerprint": fingerprint,
@@ -116,6 +118,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "eot_id": tokenizer.eot_id,
         "dtype": "uint16",
         "splits": counts,
+        "blocks": blocks.record(out, list(counts)),  # for the content check at every training start
     }
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     log.info(
@@ -282,13 +285,20 @@ def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: 
     """Tokenise one split and append it batch by batch to a temporary file, renamed to `path` when complete;
     return its counts. Memory holds one batch of documents; tokenisation runs on `num_proc` threads."""
     tmp = path.with_name(path.name + ".tmp")
+    # Regular writes report a full disk as an error (a memmap would die of SIGBUS), so the exact size need
+    # not be known first: the headroom is checked up front, and a disk that fills up later is a UserError.
+    allocate.reserve(tmp, 0)
     total = 0
-    with open(tmp, "wb") as out, tqdm(unit="tok", unit_scale=True, desc=f"writing {path.name}",
-                                      disable=quiet) as bar:
-        for ids in _token_batches(split, tokenizer, num_proc):
-            out.write(ids.tobytes())
-            total += len(ids)
-            bar.update(len(ids))
+    try:
+        with open(tmp, "wb") as out, tqdm(unit="tok", unit_scale=True, desc=f"writing {path.name}",
+                                          disable=quiet) as bar:
+            for ids in _token_batches(split, tokenizer, num_proc):
+                out.write(ids.tobytes())
+                total += len(ids)
+                bar.update(len(ids))
+    except OSError as e:
+        raise UserError(f"cannot write {tmp} ({e.strerror}); free space or set data.dir to a larger disk"
+                        ) from None
     _fsync(tmp)
     os.replace(tmp, path)
     return {"tokens": total, "documents": len(split)}
@@ -310,9 +320,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read_meta(out: Path) -> dict[str, Any] | None:
+def read_meta(out: Path) -> dict[str, Any] | None:
+    """The folder's meta.json, None if it has none; a damaged one is a UserError naming what is wrong."""
     path = out / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"delete {out} and prepare the data again"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; {fix}")
+    splits = meta.get("splits")
+    if not (isinstance(splits, dict) and {"train", "val"} <= splits.keys()
+            and all(isinstance(c, dict) and isinstance(c.get("tokens"), int) for c in splits.values())):
+        raise UserError(f"{path} has no valid 'splits' (token counts of train and val); {fix}")
+    for key, kind in (("vocab_size", int), ("eot_id", int), ("tokenizer", str), ("dtype", str)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{path} has no valid {key!r}; {fix}")
+    return meta
 
 
 def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:

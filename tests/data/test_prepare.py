@@ -282,3 +282,39 @@ def test_token_files_are_byte_identical_to_the_per_document_reference(tmp_path, 
     out = prepare(cfg)
     for name, expected in reference_token_files(cfg, encode, eot_id).items():
         assert (out / f"{name}.bin").read_bytes() == expected, name
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """Otherwise a preparation onto a nearly full disk writes until the kernel kills it (SIGBUS on the
+    memmap), leaving a partial file: the free space must be checked against the exact size first."""
+    import data.allocate as allocate
+
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
+    real = allocate.shutil.disk_usage
+    monkeypatch.setattr(allocate.shutil, "disk_usage", lambda path: real(path)._replace(free=10 << 20))
+    with pytest.raises(UserError, match=r"has 0\.01 GiB free but train\.bin\.tmp needs 0\.00 GiB"):
+        prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_failed_allocation_leaves_no_partial_file(tmp_path):
+    """Otherwise a file-size limit or a full disk found by posix_fallocate leaves the temporary file."""
+    from data.allocate import reserve
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    script = ("from pathlib import Path; from data.allocate import reserve; "
+              f"reserve(Path({str(tmp_path)!r}) / 'x.tmp', 8 << 20)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=apply,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert "UserError: cannot allocate 0.01 GiB" in result.stderr and "File too large" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    reserve(tmp_path / "ok.tmp", 3 << 20)
+    stat = (tmp_path / "ok.tmp").stat()
+    assert stat.st_size == 3 << 20 and stat.st_blocks * 512 >= 3 << 20, "the blocks were not allocated"

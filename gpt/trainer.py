@@ -28,7 +28,13 @@ from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
 from data.tokenizers import get_tokenizer
-from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
+from gpt.checkpoint import (
+    CheckpointDir,
+    first_nonfinite,
+    load_training_state,
+    read_manifest,
+    save_training_state,
+)
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import (
@@ -42,12 +48,14 @@ from gpt.distributed import (
     wrap_model,
 )
 from gpt.hellaswag import PeriodicHellaSwag
+from gpt.memory_check import check_memory_fits
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.pretrained import init_weights
 from gpt.protocol import apply_protocol
-from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.run_dir import check_compatible, check_same_data, read_config, setup_logging, write_config
+from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
 from optim import GroupSchedule, build_optimizer, check_run, evaluation_weights, trainer_settings
 
@@ -67,7 +75,8 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     try:
-        return Trainer(settings, runtime).run()
+        with holding_out_dir(settings.out_dir, runtime, enabled=not settings.train.dry_run):
+            return Trainer(settings, runtime).run()
     finally:
         if not keep_process_group:
             shutdown()
@@ -126,6 +135,8 @@ class Trainer:
         self.micro_loss_divisor = apply_protocol(settings, self.plan)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
+        if not t.dry_run:
+            check_memory_fits(settings, self.plan, runtime.strategy, runtime.device)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -175,6 +186,7 @@ class Trainer:
             log.info("preparing %s into %s", d["name"], d["dir"])
             self.rt.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
+        self.rt.on_main(data.verify_sampled_blocks)
         if data.vocab_size > self.s.model.vocab_size:
             raise UserError(
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
@@ -183,7 +195,7 @@ class Trainer:
         return BatchLoader(
             data, block_size=self.s.model.block_size, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, world_size=self.rt.world_size, rank=self.rt.rank,
-            seed=t.seed, device=self.rt.device,
+            seed=t.seed, device=self.rt.device, vocab_limit=self.s.model.vocab_size,
         )
 
     def _curvature_schedule(self) -> CurvatureSchedule | None:
@@ -223,6 +235,7 @@ class Trainer:
             return None, {}
         manifest = read_manifest(path)
         check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        check_same_data(manifest, self.loader.data.identity(), self.config, f"checkpoint {path}")
         return path, manifest
 
     def _save(self, step: int, elapsed: float, wandb_id: str | None, loop_state: dict[str, Any]) -> None:
@@ -233,7 +246,14 @@ class Trainer:
         full disk rarely empties itself; the lost work is bounded by train.ckpt_interval.
         """
         is_main = self.rt.is_main
-        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state}
+        problem = first_nonfinite(self.model, self.optimizer)
+        if not self._all_ranks(problem is None):
+            last_good = self.ckpts.last_complete()
+            raise UserError(f"after step {step}, {problem or 'a tensor on another rank'} is not finite: its "
+                            f"checkpoint was not written. Last good checkpoint: {last_good}. A lower "
+                            "optim.lr is another experiment: give it a new out_dir", echo=is_main)
+        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state,
+                "data": self.loader.data.identity()}
         phases: list[Callable[[], object]] = [
             lambda: self.ckpts.begin(step) if is_main else None,
             lambda: save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
@@ -258,6 +278,11 @@ class Trainer:
                         f"removed. Last good checkpoint: {self.ckpts.last_complete()}. Free disk space and "
                         "rerun to resume from it")
 
+    def _stop_agreed(self, stop: StopRequested) -> bool:
+        """Whether any rank was signalled to stop: a collective when distributed, no device sync alone."""
+        signalled = stop.signal is not None
+        return not self._all_ranks(not signalled) if self.rt.distributed else signalled
+
     def _all_ranks(self, ok: bool) -> bool:
         """True on every rank iff `ok` is true on every rank (a collective)."""
         failed = torch.tensor(float(not ok), device=self.rt.device)
@@ -265,23 +290,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def evaluate(self) -> float:
-        """The validation loss at the optimizer's evaluation weights (schedule-free: the averaged iterate)."""
+    def evaluate(self, stop: StopRequested | None = None) -> float | None:
+        """The validation loss at the optimizer's evaluation weights (schedule-free: the averaged iterate);
+        None if a stop signal abandoned it."""
         with self.evaluation_weights():
-            return self._evaluate()
+            return self._evaluate(stop)
 
     @torch.no_grad()
-    def _evaluate(self) -> float:
-        """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
-        forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
+    def _evaluate(self, stop: StopRequested | None) -> float | None:
+        """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
+        micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
+        (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
+        signal (on any rank) abandons it between two micro-batches: None."""
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
-        eval_steps, world = self.s.train.eval_steps, self.rt.world_size
-        for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
-            x, y = self.loader.val_batch(min(index, eval_steps - 1))
+        for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
+            if stop is not None and self._stop_agreed(stop):
+                log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
+                self.model.train()
+                return None
+            x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
-            weight = float(index < eval_steps)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()
@@ -357,8 +387,12 @@ class Trainer:
         run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
         if start_step == 0:
-            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0,
-                      **self._downstream(0)}
+            val_loss = self.evaluate(stop)
+            if val_loss is None:
+                log.info("stopped during the evaluation of step 0: nothing trained, nothing to save")
+                stop.hand_over()
+                return {}
+            record = {"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": 0.0, **self._downstream(0)}
             metrics.write(record)
             log.info(format_line(record))
 
@@ -419,8 +453,11 @@ class Trainer:
                     record["hessian_norm"] = self.optimizer.hessian_norm()
                     record["hessian_time_s"] = hessian_time
                 if is_eval:
-                    record["val_loss"] = self.evaluate()
-                    record.update(self._downstream(done))
+                    val_loss = self.evaluate(stop)
+                    stopping = stopping or val_loss is None  # abandoned for a stop: save and go
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                        record.update(self._downstream(done))
                 metrics.write(record)
                 log.info(format_line(record))
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0

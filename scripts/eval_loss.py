@@ -1,11 +1,11 @@
 """Validation loss and perplexity of a run, a checkpoint or Hugging Face GPT-2 weights on prepared data.
 
     python scripts/eval_loss.py runs/quickstart/adamw
-    python scripts/eval_loss.py gpt2 --data-dir data_cache/openwebtext_gpt2 --eval-steps 500 --batch-size 8
+    python scripts/eval_loss.py gpt2 --data-dir data_cache/openwebtext_gpt2 --sequences 4000 --batch-size 8
 
-The sequences are the trainer's fixed validation set (the first eval-steps × batch-size windows of the val
-split, the same for every run), so for a run with its own settings the number equals the `val_loss` the
-trainer recorded at the checkpoint's step. A run's data folder, eval steps, micro-batch and dtype are the
+The sequences are the trainer's fixed validation set (the first --sequences windows of the val split, the
+same for every run and batch layout), so for a run with its own settings the number equals the `val_loss` the
+trainer recorded at the checkpoint's step. A run's data folder, eval sequences, micro-batch and dtype are the
 defaults; for Hugging Face weights pass --data-dir (its tokenizer must be the model's). See
 docs/evaluation.md.
 """
@@ -30,15 +30,17 @@ from runs import run_cli
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, loader: BatchLoader, eval_steps: int, autocast) -> float:
-    """Mean cross-entropy over the fixed validation set: the mean of the micro-batches' means, as trained."""
+def validation_loss(model: torch.nn.Module, loader: BatchLoader, sequences: int, autocast) -> float:
+    """Mean cross-entropy over the first `sequences` of the fixed validation set: the micro-batches' means
+    weighted by their number of sequences, as the trainer computes it."""
     model.eval()
-    total = 0.0
-    for index in tqdm(range(eval_steps), desc="evaluating", unit="batch"):
-        x, y = loader.val_batch(index)
+    total = weights = 0.0
+    for first, count, weight in tqdm(loader.val_schedule(sequences), desc="evaluating", unit="batch"):
+        x, y = loader.val_batch(first, count)
         with autocast():
-            total += model(x, y)[1].float().item()
-    return total / eval_steps
+            total += model(x, y)[1].float().item() * weight
+        weights += weight
+    return total / weights
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a run directory, a checkpoint, a Hugging Face folder or hub name")
     parser.add_argument("--data-dir", help="a prepared data folder (default: the run's data.dir)")
-    parser.add_argument("--eval-steps", type=int, help=f"micro-batches (default: the run's, else "
-                                                       f"{defaults.eval_steps})")
+    parser.add_argument("--sequences", type=int, help="validation sequences (default: the run's "
+                        f"train.eval_sequences, else {defaults.eval_sequences})")
     parser.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default: the run's "
                                                        f"micro-batch, else {defaults.micro_batch_size})")
     parser.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's)")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     run = loaded.run_config or {}
     train = run.get("train", {})
     data_dir = args.data_dir or run["data"]["dir"]
-    eval_steps = args.eval_steps or train.get("eval_steps", defaults.eval_steps)
+    sequences = args.sequences or train.get("eval_sequences", defaults.eval_sequences)
     batch_size = args.batch_size or train.get("micro_batch_size", defaults.micro_batch_size)
     block_size = args.block_size or loaded.model.config.block_size
     if block_size > loaded.model.config.block_size:
@@ -74,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"{data_dir} has {data.vocab_size} token ids, more than the model's "
                         f"{loaded.model.config.vocab_size}")
     loader = BatchLoader(data, block_size=block_size, global_batch_size=batch_size,
-                         micro_batch_size=batch_size, seed=0, device=device)
+                         micro_batch_size=batch_size, seed=0, device=device,
+                         vocab_limit=loaded.model.config.vocab_size)
     autocast = autocast_factory(device, args.dtype or train.get("dtype", "float32"))
-    loss = validation_loss(loaded.model, loader, eval_steps, autocast)
-    sequences = eval_steps * batch_size
+    loss = validation_loss(loaded.model, loader, sequences, autocast)
     print(f"val loss {loss:.4f}  perplexity {math.exp(loss):.2f}  ({sequences} sequences × {block_size} "
           f"tokens of {data_dir}, {loaded.source})")
     if args.json:

@@ -33,12 +33,13 @@ def series(out_dir: Path, key: str) -> dict[int, float]:
 
 
 def validation_loss(model: GPT, data_dir: Path) -> float:
-    """The quick start's validation batches (tiny_run: 2 batches of 4 × 32 tokens), evaluated here."""
+    """The quick start's validation set (tiny_run: 8 sequences of 32 tokens, as 2 batches of 4), evaluated
+    here."""
     loader = BatchLoader(TokenData(data_dir, tokenizer="byte"), block_size=32, global_batch_size=8,
                          micro_batch_size=4, seed=1337)
     model.eval()
     with torch.no_grad():
-        return sum(model(*loader.val_batch(i))[1].item() for i in range(2)) / 2
+        return sum(model(*loader.val_batch(4 * i, 4))[1].item() for i in range(2)) / 2
 
 
 def test_schedule_free_validation_loss_is_taken_at_the_evaluation_weights(tmp_path, byte_data):

@@ -88,6 +88,22 @@ def test_accumulation_matches_one_big_batch(tmp_path, byte_data):
         assert math.isclose(loss, losses(b)[step], rel_tol=1e-5)
 
 
+def test_validation_loss_does_not_depend_on_the_micro_batch_size(tmp_path, byte_data):
+    """6 validation sequences as micro-batches of 8, of 4 + 2, and of 2 + 2 + 2: the same set, each sequence
+    weighted once, so the same val_loss up to summation order. Wrong if the set or the weighting follows the
+    micro-batch size (a resume with another micro-batch size would be evaluated on other data)."""
+    val_losses = []
+    for micro in (8, 4, 2):
+        out = tmp_path / f"micro{micro}"
+        train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "train.eval_interval=2",
+                                     "train.eval_sequences=6", f"train.micro_batch_size={micro}")))
+        val_losses.append({r["step"]: r["val_loss"] for r in read_records(out) if "val_loss" in r})
+    for other in val_losses[1:]:
+        assert other.keys() == val_losses[0].keys() == {0, 2}
+        for step, loss in other.items():
+            assert math.isclose(loss, val_losses[0][step], rel_tol=1e-6), (step, loss, val_losses[0][step])
+
+
 def test_other_experiment_in_out_dir_is_refused(tmp_path, byte_data):
     out = tmp_path / "run"
     train(compose_train(tiny_run(out, byte_data, "train.max_steps=2")))

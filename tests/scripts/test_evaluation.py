@@ -54,7 +54,7 @@ def test_eval_loss_equals_the_trainers_validation_loss(run, tmp_path):
     pytest.importorskip("transformers")
     script("export_hf", run, "--out", tmp_path / "hf")
     manifest = json.loads((run / "checkpoints" / "step_00000008" / "manifest.json").read_text())
-    script("eval_loss", tmp_path / "hf", "--data-dir", manifest["config"]["data"]["dir"], "--eval-steps", "2",
+    script("eval_loss", tmp_path / "hf", "--data-dir", manifest["config"]["data"]["dir"], "--sequences", "8",
            "--batch-size", "4", "--json", tmp_path / "hf.json")
     assert json.loads((tmp_path / "hf.json").read_text())["loss"] == pytest.approx(record["loss"], rel=1e-6)
     with pytest.raises(UserError, match="pass --data-dir"):

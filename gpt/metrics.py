@@ -93,7 +93,8 @@ class MetricsLog:
 def format_line(record: dict[str, Any]) -> str:
     """One readable console line for a metrics record."""
     parts = [f"step {record['step']:>6}"]
-    for key, fmt in (("train_loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"),
+    for key, fmt in (("train_loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"),
+                     ("hellaswag_acc_norm", "hellaswag {:.3f}"), ("lr", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("win_rate", "win {:.3f}"),
                      ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
         if record.get(key) is not None:

@@ -15,15 +15,10 @@ import torch
 
 from gpt.config import BatchPlan, Settings
 from gpt.protocol import describe_protocol
-from optim import OPTIMIZERS
+from optim import entry_for
 
 # Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
 GPU_PEAKS = {"A100": 312e12, "H100": 989e12, "A5000": 111e12, "L40S": 362e12}
-# Full-size state tensors per parameter (the plan's memory estimate; Adam-mini keeps only m in full).
-STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai": 1, "adam_mini": 1,
-                 "adahessian": 2}
-
-
 # Forward+backward passes per curvature estimate, by estimator.
 CURVATURE_PASSES = {"gnb": 1, "hutchinson": 2}
 
@@ -31,7 +26,7 @@ CURVATURE_PASSES = {"gnb": 1, "hutchinson": 2}
 def training_flops_per_token(model: Any, optim: Mapping[str, Any], global_batch_size: int) -> float:
     """FLOPs per trained token, the optimizer's curvature passes included, so that a Sophia run pays for its
     Hessian estimates in every FLOPs figure (the plan's, and the analysis scripts')."""
-    kind = getattr(OPTIMIZERS.get(optim["name"]), "curvature", None)
+    kind = entry_for(optim).curvature
     if kind is None:
         return model.flops_per_token()
     share = (optim.get("hessian_batch_size") or global_batch_size) / global_batch_size
@@ -105,7 +100,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
     curvature = getattr(optimizer, "curvature", None)
     total_flops = flops_per_step * t.max_steps
-    state_bytes = STATE_TENSORS.get(optim["name"], 2) * n_params * 4
+    state_bytes = entry_for(optim).state_numel(model, optim) * 4  # float32, as the entry declares
     sharded = f" ({_bytes(state_bytes / plan.world_size)} per rank)" if runtime.strategy == "fsdp" else ""
     lines = [
         f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"

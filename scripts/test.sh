@@ -5,6 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/setup_env.sh
-setup_env dev,plot,slurm
+setup_env dev,plot,slurm,hf,lm_eval,schedulefree
 
 python -m pytest "$@"

@@ -66,3 +66,25 @@ def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     assert seconds and float(seconds[1]) == pytest.approx(flops / (156e12 * 0.4), rel=0.05)
     assert float(seconds[2]) == pytest.approx(float(seconds[1]) / 8, rel=0.05)
     assert " 0 GPU" not in plan and "0.00 " not in plan
+
+
+@pytest.mark.parametrize("optim", ["muon", "soap"])
+def test_the_plan_states_the_optimizer_memory_its_registry_entry_declares(tmp_path, capsys, optim):
+    """GPT-2 medium, counted by hand: Muon keeps one momentum per hidden matrix (4 per block: 12·d² of the
+    block's parameters) and AdamW's m and v for the rest; SOAP keeps m and v everywhere plus, per rotated
+    side of every matrix (sides up to 10,000 long, so not the vocabulary side of wte), a factor and a basis
+    of side² each. Wrong if the plan assumed AdamW's two tensors per parameter for every optimizer."""
+    dry_run(tmp_path, f"optim={optim}", "model=gpt2_medium").run()
+    plan = capsys.readouterr().out
+    d, layers, vocab, context = 1024, 24, 50304, 1024
+    hidden = layers * 12 * d * d
+    params = layers * (12 * d * d + 2 * d) + d + vocab * d + context * d
+    if optim == "muon":
+        numel = hidden + 2 * (params - hidden)
+    else:
+        def sides(m: int, n: int) -> int:  # a factor and a basis per side of an m×n matrix
+            return 2 * m**2 + 2 * n**2
+
+        per_block = sides(3 * d, d) + sides(d, d) + sides(4 * d, d) + sides(d, 4 * d)
+        numel = 2 * params + layers * per_block + 2 * d**2 + sides(context, d)  # wte: its short side only
+    assert f"optimizer state ≈ {numel * 4 / 2**30:.2f} GiB" in plan

@@ -1,0 +1,110 @@
+"""This project's models inside lm-evaluation-harness: importing this module registers the model class
+`sophia-gpt`, which evaluates a run directory, a checkpoint or Hugging Face GPT-2 weights directly (no export)
+with the run's own tokenizer and this project's batched scorer (gpt/scoring.py).
+
+    python scripts/run_lm_eval.py --model sophia-gpt --model_args pretrained=runs/quickstart/adamw \
+        --tasks copa
+
+Needs the `lm_eval` extra (`pip install -e '.[lm_eval]'`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.errors import UserError
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:
+    raise UserError("lm-evaluation-harness is not installed: pip install -e '.[lm_eval]'") from None
+
+from gpt.pretrained import load_pretrained, pick_device
+from gpt.scoring import score_continuations
+from gpt.trainer import autocast_factory
+
+MODEL_NAME = "sophia-gpt"
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+@register_model(MODEL_NAME)
+class SophiaGPT(TemplateLM):
+    """Log-likelihoods, rolling log-likelihoods (perplexity tasks) and greedy generation of one GPT."""
+
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str | None = None,
+                 dtype: str = "float32", **_: Any) -> None:
+        super().__init__()
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness's default device
+            raise UserError(f"device {device} is not available here; pass --device cpu")
+        self._device = pick_device(device or "auto")
+        self.loaded = load_pretrained(pretrained, self._device)
+        self.model, self.tokenizer_ = self.loaded.model, self.loaded.tokenizer
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
+        self.autocast = autocast_factory(self._device, dtype)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer_.eot_id
+
+    @property
+    def max_length(self) -> int:
+        return self.model.config.block_size
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **_: Any) -> list[int]:
+        return self.tokenizer_.encode(string)
+
+    def tok_decode(self, tokens: list[int], **_: Any) -> str:
+        return self.tokenizer_.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              **_: Any) -> list[tuple[float, bool]]:
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        scores = score_continuations(self.model, pairs, batch_size=self.batch_size, autocast=self.autocast,
+                                     progress=not disable_tqdm)
+        return [(score.logprob, score.greedy) for score in scores]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """A document's total log-likelihood, in disjoint windows of the model's context."""
+        results = []
+        for (text,) in (request.args for request in requests):
+            windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
+                self.tok_encode(text), self.eot_token_id, self.max_length, context_len=1)]
+            scores = score_continuations(self.model, windows, batch_size=self.batch_size,
+                                         autocast=self.autocast)
+            results.append(sum(score.logprob for score in scores))
+        return results
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation, cut at the first stop string or after `max_gen_toks` tokens."""
+        outputs = []
+        for context, kwargs in (request.args for request in requests):
+            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
+            idx = torch.tensor([ids], device=self._device)
+            text = ""
+            for _ in range(max_new):
+                with self.autocast():
+                    idx = self.model.generate(idx, 1, temperature=0)
+                if idx[0, -1].item() == self.eot_token_id:
+                    break
+                text = self.tok_decode(idx[0, len(ids):].tolist())
+                if any(stop in text for stop in until):
+                    break
+            cut = min((text.index(stop) for stop in until if stop in text), default=len(text))
+            outputs.append(text[:cut])
+        return outputs
+
+
+def harness_cli() -> None:
+    """lm-evaluation-harness's own command line, with `sophia-gpt` registered (scripts/run_lm_eval.py)."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -641,7 +641,7 @@ def prepared_corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["tokenising", "writing"])
+@pytest.mark.parametrize("phase", ["loading", "writing"])
 def test_killed_preparation_is_refused_then_rerun_to_completion(phase, tmp_path, prepared_corpus):
     """Wrong if a killed `data.prepare` leaves files the loader accepts, or if the rerun cannot finish or
     writes anything but the uninterrupted preparation's bytes (a stale datasets cache must not leak in)."""
@@ -650,11 +650,11 @@ def test_killed_preparation_is_refused_then_rerun_to_completion(phase, tmp_path,
     command = prepare_command(corpus, out, cache)
     process = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    if phase == "tokenising":  # datasets writes the map's output to a temporary file, renamed when done
-        def ready() -> bool:  # past 1 MB it is the tokens (the split's index files stay far smaller)
+    if phase == "loading":  # datasets converts the corpus into its cache (tokens then stream to .tmp)
+        def ready() -> bool:
             # datasets renames files and `.incomplete` directories while we walk them: look again next poll
             with contextlib.suppress(FileNotFoundError):
-                return any(path.stat().st_size > 1 << 20 for path in cache.rglob("tmp*"))
+                return any(path.is_file() for path in cache.rglob("*"))
             return False
     else:
         def ready() -> bool:

@@ -190,6 +190,12 @@ def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under `torch.compile`'s wrapper and DDP (FSDP2 shards in place: nothing to unwrap).
+
+    The compile wrapper goes first: it forwards attribute look-ups to the module it wraps, so without it a
+    compiled GPT (which has no `.module`) would be returned as it is, and a double backward through its
+    compiled graph fails ("compiled with non-empty donated buffers")."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 

@@ -7,6 +7,7 @@ through it, so the single-process path is the same code with a world of one. NCC
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -81,14 +82,26 @@ class Runtime:
         return value
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
+def cuda_index(local_rank: int) -> int:
+    """This rank's CUDA device index: its local rank when it sees all of the node's GPUs, 0 when the launcher
+    bound one GPU to each task (Slurm's `--gpus-per-task=1`: every task sees its own GPU as device 0)."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(f"LOCAL_RANK={local_rank} but this process sees only {visible} CUDA devices; start "
+                        "at most one rank per GPU (torchrun --nproc_per_node, or Slurm's --gpus-per-task)")
+    return local_rank
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """The device of the rank with this local rank, for `train.device` (auto | cpu | cuda)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", cuda_index(local_rank))
     if requested == "cpu":
         return torch.device("cpu")
     raise UserError(f"train.device={requested!r} is not one of auto, cpu, cuda")
@@ -115,6 +128,12 @@ def environment_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def planned_device(requested: str) -> torch.device:
+    """The device this process will train on, known before joining the process group (no side effects)."""
+    environment_world_size()  # adopts Slurm's variables, LOCAL_RANK among them
+    return pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _warn_if_restarts_cannot_rendezvous() -> None:
     """By default torchrun's workers build their process group in the agent's TCP store, which outlives a
     restart: restarted workers then read the dead workers' addresses and fail to connect (measured here with
@@ -137,7 +156,9 @@ def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
         raise UserError(f"train.strategy=single but WORLD_SIZE={world_size}; use ddp or fsdp under torchrun")
     if strategy in ("ddp", "fsdp") and world_size == 1:
         strategy = "single"  # one rank: wrapping would only add overhead
-    torch_device = _pick_device(device, local_rank)
+    torch_device = pick_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
     if rank == 0:
         _warn_if_restarts_cannot_rendezvous()
     if world_size > 1 and not dist.is_initialized():
@@ -167,24 +188,44 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing per transformer block: each block keeps only its input for the backward and
+    recomputes its activations there (dropout masks included: the RNG state is replayed). Applied from
+    outside, like the wrapping below: the block's forward is replaced on the instance, so parameter names,
+    state dicts and the model file stay as they are. Non-reentrant checkpointing also supports the double
+    backward of the Hessian-vector products."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        forward = block.forward
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, *, activation_checkpointing: bool = False,
+               dtype: str = "float32") -> nn.Module:
     """The module the training forward/backward goes through: the model itself, DDP, or FSDP2-sharded.
 
-    FSDP2 shards every block and then the root (embeddings, final LayerNorm and the tied head). Parameters
-    stay fp32 and precision comes from the trainer's autocast, as under DDP (no MixedPrecisionPolicy), so
-    the numbers of a run do not depend on the strategy.
+    FSDP2 shards every block and then the root (embeddings, final LayerNorm and the tied head). Under a
+    16-bit `dtype` its `MixedPrecisionPolicy` all-gathers parameters in that dtype for the compute (half the
+    traffic of fp32) and reduce-scatters gradients in fp32; the sharded parameters, gradients and optimizer
+    state stay fp32. The trainer's autocast runs on top of it, as under DDP.
     """
+    if activation_checkpointing:
+        checkpoint_activations(model)
     if runtime.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if runtime.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()
+        if dtype != "float32":
+            policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return model
 
@@ -214,10 +255,14 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         with model.no_sync():
             yield
     elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        # Keep the parameters gathered after the backward, so the next micro-step's forward gathers nothing;
+        # the last micro-step reshards (and reduce-scatters), freeing them before the optimizer step.
         model.set_requires_gradient_sync(False)
+        model.set_reshard_after_backward(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+            model.set_reshard_after_backward(True)
     else:
         yield

@@ -14,13 +14,11 @@ from typing import Any
 import torch
 
 from gpt.config import BatchPlan, Settings
+from gpt.memory import STATE_TENSORS
 from optim import OPTIMIZERS
 
 # Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
 GPU_PEAKS = {"A100": 312e12, "H100": 989e12, "A5000": 111e12, "L40S": 362e12}
-# Full-size state tensors per parameter (the plan's memory estimate; Adam-mini keeps only m in full).
-STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai": 1, "adam_mini": 1,
-                 "adahessian": 2}
 
 
 # Forward+backward passes per curvature estimate, by estimator.

@@ -30,6 +30,7 @@ from data.prepare import prepare, unprepared_reason
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
+from gpt.device_defaults import resolve_device_defaults
 from gpt.distributed import (
     Runtime,
     agree_on_run_dir,
@@ -37,6 +38,7 @@ from gpt.distributed import (
     full_value,
     gradient_sync,
     init_runtime,
+    planned_device,
     shutdown,
     wrap_model,
 )
@@ -58,8 +60,10 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     which then joins it again (`distributed.shutdown()` ends it after the last job). Under torchrun, a
     second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
     settings = load_settings(cfg)
+    world_size = environment_world_size()
+    resolve_device_defaults(settings, world_size, planned_device(settings.train.device))
     # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
-    plan_batches(settings.train, settings.model.block_size, environment_world_size())
+    plan_batches(settings.train, settings.model.block_size, world_size)
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     try:
@@ -116,6 +120,7 @@ class Trainer:
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
+        resolve_device_defaults(settings, runtime.world_size, runtime.device)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
         self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
@@ -131,7 +136,8 @@ class Trainer:
             self.wrapped = self.model
         else:
             self.model = GPT(model_config).to(runtime.device)
-            self.wrapped = wrap_model(self.model, runtime)
+            self.wrapped = wrap_model(self.model, runtime, dtype=t.dtype,
+                                      activation_checkpointing=t.activation_checkpointing)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
@@ -179,7 +185,8 @@ class Trainer:
                             "use bfloat16")
         clip_value = self.s.train.grad_clip if clip else 0.0
         return CurvatureSchedule(kind, interval, batch_size or self.s.train.global_batch_size, clip_value,
-                                 getattr(self.optimizer, "requires_initial_hessian", False))
+                                 getattr(self.optimizer, "requires_initial_hessian", False),
+                                 self.s.train.hessian_micro_batch_size)
 
     # ----------------------------------------------------------------------------------------- resume
 

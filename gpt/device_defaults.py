@@ -1,0 +1,74 @@
+"""The settings a config may leave to the framework (`null`), filled in for the device the run is on.
+
+On CUDA: `torch.compile` on, and the largest micro-batches whose estimated peak memory fits the GPU (for
+training and, separately, for the curvature pass, whose double backward needs several times more). Off CUDA
+(CPU runs, dry runs on a login node): compile off, micro-batches at most the paper's 12. Resolved once, before
+the run's config is recorded, so `config.yaml` and the plan show the values used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.errors import UserError
+from gpt.config import Settings
+from gpt.memory import STATE_TENSORS, GiB, choose_micro_batch, device_memory, estimate_memory
+from optim import OPTIMIZERS
+
+log = logging.getLogger(__name__)
+
+
+def _compile_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False  # on CPU compilation costs more than it saves on the runs made there
+    try:
+        import triton  # noqa: F401  (Inductor's CUDA backend)
+    except ImportError:
+        log.warning("train.compile: triton is not installed, so the model runs eagerly (pip install triton)")
+        return False
+    return True
+
+
+def resolve_device_defaults(settings: Settings, world_size: int, device: torch.device) -> None:
+    """Fill `train.compile`, `train.micro_batch_size` and `train.hessian_micro_batch_size` where they are
+    None (idempotent), and warn when an explicit micro-batch is estimated not to fit."""
+    t, optim = settings.train, settings.optim
+    if t.compile is None:
+        t.compile = _compile_available(device)
+    memory = device_memory(device)
+    common = dict(dtype=t.dtype, state_tensors=STATE_TENSORS.get(optim.get("name"), 2),
+                  sharded=t.strategy == "fsdp", activation_checkpointing=t.activation_checkpointing)
+    if t.micro_batch_size is None:
+        t.micro_batch_size = choose_micro_batch(settings.model, batch_size=t.global_batch_size,
+                                                world_size=world_size, memory=memory, kind="train",
+                                                what="train.global_batch_size", **common)
+    elif memory is not None:
+        _warn_if_too_large(settings, t.micro_batch_size, "train.micro_batch_size", "train", memory,
+                           dict(common, world_size=world_size))
+    kind = getattr(OPTIMIZERS.get(optim.get("name")), "curvature", None)
+    if kind is None:
+        return
+    batch_size = optim.get("hessian_batch_size") or t.global_batch_size
+    if t.hessian_micro_batch_size is None:  # at most the training micro-batch: today's value where it fits
+        t.hessian_micro_batch_size = choose_micro_batch(
+            settings.model, batch_size=batch_size, world_size=world_size, memory=memory, kind=kind,
+            what="optim.hessian_batch_size", ceiling=t.micro_batch_size, **common)
+    else:
+        if batch_size % (t.hessian_micro_batch_size * world_size):
+            raise UserError(f"the curvature pass's {batch_size} sequences are not divisible by "
+                            f"train.hessian_micro_batch_size={t.hessian_micro_batch_size} × world size "
+                            f"{world_size}; pick a micro-batch whose product with the world size divides it")
+        if memory is not None:
+            _warn_if_too_large(settings, t.hessian_micro_batch_size, "train.hessian_micro_batch_size", kind,
+                               memory, dict(common, world_size=world_size))
+
+
+def _warn_if_too_large(settings: Settings, micro: int, key: str, kind: str, memory: int,
+                       common: dict[str, object]) -> None:
+    need = estimate_memory(settings.model, micro_batch_size=micro, kind=kind, **common).total
+    if need > memory:
+        log.warning("%s=%d needs ≈ %.1f GiB (estimated) of this GPU's %.0f GiB: expect an out-of-memory "
+                    "error; set %s=null to pick one that fits, or train.activation_checkpointing=true",
+                    key, micro, need / GiB, memory / GiB, key)

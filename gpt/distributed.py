@@ -11,6 +11,10 @@ import functools
 import logging
 import os
 import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -177,6 +181,106 @@ def agree_on_run_dir(runtime: Runtime, out_dir: str) -> str:
         with contextlib.suppress(OSError):
             os.rmdir(out_dir)
     return agreed
+
+
+def _failure_key() -> str:
+    # one key per torchrun restart: the agent's store outlives a restart, and the restarted job is healthy
+    return f"sophia_gpt/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _exit_now(code: int) -> None:
+    """End the process without Python's clean-up: a process group's destructor could wait on a collective
+    that will never complete."""
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+class FailureWatch:
+    """When one rank fails, end the others within seconds instead of after the collective timeout.
+
+    The failing rank adds 1 to a counter in the process group's store (no collective: the other ranks are
+    in a different one, or in none), prints its traceback, and exits two polls later (under `--standalone`
+    it may host the store, which must live until the others have read it). Every rank runs a daemon thread
+    that polls the counter each second; on a failure elsewhere it prints one line and ends its process a
+    little after the failing one, so that torchrun names the right rank as the root cause. The thread cannot
+    wait for the main thread, which may be blocked for good in a collective whose peer is gone (NCCL waits
+    for its timeout, 30 minutes, running no Python code meanwhile)."""
+
+    POLL_S = 1.0
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rank = runtime.rank
+        self.failed_here = self.announced = False
+        self.stopped = threading.Event()
+        self.store = None
+        if runtime.distributed and dist.is_initialized():
+            self.store = dist.distributed_c10d._get_default_store()
+            threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
+
+    def _announce(self) -> None:
+        if not self.announced:
+            self.announced = True
+            print(f"rank {self.rank}: stopped because another rank failed (that rank shows the error)",
+                  file=sys.stderr, flush=True)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.POLL_S):
+            try:
+                failures = self.store.add(_failure_key(), 0)
+            except Exception:  # the store's host has gone; torchrun tears the job down
+                continue
+            if failures and not self.failed_here and not self.stopped.is_set():
+                self._announce()
+                time.sleep(4 * self.POLL_S)  # after the failing rank, which exits 2 polls after its report
+                _exit_now(1)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def report(self, error: BaseException) -> None:
+        """Called on this rank's exception: with other ranks, show it (if this rank failed first) and end
+        the process; alone, return, and the caller re-raises it."""
+        self.failed_here = True
+        self.stop()
+        if self.store is None:
+            return
+        if self.announced:  # a consequence of the other rank's failure (its exit broke our collective):
+            time.sleep(4 * self.POLL_S)  # the watcher ends the process, after the failing rank's exit
+            _exit_now(1)
+        try:
+            first = self.store.add(_failure_key(), 1) == 1
+        except Exception:  # the store's host has gone: it failed first
+            first = False
+        if first:
+            traceback.print_exception(error)
+            log.error("rank %d failed with %s (its traceback is on stderr)", self.rank, type(error).__name__)
+            time.sleep(2 * self.POLL_S)
+        else:
+            self._announce()
+        _exit_now(1)
+
+
+@contextlib.contextmanager
+def leaving_together(runtime: Runtime, keep_process_group: bool = False) -> Iterator[None]:
+    """Run a job and leave the process group: together (a barrier) after success or a `UserError`, which
+    every rank raises at the same point; alone after any other exception, which may be one rank's alone (an
+    out-of-memory error): a barrier there would wait for ranks that wait elsewhere, and nothing would
+    complete until the collective timeout."""
+    watch = FailureWatch(runtime)
+    try:
+        yield
+    except UserError:
+        watch.stop()
+        if not keep_process_group:
+            shutdown()
+        raise
+    except BaseException as error:
+        watch.report(error)
+        raise
+    watch.stop()
+    if not keep_process_group:
+        shutdown()
 
 
 def shutdown() -> None:

@@ -38,8 +38,8 @@ from gpt.distributed import (
     full_value,
     gradient_sync,
     init_runtime,
+    leaving_together,
     planned_device,
-    shutdown,
     wrap_model,
 )
 from gpt.metrics import MetricsLog, format_line
@@ -66,11 +66,8 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     plan_batches(settings.train, settings.model.block_size, world_size)
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
-    try:
+    with leaving_together(runtime, keep_process_group):
         return Trainer(settings, runtime).run()
-    finally:
-        if not keep_process_group:
-            shutdown()
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:

@@ -16,6 +16,7 @@ the same number of ranks, so it must match its straight run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -320,3 +321,34 @@ def test_every_optimizer_matches_the_unsharded_one(tmp_path):
         assert numbers["param_max_abs_change"] > 1e-3, f"{name} did not move"
         assert numbers["param_max_abs_diff"] <= 2e-5, (name, numbers)
         assert numbers["diagnostics_max_rel_diff"] <= 1e-5, (name, numbers)
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_exception_on_one_rank_ends_the_job_within_seconds(runs, tmp_path, failing_rank):
+    """An exception on one rank mid-step (between its micro-steps, while the other rank waits in the
+    backward's all-reduce): the whole torchrun job must end within seconds, not after the 30-minute
+    collective timeout, with the error's traceback shown once; the other rank says in one line why it
+    stopped. Wrong if the failing rank entered a collective on its way out (a barrier the others never
+    reach), or if every rank printed a traceback. Rank 0 also hosts the process group's store."""
+    stamp = tmp_path / "failed_at"
+    args = [*overrides(runs.data_dir, "adamw", "ddp", "train.global_batch_size=16"), "out_dir=run"]
+    env = dict(environment(), FAIL_RANK=str(failing_rank), FAIL_STEP="3", FAIL_STAMP=str(stamp))
+    process = subprocess.Popen(torchrun(REPO / "tests" / "gpt" / "fail_on_one_rank.py", *args), cwd=tmp_path,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=150)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers, if they hang
+    ended = time.time()
+    assert stamp.exists(), output[-3000:]
+    assert process.returncode != 0
+    assert ended - float(stamp.read_text()) < 30, f"the job took {ended - float(stamp.read_text()):.0f} s"
+    assert output.count(f"RuntimeError: injected failure on rank {failing_rank}") == 1, output[-3000:]
+    ours = [t for t in output.split("Traceback (most recent call last)") if 'fail_on_one_rank.py", line' in t]
+    assert len(ours) == 1, output[-3000:]  # torchrun's own ChildFailedError traceback aside
+    assert f"rank {1 - failing_rank}: stopped because another rank failed" in output, output[-3000:]
+    root_cause = output.split("Root Cause")[1][:600]
+    assert f"local_rank: {failing_rank})" in root_cause, "torchrun blames another rank"
+

@@ -34,10 +34,14 @@ def _compile_available(device: torch.device) -> bool:
 def resolve_device_defaults(settings: Settings, world_size: int, device: torch.device) -> None:
     """Fill `train.compile`, `train.micro_batch_size` and `train.hessian_micro_batch_size` where they are
     None (idempotent), and warn when an explicit micro-batch is estimated not to fit."""
+    if settings.train.compile is None:
+        settings.train.compile = _compile_available(device)
+    resolve_micro_batches(settings, world_size, device_memory(device))
+
+
+def resolve_micro_batches(settings: Settings, world_size: int, memory: int | None) -> None:
+    """The micro-batches left None, for `world_size` GPUs of `memory` bytes each (None: not on CUDA)."""
     t, optim = settings.train, settings.optim
-    if t.compile is None:
-        t.compile = _compile_available(device)
-    memory = device_memory(device)
     common = dict(dtype=t.dtype, state_tensors=STATE_TENSORS.get(optim.get("name"), 2),
                   sharded=t.strategy == "fsdp", activation_checkpointing=t.activation_checkpointing)
     if t.micro_batch_size is None:

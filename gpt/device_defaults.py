@@ -76,3 +76,12 @@ def _warn_if_too_large(settings: Settings, micro: int, key: str, kind: str, memo
         log.warning("%s=%d needs ≈ %.1f GiB (estimated) of this GPU's %.0f GiB: expect an out-of-memory "
                     "error; set %s=null to pick one that fits, or train.activation_checkpointing=true",
                     key, micro, need / GiB, memory / GiB, key)
+
+
+def out_of_memory_advice(settings: Settings) -> str:
+    """What to change after an out-of-memory error, with the values this run used."""
+    t = settings.train
+    return (f"out of GPU memory at train.micro_batch_size={t.micro_batch_size} (curvature pass: "
+            f"train.hessian_micro_batch_size={t.hessian_micro_batch_size}): set smaller ones, or null to "
+            "have them chosen, or train.activation_checkpointing=true (docs/scaling.md)")
+

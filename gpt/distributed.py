@@ -262,11 +262,12 @@ class FailureWatch:
 
 
 @contextlib.contextmanager
-def leaving_together(runtime: Runtime, keep_process_group: bool = False) -> Iterator[None]:
+def leaving_together(runtime: Runtime, keep_process_group: bool = False, out_of_memory_advice: str = ""
+                     ) -> Iterator[None]:
     """Run a job and leave the process group: together (a barrier) after success or a `UserError`, which
     every rank raises at the same point; alone after any other exception, which may be one rank's alone (an
     out-of-memory error): a barrier there would wait for ranks that wait elsewhere, and nothing would
-    complete until the collective timeout."""
+    complete until the collective timeout. An out-of-memory error is logged with `out_of_memory_advice`."""
     watch = FailureWatch(runtime)
     try:
         yield
@@ -276,6 +277,8 @@ def leaving_together(runtime: Runtime, keep_process_group: bool = False) -> Iter
             shutdown()
         raise
     except BaseException as error:
+        if isinstance(error, torch.OutOfMemoryError) and out_of_memory_advice:
+            log.error("rank %d: %s", runtime.rank, out_of_memory_advice)
         watch.report(error)
         raise
     watch.stop()

@@ -30,7 +30,7 @@ from data.prepare import prepare, unprepared_reason
 from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
-from gpt.device_defaults import resolve_device_defaults
+from gpt.device_defaults import out_of_memory_advice, resolve_device_defaults
 from gpt.distributed import (
     Runtime,
     agree_on_run_dir,
@@ -66,7 +66,7 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     plan_batches(settings.train, settings.model.block_size, world_size)
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
-    with leaving_together(runtime, keep_process_group):
+    with leaving_together(runtime, keep_process_group, out_of_memory_advice(settings)):
         return Trainer(settings, runtime).run()
 
 
@@ -242,7 +242,7 @@ class Trainer:
 
     def _all_ranks(self, ok: bool) -> bool:
         """True on every rank iff `ok` is true on every rank (a collective)."""
-        failed = torch.tensor(float(not ok), device=self.rt.device)
+        failed = torch.full((), float(not ok), device=self.rt.device)  # a fill kernel: no host-to-device copy
         return self.rt.all_reduce(failed, "max").item() == 0
 
     # ------------------------------------------------------------------------------------------ loop
@@ -259,7 +259,7 @@ class Trainer:
             with self.autocast():
                 _, loss = self.model(x, y)
             weight = float(index < eval_steps)
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
+            total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()
         return (total[0] / total[1]).item()
@@ -308,7 +308,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
-        flag = torch.tensor(float(stop.signal is not None), device=rt.device)  # read last: stop after it
+        flag = torch.full((), float(stop.signal is not None), device=rt.device)  # read last: stop after it
         stats = rt.all_reduce(torch.stack([loss_sum / accum, grad_norm.float(), flag]), "mean")
         train_loss, grad_norm_value, stop_votes = stats.tolist()
         return train_loss, grad_norm_value, stop_votes > 0

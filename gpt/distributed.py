@@ -158,14 +158,16 @@ def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
         strategy = "ddp" if world_size > 1 else "single"
     if strategy == "single" and world_size > 1:
         raise UserError(f"train.strategy=single but WORLD_SIZE={world_size}; use ddp or fsdp under torchrun")
-    if strategy in ("ddp", "fsdp") and world_size == 1:
-        strategy = "single"  # one rank: wrapping would only add overhead
+    if strategy in ("ddp", "fsdp") and world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        strategy = "single"  # one process started directly: wrapping would only add overhead
     torch_device = pick_device(device, local_rank)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     if rank == 0:
         _warn_if_restarts_cannot_rendezvous()
-    if world_size > 1 and not dist.is_initialized():
+    # One rank under torchrun with ddp/fsdp asked for explicitly keeps its process group (world size 1): the
+    # wrapped path and the backend can be checked on one GPU (scripts/gpu_check.py).
+    if strategy in ("ddp", "fsdp") and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=(
             torch_device if torch_device.type == "cuda" else None))

@@ -81,7 +81,9 @@ def estimate_memory(model: object, *, micro_batch_size: int, dtype: str, state_t
     per_block = FP32_VALUES_PER_BLOCK * 4 * d + COMPUTE_VALUES_PER_BLOCK * compute * d
     if kind == "hutchinson":
         per_block += MATH_ATTENTION_BYTES[dtype] * heads * T
-    if activation_checkpointing:  # each block keeps its fp32 input; one block is recomputed at a time
+    # Checkpointing: each block keeps its fp32 input and one block is recomputed at a time. Not for the
+    # Hutchinson pass: its first backward builds a graph for the second, which keeps every recomputed block.
+    if activation_checkpointing and kind != "hutchinson":
         blocks = layers * 4 * d + per_block
     else:
         blocks = layers * per_block
@@ -126,7 +128,9 @@ def choose_micro_batch(model: object, *, batch_size: int, world_size: int, memor
     chosen = largest_fitting_divisor(per_rank, fits, ceiling)
     if chosen is None:
         need = estimate_memory(model, micro_batch_size=1, world_size=world_size, **estimate).total
+        remedy = ("a GPU with more memory, or Sophia-G, whose curvature pass needs no double backward"
+                  if estimate.get("kind") == "hutchinson" else
+                  "set train.activation_checkpointing=true, or use train.strategy=fsdp over more GPUs")
         raise UserError(f"{what}: even one sequence per micro-step needs ≈ {need / GiB:.1f} GiB (estimated) "
-                        f"of this GPU's {memory / GiB:.0f} GiB; set train.activation_checkpointing=true, or "
-                        "use train.strategy=fsdp over more GPUs")
+                        f"of this GPU's {memory / GiB:.0f} GiB; {remedy}")
     return chosen

@@ -168,6 +168,19 @@ def test_two_ranks_match_one_process(runs, optimizer, strategy):
         assert series(reference, "hessian_norm")[STEPS] > 0, "no curvature pass ran"
 
 
+def test_fsdp_with_gradient_accumulation_matches_one_process(runs):
+    """FSDP over 2 ranks × 2 micro-steps of 2 sequences against one process × 2 micro-steps of 4: the
+    parameters stay gathered between the micro-steps (no reshard after a backward without gradient sync),
+    which must change the traffic only, not the numbers. Wrong if a micro-step's gradient were lost or
+    reduce-scattered twice."""
+    reference = runs("adamw-single")
+    runs.run("adamw-fsdp-accum", 2, overrides(runs.data_dir, "adamw", "fsdp", "train.micro_batch_size=2"))
+    run = runs.root / "adamw-fsdp-accum" / "run"
+    assert "accumulation 2 × world 2" in (run / "plan.txt").read_text()
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        assert_close_series(series(run, key), series(reference, key), f"fsdp accumulation {key}")
+
+
 def test_ddp_resume_matches_the_straight_run(runs):
     """Same ranks, same operations: a run stopped at step 4 and resumed is bit-identical to the straight run
     (Sophia's curvature passes at steps 2, 4, 6 included). Wrong if any state is missing from the checkpoint

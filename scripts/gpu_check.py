@@ -279,7 +279,7 @@ def main() -> int:
     print("| strategy | backend | killed mid-run | max relative loss difference | ok | s |")
     print("|---|---|---|---|---|---|")
     for strategy in ("ddp", "fsdp"):
-        r = resume_check(work, strategy, 12 if args.smoke else 40, sizes["resume_model"])
+        r = resume_check(work, strategy, 8 if args.smoke else 40, sizes["resume_model"])
         if "detail" in r:
             print(f"| {strategy} | - | - | - | False | - |\n\n```\n{r['detail']}\n```")
         else:

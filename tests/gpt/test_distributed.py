@@ -172,12 +172,13 @@ def test_fsdp_with_gradient_accumulation_matches_one_process(runs):
     """FSDP over 2 ranks × 2 micro-steps of 2 sequences against one process × 2 micro-steps of 4: the
     parameters stay gathered between the micro-steps (no reshard after a backward without gradient sync),
     which must change the traffic only, not the numbers. Wrong if a micro-step's gradient were lost or
-    reduce-scattered twice."""
+    reduce-scattered twice. (Validation losses are not compared: the validation set is counted in
+    micro-batches, so a smaller micro-batch evaluates fewer sequences.)"""
     reference = runs("adamw-single")
     runs.run("adamw-fsdp-accum", 2, overrides(runs.data_dir, "adamw", "fsdp", "train.micro_batch_size=2"))
     run = runs.root / "adamw-fsdp-accum" / "run"
     assert "accumulation 2 × world 2" in (run / "plan.txt").read_text()
-    for key in ("train_loss", "val_loss", "grad_norm"):
+    for key in ("train_loss", "grad_norm"):
         assert_close_series(series(run, key), series(reference, key), f"fsdp accumulation {key}")
 
 

@@ -256,7 +256,7 @@ def main() -> int:
         print(f"| {r['model']} | {r['optim']} | {r['micro']} ({_fmt(r['hessian_micro'], 'd')}) "
               f"| {r['compile']} | {r['tokens_per_sec']:,.0f} | {_fmt(r['mfu'], '.1%')} "
               f"| {r['step_s'] * 1e3:.1f} | {ratio:.2f} | {_fmt(pass_ms, '.0f')} "
-              f"| {_fmt(r['peak_gib'], '.1f')} | {r['estimate_gib']:.1f} |")
+              f"| {_fmt(r['peak_gib'], '.2f')} | {r['estimate_gib']:.2f} |")
         if not np.isfinite(r["final_loss"]):
             failures.append(f"{r['model']} {r['optim']}: non-finite loss")
         if r["peak_gib"] is not None and r["peak_gib"] > r["estimate_gib"] * 1.15:

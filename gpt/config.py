@@ -2,7 +2,7 @@
 
 Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
 type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
-tokens per step (Sophia's `bs`), decay steps — that must never be duplicated in YAML. The `optim` and `data`
+tokens per step, decay steps — that must never be duplicated in YAML. The `optim` and `data`
 groups have per-choice keys: the optimizer registry checks `optim`'s, and `data`'s must be among the keys the
 data package reads. Hydra's own composition errors (an unknown `model=`, a misspelt key) are turned into one
 line here too, so every config mistake reads the same way.
@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from common.errors import UserError
 from data.prepare import CONFIG_KEYS as DATA_KEYS
+from optim import OPTIMIZERS
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
@@ -34,6 +35,7 @@ class ModelSettings:
     vocab_size: int = 50304
     dropout: float = 0.0
     bias: bool = False
+    scale_attn_by_inverse_layer_idx: bool = False
 
 
 @dataclass
@@ -70,6 +72,17 @@ class ScheduleSettings:
 
 
 @dataclass
+class ProtocolSettings:
+    """The script-level choices of configs/protocol/: the fair protocol, or the official scripts' own."""
+
+    name: str = "fair"
+    summed_accumulation: list[str] = field(default_factory=list)
+    warmup_from_zero: bool = False
+    extra_final_step: bool = False
+    summed_micro_steps: int = 0  # recorded at start (`gpt.protocol`): micro-steps per rank summed, 0 if none
+
+
+@dataclass
 class WandbSettings:
     enabled: bool = False
     project: str = "sophia-gpt"
@@ -84,6 +97,7 @@ class Settings:
     train: TrainSettings
     schedule: ScheduleSettings
     wandb: WandbSettings
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     optim: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -115,6 +129,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
         wandb=_typed("wandb", WandbSettings, container.get("wandb", {})),
+        protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
         optim=dict(container["optim"]),
         data=dict(container["data"]),
     )
@@ -123,6 +138,10 @@ def load_settings(cfg: DictConfig) -> Settings:
         # Recorded resolved, so that a resume with another max_steps, which would reshape the schedule of
         # steps already trained, differs from the run in an experiment-defining key and is refused.
         settings.schedule.decay_steps = settings.train.max_steps
+    if settings.protocol.extra_final_step:
+        # The official loop steps at iterations 0 through max_iters: one more step, at the final lr. Recorded
+        # as the budget trained, so config.yaml, the plan and the metrics all show the steps really taken.
+        settings.train.max_steps += 1
     return settings
 
 
@@ -143,11 +162,15 @@ def _check(s: Settings) -> None:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
+    unknown = sorted(set(s.protocol.summed_accumulation) - set(OPTIMIZERS))
+    if unknown:
+        raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(OPTIMIZERS)}")
 
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Batch arithmetic for one run: the vocabulary of STYLE.md, computed once."""
+    """Batch arithmetic for one run (micro-batch, accumulation, global batch), computed once."""
 
     world_size: int
     global_batch_size: int
@@ -157,7 +180,8 @@ class BatchPlan:
 
     @property
     def tokens_per_step(self) -> int:
-        """Predictions per optimizer step over all ranks and micro-steps: Sophia's `bs`."""
+        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
+        optim.hessian_batch_size sets the curvature pass apart)."""
         return self.global_batch_size * self.block_size
 
 

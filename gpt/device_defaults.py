@@ -45,9 +45,12 @@ def resolve_micro_batches(settings: Settings, world_size: int, memory: int | Non
     common = dict(dtype=t.dtype, state_tensors=STATE_TENSORS.get(optim.get("name"), 2),
                   sharded=t.strategy == "fsdp", activation_checkpointing=t.activation_checkpointing)
     if t.micro_batch_size is None:
+        # Where the protocol sums the micro-steps' losses (protocol=official, AdamW), their number defines
+        # the run: the paper's micro-batch, not one that depends on the GPU's memory.
+        sums = optim.get("name") in settings.protocol.summed_accumulation
         t.micro_batch_size = choose_micro_batch(settings.model, batch_size=t.global_batch_size,
-                                                world_size=world_size, memory=memory, kind="train",
-                                                what="train.global_batch_size", **common)
+                                                world_size=world_size, memory=None if sums else memory,
+                                                kind="train", what="train.global_batch_size", **common)
     elif memory is not None:
         _warn_if_too_large(settings, t.micro_batch_size, "train.micro_batch_size", "train", memory,
                            dict(common, world_size=world_size))

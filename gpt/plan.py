@@ -1,5 +1,5 @@
 """What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
-memory, and the wall-clock it should take on a named GPU at a stated MFU.
+memory, the protocol, and the wall-clock it should take on a named GPU at a stated MFU.
 
 FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
 its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
@@ -15,6 +15,7 @@ import torch
 
 from gpt.config import BatchPlan, Settings
 from gpt.memory import STATE_TENSORS
+from gpt.protocol import describe_protocol
 from optim import OPTIMIZERS
 
 # Dense (not 2:4-sparse) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendor's data sheets; fp32 runs
@@ -95,6 +96,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
         f" optimizer state ≈ {state_gib:.2f} GiB{sharded}",
     ]
+    lines.append(describe_protocol(settings.protocol, optim["name"], plan, t.grad_clip))
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8
     for gpu in gpus:

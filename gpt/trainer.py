@@ -45,6 +45,7 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
+from gpt.protocol import apply_protocol
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, trainer_settings
@@ -118,9 +119,12 @@ class Trainer:
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
         resolve_device_defaults(settings, runtime.world_size, runtime.device)
+        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
+        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums (the
+        # summed count is recorded in the config: it defines the run)
+        self.micro_loss_divisor = apply_protocol(settings, self.plan)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
-        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -303,7 +307,7 @@ class Trainer:
             with gradient_sync(self.forward, micro == accum - 1):
                 with self.autocast():
                     _, loss = self.forward(x, y)
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss / self.micro_loss_divisor).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
@@ -334,7 +338,8 @@ class Trainer:
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
             lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr)
+                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr,
+                       warmup_from_zero=self.s.protocol.warmup_from_zero)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if self.curvature is not None and self.curvature.due(step):

@@ -134,3 +134,14 @@ def test_more_ranks_than_visible_gpus_is_a_user_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(UserError, match="LOCAL_RANK=5"):
         pick_device("cuda", 5)
+
+
+def test_summed_accumulation_keeps_the_papers_micro_batch(tmp_path):
+    """Under protocol=official AdamW sums its micro-steps' losses, so their number sets the effective clip
+    and defines the run: a null micro-batch is the paper's 12 on any GPU, not the largest that fits."""
+    fair = load_settings(compose_train(["optim=adamw", f"out_dir={tmp_path}"]))
+    official = load_settings(compose_train(["optim=adamw", "protocol=official", f"out_dir={tmp_path}"]))
+    for settings in (fair, official):
+        resolve_micro_batches(settings, 1, 141 * GiB)
+    assert official.train.micro_batch_size == 12 and fair.train.micro_batch_size > 12
+

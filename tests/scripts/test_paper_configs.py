@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "configs" / "experiment" / "paper"
 NAMES = sorted(p.stem for p in PAPER.glob("*.yaml") if not p.stem.startswith("_"))
 SIZES = {"small": "gpt2_small", "medium": "gpt2_medium", "large": "gpt2_large", "540m": "gpt2_540m"}
-# PAPER.md §3: (lr, min_lr, rho) of the official runs.
+# The official configs (docs/fidelity.md): (lr, min_lr, rho) of the official runs.
 TABLE = {("small", "adamw"): (6e-4, 3e-5, None), ("medium", "adamw"): (3e-4, 6e-5, None),
          ("large", "adamw"): (2e-4, 1e-5, None), ("small", "sophia_g"): (6e-4, 1.5e-5, 0.05),
          ("medium", "sophia_g"): (7e-4, 1e-5, 0.08), ("large", "sophia_g"): (3e-4, 1e-5, 0.05)}

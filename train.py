@@ -17,9 +17,12 @@ from omegaconf import DictConfig
 
 from common.errors import UserError
 
+_job_started = False  # set when Hydra hands over to the job: errors before it are Hydra's set-up
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="train")
 def main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
     from gpt.trainer import train
 
     try:
@@ -41,6 +44,14 @@ def run() -> None:
             from gpt.config import describe_composition_error
 
             print(f"error: {describe_composition_error(e)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as e:
+            if _job_started:  # raised by the run itself: a bug or a failure that keeps its traceback
+                raise
+            # Hydra creates the run directory (out_dir) before the job: a file in its place, a parent that
+            # is a file, no permission
+            print(f"error: cannot create out_dir {e.filename} ({e.strerror}); choose a directory you can "
+                  "write", file=sys.stderr)
             sys.exit(2)
     if "gpt.trainer" in sys.modules:  # a job ran; a multirun keeps its process group up until here
         from gpt.distributed import shutdown

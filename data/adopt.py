@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from common.errors import UserError
+from data import blocks
 from data.prepare import DTYPE, _fingerprint, _settings, _write_atomic
 from data.tokenizers import get_tokenizer
 
@@ -57,7 +58,8 @@ def adopt(data_cfg: Mapping[str, Any]) -> Path:
     splits = {name: count_split(out / f"{name}.bin", tokenizer.vocab_size, tokenizer.eot_id)
               for name in ("train", "val")}
     meta = {**settings, "fingerprint": _fingerprint(settings), "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id, "dtype": "uint16", "splits": splits, "adopted": True}
+            "eot_id": tokenizer.eot_id, "dtype": "uint16", "splits": splits, "adopted": True,
+            "blocks": blocks.record(out, list(splits))}
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     log.info("adopted %s: %s", out, splits)
     return out

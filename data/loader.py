@@ -10,7 +10,7 @@ independent of the training seed, the micro-batch size and the world size.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from data.prepare import FORMAT_VERSION
+from data import blocks
+from data.prepare import FORMAT_VERSION, read_meta
 
 TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
 VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
@@ -35,7 +36,7 @@ class TokenData:
                 f"{self.dir} holds no prepared data (no meta.json; a preparation may have been interrupted). "
                 f"Run: python -m data.prepare data=<name> data.dir={self.dir}"
             )
-        self._meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self._meta: dict[str, Any] = read_meta(self.dir)
         if self._meta.get("format_version") != FORMAT_VERSION:
             raise UserError(
                 f"{meta_path} has format version {self._meta.get('format_version')}, this code reads "
@@ -63,6 +64,24 @@ class TokenData:
     @property
     def meta(self) -> dict[str, Any]:
         return self._meta
+
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint records of the data it was trained on (see data/blocks.py)."""
+        return {"fingerprint": self._meta.get("fingerprint"),
+                "tokens": {name: counts["tokens"] for name, counts in self._meta["splits"].items()},
+                "content": blocks.content_digest(self._meta.get("blocks"))}
+
+    def verify_sampled_blocks(self) -> None:
+        """Re-hash a random sample of blocks against meta.json (a no-op for data prepared without hashes)."""
+        recorded = self._meta.get("blocks")
+        if not recorded:
+            return
+        for name in self._meta["splits"]:
+            path = self.dir / f"{name}.bin"
+            problem = blocks.sampled_mismatch(path, recorded[name], recorded["block_bytes"])
+            if problem:
+                raise UserError(f"{problem}; prepare the data again (python -m data.prepare) into a new "
+                                "data.dir")
 
     @property
     def vocab_size(self) -> int:
@@ -94,7 +113,10 @@ class BatchLoader:
         rank: int = 0,
         seed: int,
         device: str | torch.device = "cpu",
+        vocab_limit: int | None = None,
     ):
+        """`vocab_limit`: token ids must be below it (the model's vocabulary); each batch is checked, so a
+        damaged file is one clear error instead of an out-of-range embedding lookup."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if block_size < 1 or micro_batch_size < 1 or seed < 0:
@@ -110,6 +132,7 @@ class BatchLoader:
         self.rank = rank
         self.seed = seed
         self.device = torch.device(device)
+        self.vocab_limit = vocab_limit
         self.grad_accum_steps = self._accum_steps(global_batch_size, "global_batch_size")
         for name in ("train", "val"):
             if len(data.split(name)) < block_size + 1:
@@ -139,15 +162,27 @@ class BatchLoader:
             global_batch_size = self.global_batch_size
         return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size, micro_batch_size)
 
-    def val_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Micro-batch `index` of the fixed validation set: its sequences index·mbs … (index+1)·mbs − 1."""
+    def val_batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences first … first + count − 1 of the fixed validation set."""
         high = len(self.data.split("val")) - self.block_size
-        first = index * self.micro_batch_size
         offsets = [
             np.random.default_rng([VAL_SEED, VAL_STREAM, j]).integers(0, high)
-            for j in range(first, first + self.micro_batch_size)
+            for j in range(first, first + count)
         ]
         return self._windows("val", np.array(offsets))
+
+    def val_schedule(self, sequences: int) -> list[tuple[int, int, float]]:
+        """This rank's share of a `sequences`-long validation set: (first, count, weight) per micro-batch.
+        Micro-batches of `micro_batch_size` go to the ranks in turn; every rank gets the same number (a rank
+        past the end repeats the last one with weight 0), so that collective forwards stay matched."""
+        batches = math.ceil(sequences / self.micro_batch_size)
+        schedule = []
+        rounds = math.ceil(batches / self.world_size)
+        for index in range(self.rank, rounds * self.world_size, self.world_size):
+            first = min(index, batches - 1) * self.micro_batch_size
+            count = min(self.micro_batch_size, sequences - first)
+            schedule.append((first, count, float(count) if index < batches else 0.0))
+        return schedule
 
     def _accum_steps(self, global_batch_size: int, what: str, micro_batch_size: int | None = None) -> int:
         micro_batch_size = micro_batch_size or self.micro_batch_size
@@ -175,6 +210,11 @@ class BatchLoader:
     def _windows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x = tokens[o : o+T], y = tokens[o+1 : o+T+1] for each offset o, as int64 tensors on the device."""
         rows = self.data.split(split)[offsets[:, None] + np.arange(self.block_size + 1)]
+        if self.vocab_limit is not None and rows.max() >= self.vocab_limit:  # damaged or foreign file
+            row, column = np.unravel_index(np.argmax(rows >= self.vocab_limit), rows.shape)
+            raise UserError(f"{self.data.dir / (split + '.bin')} holds token id {rows[row, column]} >= the "
+                            f"model's vocabulary of {self.vocab_limit} at token {offsets[row] + column}: the "
+                            "file is damaged or from another tokenizer; prepare the data again")
         x = torch.from_numpy(rows[:, :-1].astype(np.int64))
         y = torch.from_numpy(rows[:, 1:].astype(np.int64))
         if self.device.type == "cuda":  # pinned host memory makes the copy asynchronous

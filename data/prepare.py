@@ -1,9 +1,10 @@
 """Data preparation: turn a text corpus into `train.bin`, `val.bin` and `meta.json` in nanoGPT's format.
 
 Documents are split into train/val with the same call nanoGPT uses (`train_test_split(test_size=val_fraction,
-seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is
-tokenised in parallel with `Dataset.map` into a (disk-backed) dataset; the lengths are summed first, then the
-tokens are copied batch by batch into a preallocated memmap, so memory stays flat for billions of tokens.
+seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is streamed
+in batches of documents from the (disk-backed) dataset, tokenised on `num_proc` threads (tiktoken's batch
+encoder releases the GIL) and appended to the output, so memory stays flat for billions of tokens and no
+intermediate tokenised dataset is written.
 Files are written under `.tmp` names, fsynced and renamed; `meta.json` is written last and is the commit
 marker: without it the loader refuses the folder and a rerun starts over. A rerun with the same settings
 (their fingerprint is in `meta.json`) does nothing; a rerun with different settings into a folder that holds
@@ -16,12 +17,13 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from data import allocate, blocks
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -39,7 +42,8 @@ FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-WRITE_BATCH_DOCS = 1024
+WRITE_BATCH_DOCS = 256  # documents read from the dataset at a time
+TOKENIZE_BATCH_CHARS = 1 << 21  # text encoded at a time: its ids as Python ints take ~20× its size in memory
 # Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
 CONFIG_KEYS = frozenset({
     "name", "source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "tokenizer",
@@ -57,7 +61,7 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     out = Path(data_cfg["dir"])
     command = (f"python -m data.prepare data={data_cfg['name']} data.tokenizer={data_cfg['tokenizer']} "
                "data.dir=")
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
                 f"prepare it with: {command}{out}")
@@ -80,7 +84,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
             f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most"
         )
 
-    meta = _read_meta(out)
+    meta = read_meta(out)
     if meta is not None:
         if meta.get("fingerprint") != fingerprint:
             raise UserError(
@@ -102,10 +106,11 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     documents = _load_documents(data_cfg)
     splits = _split(documents, settings["val_fraction"], settings["split_seed"])
-    counts = {
-        name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
-        for name, split in splits.items()
-    }
+    with allocate.removed_on_failure([out / f"{name}.bin.tmp" for name in splits]):
+        counts = {
+            name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
+            for name, split in splits.items()
+        }
     meta = {
         **settings,
         "fingerprint": fingerprint,
@@ -113,6 +118,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "eot_id": tokenizer.eot_id,
         "dtype": "uint16",
         "splits": counts,
+        "blocks": blocks.record(out, list(counts)),  # for the content check at every training start
     }
     _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     log.info(
@@ -256,45 +262,46 @@ def _split(documents, val_fraction: float, split_seed: int) -> dict[str, Any]:
     return {"train": parts["train"], "val": parts["test"]}
 
 
-def _tokenize(batch: dict[str, list], tokenizer_name: str) -> dict[str, list]:
-    tokenizer = get_tokenizer(tokenizer_name)
-    ids = [[*doc, tokenizer.eot_id] for doc in tokenizer.encode_batch(batch["text"])]
-    return {"ids": ids, "len": [len(doc) for doc in ids]}
+def _token_batches(split, tokenizer: Tokenizer, threads: int) -> Iterator[np.ndarray]:
+    """The split's documents in order, as uint16 arrays of consecutive documents' ids, each followed by the
+    EOT id. Documents are encoded ~`TOKENIZE_BATCH_CHARS` of text at a time (a longer document alone), so
+    memory stays bounded whatever the documents' sizes."""
+    for batch in split.iter(batch_size=WRITE_BATCH_DOCS):
+        texts = batch["text"]
+        start = 0
+        while start < len(texts):
+            end, size = start + 1, len(texts[start])
+            while end < len(texts) and size + len(texts[end]) <= TOKENIZE_BATCH_CHARS:
+                size += len(texts[end])
+                end += 1
+            documents = tokenizer.encode_batch(texts[start:end], num_threads=threads)
+            lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+            ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=DTYPE, count=int(lengths.sum()))
+            yield np.insert(ids, np.cumsum(lengths), tokenizer.eot_id)
+            start = end
 
 
 def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: bool) -> dict[str, int]:
-    """Tokenise one split and write it to `path` through a temporary file; return its counts."""
-    import datasets
-    import pyarrow.compute as pc
-
-    features = datasets.Features(
-        {"ids": datasets.List(datasets.Value("uint16")), "len": datasets.Value("int64")}
-    )
-    tokenized = split.map(
-        _tokenize,
-        batched=True,
-        num_proc=min(num_proc, len(split)),
-        remove_columns=split.column_names,
-        fn_kwargs={"tokenizer_name": tokenizer.name},
-        features=features,
-        desc=f"tokenising {path.stem}",
-    )
-    total = pc.sum(tokenized.data.column("len")).as_py()
+    """Tokenise one split and append it batch by batch to a temporary file, renamed to `path` when complete;
+    return its counts. Memory holds one batch of documents; tokenisation runs on `num_proc` threads."""
     tmp = path.with_name(path.name + ".tmp")
-    tokens = np.memmap(tmp, dtype=DTYPE, mode="w+", shape=(total,))
-    written = 0
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {path.name}", disable=quiet) as bar:
-        for batch in tokenized.with_format("arrow").iter(batch_size=WRITE_BATCH_DOCS):
-            ids = batch.column("ids").combine_chunks().flatten().to_numpy()
-            tokens[written : written + len(ids)] = ids
-            written += len(ids)
-            bar.update(len(ids))
-    assert written == total, (written, total)
-    tokens.flush()
-    del tokens
+    # Regular writes report a full disk as an error (a memmap would die of SIGBUS), so the exact size need
+    # not be known first: the headroom is checked up front, and a disk that fills up later is a UserError.
+    allocate.reserve(tmp, 0)
+    total = 0
+    try:
+        with open(tmp, "wb") as out, tqdm(unit="tok", unit_scale=True, desc=f"writing {path.name}",
+                                          disable=quiet) as bar:
+            for ids in _token_batches(split, tokenizer, num_proc):
+                out.write(ids.tobytes())
+                total += len(ids)
+                bar.update(len(ids))
+    except OSError as e:
+        raise UserError(f"cannot write {tmp} ({e.strerror}); free space or set data.dir to a larger disk"
+                        ) from None
     _fsync(tmp)
     os.replace(tmp, path)
-    return {"tokens": total, "documents": len(tokenized)}
+    return {"tokens": total, "documents": len(split)}
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
@@ -313,9 +320,26 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read_meta(out: Path) -> dict[str, Any] | None:
+def read_meta(out: Path) -> dict[str, Any] | None:
+    """The folder's meta.json, None if it has none; a damaged one is a UserError naming what is wrong."""
     path = out / "meta.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"delete {out} and prepare the data again"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} holds a JSON {type(meta).__name__}, not an object; {fix}")
+    splits = meta.get("splits")
+    if not (isinstance(splits, dict) and {"train", "val"} <= splits.keys()
+            and all(isinstance(c, dict) and isinstance(c.get("tokens"), int) for c in splits.values())):
+        raise UserError(f"{path} has no valid 'splits' (token counts of train and val); {fix}")
+    for key, kind in (("vocab_size", int), ("eot_id", int), ("tokenizer", str), ("dtype", str)):
+        if not isinstance(meta.get(key), kind):
+            raise UserError(f"{path} has no valid {key!r}; {fix}")
+    return meta
 
 
 def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:

@@ -7,8 +7,8 @@ verifies the manifest and falls back to the next newest checkpoint, with a warni
 Old checkpoints are pruned only after a new one is complete, and only those older than it: a newer one that
 failed verification is replaced when the run reaches its step again, so the run directory always keeps the
 checkpoint it just wrote. Removal renames to a `.tmp` name first, so an interrupted prune leaves no
-half-deleted directory that looks complete. Files are loaded with `weights_only=True`: a checkpoint is data,
-never code.
+half-deleted directory that looks complete. Files are loaded with `weights_only=True`, sharded ones through an
+allow-list (gpt/sharded_checkpoint.py): a checkpoint is data, never code.
 """
 
 from __future__ import annotations
@@ -192,6 +192,21 @@ class CheckpointDir:
         return path
 
 
+def first_nonfinite(model: nn.Module, optimizer: Optimizer) -> str | None:
+    """The name of a weight or optimizer-state tensor holding NaN or inf on this rank (its local shard under
+    FSDP), or None when all are finite: a checkpoint of such state would resume into garbage."""
+    named = [(f"weight {name}", tensor) for name, tensor in model.state_dict().items()]
+    names = {id(p): name for name, p in model.named_parameters()}
+    for param, state in optimizer.state.items():
+        named += [(f"optimizer state {key} of {names.get(id(param), '?')}", value)
+                  for key, value in state.items()]
+    named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    return next(name for name, t in named if not torch.isfinite(t).all())
+
+
 def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
                         sharded: bool, is_main: bool) -> None:
     """Model and optimizer state into `directory`: one `state.pt` written by rank 0, or (FSDP) one shard per
@@ -216,21 +231,26 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
                         sharded: bool, device: torch.device) -> dict[str, Any]:
-    """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries."""
-    if sharded:
-        import torch.distributed.checkpoint as dcp
+    """Load what `save_training_state` wrote into model and optimizer; returns the `extra` entries.
+
+    `sharded` is whether this run is FSDP-sharded. A sharded checkpoint loads into any layout: DCP reshards
+    it to this run's ranks, whether FSDP on another number of ranks, DDP or one process (`model` is the
+    unwrapped module). A single-file checkpoint loads into one process or DDP on any number of ranks, not
+    into FSDP."""
+    if (directory / SHARDED_DIR).is_dir():
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if not (directory / SHARDED_DIR).is_dir():
-            raise UserError(f"{directory} is a single-file checkpoint; resume it with train.strategy=ddp")
+        from gpt.sharded_checkpoint import load_into
+
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state, **extra}
-        dcp.load(state, checkpoint_id=directory / SHARDED_DIR)
+        load_into(state, directory / SHARDED_DIR)  # never unpickles code
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}
-    if not (directory / STATE_FILE).is_file():
-        raise UserError(f"{directory} is a sharded (FSDP) checkpoint; resume it with train.strategy=fsdp or "
-                        "export it with scripts/export_checkpoint.py")
+    if sharded:
+        raise UserError(f"{directory} is a single-file checkpoint (written by one process or DDP), which "
+                        "cannot be resumed sharded; resume it with train.strategy=ddp (any number of ranks) "
+                        "or as one process")
     state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])

@@ -10,6 +10,7 @@ line here too, so every config mistake reads the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -46,7 +47,7 @@ class TrainSettings:
     hessian_micro_batch_size: int | None = None  # the curvature pass's; None: chosen likewise
     activation_checkpointing: bool = False
     eval_interval: int = 1000
-    eval_steps: int = 200
+    eval_sequences: int = 2400
     log_interval: int = 10
     ckpt_interval: int = 1000
     keep_checkpoints: int = 3
@@ -154,14 +155,28 @@ def _check(s: Settings) -> None:
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "hessian_micro_batch_size",
-                "eval_interval", "eval_steps", "log_interval", "ckpt_interval", "keep_checkpoints",
+                "eval_interval", "eval_sequences", "log_interval", "ckpt_interval", "keep_checkpoints",
                 "max_skipped"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        if getattr(m, key) < 1:
+            raise UserError(f"model.{key} must be at least 1 (got {getattr(m, key)})")
     if m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not s.out_dir.strip():
+        raise UserError("out_dir is empty; give the run its own directory, e.g. out_dir=runs/my_run")
+    if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
+        raise UserError(f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 disables clipping)")
+    if not (math.isfinite(s.schedule.min_lr) and s.schedule.min_lr >= 0):
+        raise UserError(f"schedule.min_lr={s.schedule.min_lr} must be a finite number >= 0")
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
+    if s.schedule.decay_steps is not None and s.schedule.decay_steps < 1:
+        raise UserError(f"schedule.decay_steps={s.schedule.decay_steps} must be at least 1 (or null: "
+                        "train.max_steps)")
     unknown = sorted(set(s.protocol.summed_accumulation) - set(OPTIMIZERS))
     if unknown:
         raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "

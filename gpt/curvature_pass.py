@@ -23,7 +23,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,31 @@ class CurvatureSchedule:
         return step % self.interval == 0 and (step > 0 or self.at_start)
 
 
+class PhaseTimes:
+    """Seconds spent in each phase of curvature passes (forward, sampling, backward, update), summed over
+    passes: for benchmarks. Timing a phase waits for the device, which a training run must not do."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        self._synchronize()
+        start = time.perf_counter()
+        yield
+        self._synchronize()
+        self.seconds[phase] += time.perf_counter() - start
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _untimed(phase: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -74,9 +100,12 @@ def run_curvature_pass(
     runtime: Runtime,
     autocast: Callable[[], contextlib.AbstractContextManager],
     scaler: torch.amp.GradScaler,
+    phases: PhaseTimes | None = None,
 ) -> float:
-    """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds."""
+    """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds. `phases`, when
+    given, also accumulates the time of each phase."""
     start = time.perf_counter()
+    timed = phases or _untimed
     accum = loader.hessian_accum_steps(schedule.batch_size, schedule.micro_batch_size)
     params = _params(optimizer)
     optimizer.zero_grad(set_to_none=True)
@@ -87,16 +116,20 @@ def run_curvature_pass(
             generator = torch.Generator(device=x.device)
             generator.manual_seed(derive_seed(seed, "gnb", step, micro * runtime.world_size + runtime.rank))
             with gradient_sync(model, micro == accum - 1):
-                with autocast():
+                with timed("forward"), autocast():
                     logits, _ = model(x)
-                (gnb_loss(logits, generator) * (loss_scale / accum)).backward()
-        if loss_scale != 1.0:
-            for param in params:
-                if param.grad is not None:
-                    param.grad.mul_(1.0 / loss_scale)
-        max_norm = schedule.grad_clip if schedule.grad_clip > 0 else math.inf
-        norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
-        _update_if_finite(optimizer.update_hessian, norm, step)
+                with timed("sampling"):
+                    loss = gnb_loss(logits, generator)
+                with timed("backward"):
+                    (loss * (loss_scale / accum)).backward()
+        with timed("update"):
+            if loss_scale != 1.0:
+                for param in params:
+                    if param.grad is not None:
+                        param.grad.mul_(1.0 / loss_scale)
+            max_norm = schedule.grad_clip if schedule.grad_clip > 0 else math.inf
+            norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
+            _update_if_finite(optimizer.update_hessian, norm, step)
     elif schedule.kind == "hutchinson":
         generator = torch.Generator(device=runtime.device)
         generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank
@@ -106,10 +139,11 @@ def run_curvature_pass(
         with math_attention():
             for micro in range(accum):
                 x, y = loader.hessian_batch(step, micro, schedule.batch_size, schedule.micro_batch_size)
-                with autocast():
+                with timed("forward"), autocast():
                     _, loss = raw(x, y)
-                products = hessian_vector_products(loss / accum, params, probes)
-                torch._foreach_add_(estimates, torch._foreach_mul(products, probes))
+                with timed("backward"):  # the double backward
+                    products = hessian_vector_products(loss / accum, params, probes)
+                    torch._foreach_add_(estimates, torch._foreach_mul(products, probes))
         if runtime.distributed:
             flat = torch.cat([e.reshape(-1) for e in estimates])
             runtime.all_reduce(flat, "mean")

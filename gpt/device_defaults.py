@@ -14,8 +14,9 @@ import torch
 
 from common.errors import UserError
 from gpt.config import Settings
-from gpt.memory import STATE_TENSORS, GiB, choose_micro_batch, device_memory, estimate_memory
-from optim import OPTIMIZERS
+from gpt.memory import GiB, choose_micro_batch, device_memory, estimate_memory
+from gpt.model import GPT, GPTConfig
+from optim import entry_for
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,17 @@ def resolve_device_defaults(settings: Settings, world_size: int, device: torch.d
     resolve_micro_batches(settings, world_size, device_memory(device))
 
 
+def state_per_parameter(settings: Settings) -> float:
+    """fp32 optimizer state elements per parameter, as the optimizer's registry entry declares."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{k: v for k, v in vars(settings.model).items() if k != "name"}))
+    return entry_for(settings.optim).state_numel(model, settings.optim) / model.num_params()
+
+
 def resolve_micro_batches(settings: Settings, world_size: int, memory: int | None) -> None:
     """The micro-batches left None, for `world_size` GPUs of `memory` bytes each (None: not on CUDA)."""
     t, optim = settings.train, settings.optim
-    common = dict(dtype=t.dtype, state_tensors=STATE_TENSORS.get(optim.get("name"), 2),
+    common = dict(dtype=t.dtype, state_tensors=state_per_parameter(settings),
                   sharded=t.strategy == "fsdp", activation_checkpointing=t.activation_checkpointing)
     if t.micro_batch_size is None:
         # Where the protocol sums the micro-steps' losses (protocol=official, AdamW), their number defines
@@ -54,7 +62,7 @@ def resolve_micro_batches(settings: Settings, world_size: int, memory: int | Non
     elif memory is not None:
         _warn_if_too_large(settings, t.micro_batch_size, "train.micro_batch_size", "train", memory,
                            dict(common, world_size=world_size))
-    kind = getattr(OPTIMIZERS.get(optim.get("name")), "curvature", None)
+    kind = entry_for(optim).curvature
     if kind is None:
         return
     batch_size = optim.get("hessian_batch_size") or t.global_batch_size

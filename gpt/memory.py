@@ -32,9 +32,6 @@ MATH_ATTENTION_BYTES = {"float32": 4, "bfloat16": 6, "float16": 6}
 DOUBLE_BACKWARD_FACTOR = 2
 HEADROOM = 0.85  # use at most this share of the device's memory (context, allocator, fragmentation)
 CPU_MICRO_BATCH = 12  # away from CUDA (CPU runs, dry runs) the paper's micro-batch is the ceiling
-# Full-size fp32 state tensors per parameter (Adam-mini keeps only m in full).
-STATE_TENSORS = {"adamw": 2, "sophia_g": 2, "sophia_h": 2, "lion": 1, "sgd_sai": 1, "adam_mini": 1,
-                 "adahessian": 2}
 
 
 @dataclass(frozen=True)
@@ -62,13 +59,13 @@ def _num_params(c: object) -> int:
     return c.n_layer * (12 * d * d + 2 * d) + d + (c.vocab_size + c.block_size) * d
 
 
-def estimate_memory(model: object, *, micro_batch_size: int, dtype: str, state_tensors: int,
+def estimate_memory(model: object, *, micro_batch_size: int, dtype: str, state_tensors: float,
                     world_size: int = 1, sharded: bool = False, activation_checkpointing: bool = False,
                     kind: str = "train") -> MemoryEstimate:
     """Peak bytes of one micro-step on one rank; `model` is a GPT or a config with its shape fields.
 
     `kind` is "train" (a training micro-step), "gnb" (Sophia-G's pass) or "hutchinson" (double backward
-    through the math attention kernel). `state_tensors`: full-size fp32 optimizer tensors per parameter.
+    through the math attention kernel). `state_tensors`: fp32 optimizer state elements per parameter.
     """
     layers, heads, d, T, vocab, n = _model_shape(model)
     compute = 4 if dtype == "float32" else 2

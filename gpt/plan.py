@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from gpt.config import BatchPlan, Settings
-from gpt.memory import STATE_TENSORS
 from gpt.protocol import describe_protocol
-from optim import OPTIMIZERS
+from optim import entry_for
 
 # Dense (not 2:4-sparse) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendor's data sheets; fp32 runs
 # use TF32 on these GPUs: half of it. A device name matches the longest key it contains, so "H100 PCIe" wins
@@ -42,7 +41,7 @@ CURVATURE_PASSES = {"gnb": 1, "hutchinson": 2}
 def training_flops_per_token(model: Any, optim: Mapping[str, Any], global_batch_size: int) -> float:
     """FLOPs per trained token, the optimizer's curvature passes included, so that a Sophia run pays for its
     Hessian estimates in every FLOPs figure (the plan's, and the analysis scripts')."""
-    kind = getattr(OPTIMIZERS.get(optim["name"]), "curvature", None)
+    kind = entry_for(optim).curvature
     if kind is None:
         return model.flops_per_token()
     share = (optim.get("hessian_batch_size") or global_batch_size) / global_batch_size
@@ -80,7 +79,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
     curvature = getattr(optimizer, "curvature", None)
     total_flops = flops_per_step * t.max_steps
-    state_gib = STATE_TENSORS.get(optim["name"], 2) * n_params * 4 / 2**30
+    state_gib = entry_for(optim).state_numel(model, optim) * 4 / 2**30  # float32, as the entry declares
     sharded = f" ({state_gib / plan.world_size:.2f} GiB per rank)" if runtime.strategy == "fsdp" else ""
     lines = [
         f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"

@@ -22,9 +22,10 @@ from gpt.config import ModelSettings, ProtocolSettings
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 # Prefixes of config keys that define the experiment: a resume must not change them.
-IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
-                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps",
-                 "protocol.")
+IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "data.val_fraction", "data.split_seed",
+                 "train.seed", "train.global_batch_size", "schedule.name", "schedule.warmup_steps",
+                 "schedule.min_lr", "schedule.decay_steps", "protocol.")
+log = logging.getLogger(__name__)
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
@@ -80,9 +81,43 @@ def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> No
         )
 
 
+def check_same_data(manifest: dict[str, Any], data: dict[str, Any], config: dict[str, Any],
+                    where: str) -> None:
+    """A resume must read the data its checkpoint was trained on: the same preparation (fingerprint), sizes
+    and content (digest of the block hashes, data/blocks.py). `data.dir` may change (data moved to another
+    disk) as long as what it holds is the same; checkpoints older than this record are not checked."""
+    recorded = manifest.get("data")
+    if recorded is None:
+        return
+    old_dir, new_dir = manifest["config"]["data"].get("dir"), config["data"].get("dir")
+    differences = [f"{key}: {recorded.get(key)!r} -> {data.get(key)!r}" for key in sorted(recorded)
+                   if recorded.get(key) != data.get(key)]
+    if differences:
+        moved = f" (data.dir {old_dir} -> {new_dir})" if old_dir != new_dir else ""
+        raise UserError(f"{where} was trained on other data than data.dir holds now{moved}: "
+                        f"{'; '.join(differences)}; point data.dir at the data it was trained on, or use "
+                        "another out_dir")
+    if old_dir != new_dir:
+        log.info("data.dir changed from %s to %s; it holds the same data (fingerprint and content)", old_dir,
+                 new_dir)
+
+
 def read_config(out_dir: Path) -> dict[str, Any] | None:
+    """The config.yaml of a run directory; None if it has none. A damaged one is an error, not ignored:
+    it is what a resume checks the experiment against."""
     path = out_dir / CONFIG_FILE
-    return yaml.safe_load(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not readable YAML ({first}); restore it, or move it away to resume "
+                        "from the checkpoints' own record of the config") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a {type(config).__name__}, not a mapping of settings; restore it, or "
+                        "move it away to resume from the checkpoints' own record of the config")
+    return config
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> None:

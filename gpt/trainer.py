@@ -27,7 +27,13 @@ from torch import nn
 from common.errors import UserError
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
-from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
+from gpt.checkpoint import (
+    CheckpointDir,
+    first_nonfinite,
+    load_training_state,
+    read_manifest,
+    save_training_state,
+)
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.device_defaults import out_of_memory_advice, resolve_device_defaults
@@ -42,13 +48,15 @@ from gpt.distributed import (
     planned_device,
     wrap_model,
 )
+from gpt.memory_check import check_memory_fits
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT, GPTConfig
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.protocol import apply_protocol
-from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
+from gpt.run_dir import check_compatible, check_same_data, read_config, setup_logging, write_config
+from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
-from optim import build_optimizer, lr_at, trainer_settings
+from optim import GroupSchedule, build_optimizer, check_run, evaluation_weights, trainer_settings
 
 log = logging.getLogger(__name__)
 SPIKE_FACTOR = 5.0  # a loss above this multiple of the recent median is recorded as a spike
@@ -68,7 +76,8 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     with leaving_together(runtime, keep_process_group, out_of_memory_advice(settings)):
-        return Trainer(settings, runtime).run()
+        with holding_out_dir(settings.out_dir, runtime, enabled=not settings.train.dry_run):
+            return Trainer(settings, runtime).run()
 
 
 def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
@@ -125,6 +134,8 @@ class Trainer:
         self.micro_loss_divisor = apply_protocol(settings, self.plan)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
+        if not t.dry_run:
+            check_memory_fits(settings, self.plan, runtime.strategy, runtime.device)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -139,7 +150,15 @@ class Trainer:
             self.model = GPT(model_config).to(runtime.device)
             self.wrapped = wrap_model(self.model, runtime, dtype=t.dtype,
                                       activation_checkpointing=t.activation_checkpointing)
+        check_run(settings.optim, strategy=runtime.strategy, schedule=settings.schedule.name)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
+        schedule = settings.schedule
+        self.schedule = GroupSchedule(self.optimizer, schedule.name, reference_lr=settings.optim["lr"],
+                                      warmup_steps=schedule.warmup_steps, decay_steps=schedule.decay_steps,
+                                      min_lr=schedule.min_lr,
+                                      warmup_from_zero=settings.protocol.warmup_from_zero)
+        # Evaluations and checkpoints see the optimizer's evaluation weights (schedule-free: the average)
+        self.evaluation_weights = lambda: evaluation_weights(self.optimizer, settings.optim)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
@@ -162,6 +181,7 @@ class Trainer:
             log.info("preparing %s into %s", d["name"], d["dir"])
             self.rt.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
+        self.rt.on_main(data.verify_sampled_blocks)
         if data.vocab_size > self.s.model.vocab_size:
             raise UserError(
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
@@ -170,7 +190,7 @@ class Trainer:
         return BatchLoader(
             data, block_size=self.s.model.block_size, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, world_size=self.rt.world_size, rank=self.rt.rank,
-            seed=t.seed, device=self.rt.device,
+            seed=t.seed, device=self.rt.device, vocab_limit=self.s.model.vocab_size,
         )
 
     def _curvature_schedule(self) -> CurvatureSchedule | None:
@@ -196,8 +216,10 @@ class Trainer:
         path, manifest = self.rt.on_main(self._resume_point)
         if path is None:
             return {}
-        extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
-                                    self.rt.strategy == "fsdp", self.rt.device)
+        scaler = {"scaler": self.scaler.state_dict()}
+        with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training weights
+            extra = load_training_state(path, self.model, self.optimizer, scaler, self.rt.strategy == "fsdp",
+                                        self.rt.device)
         self.scaler.load_state_dict(extra["scaler"])
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest
@@ -209,6 +231,7 @@ class Trainer:
             return None, {}
         manifest = read_manifest(path)
         check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        check_same_data(manifest, self.loader.data.identity(), self.config, f"checkpoint {path}")
         return path, manifest
 
     def _save(self, step: int, elapsed: float, wandb_id: str | None, loop_state: dict[str, Any]) -> None:
@@ -219,7 +242,14 @@ class Trainer:
         full disk rarely empties itself; the lost work is bounded by train.ckpt_interval.
         """
         is_main = self.rt.is_main
-        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state}
+        problem = first_nonfinite(self.model, self.optimizer)
+        if not self._all_ranks(problem is None):
+            last_good = self.ckpts.last_complete()
+            raise UserError(f"after step {step}, {problem or 'a tensor on another rank'} is not finite: its "
+                            f"checkpoint was not written. Last good checkpoint: {last_good}. A lower "
+                            "optim.lr is another experiment: give it a new out_dir", echo=is_main)
+        meta = {"config": self.config, "elapsed_s": elapsed, "wandb_id": wandb_id, "loop": loop_state,
+                "data": self.loader.data.identity()}
         phases: list[Callable[[], object]] = [
             lambda: self.ckpts.begin(step) if is_main else None,
             lambda: save_training_state(self.ckpts.staging(step), self.model, self.optimizer,
@@ -244,6 +274,11 @@ class Trainer:
                         f"removed. Last good checkpoint: {self.ckpts.last_complete()}. Free disk space and "
                         "rerun to resume from it")
 
+    def _stop_agreed(self, stop: StopRequested) -> bool:
+        """Whether any rank was signalled to stop: a collective when distributed, no device sync alone."""
+        signalled = stop.signal is not None
+        return not self._all_ranks(not signalled) if self.rt.distributed else signalled
+
     def _all_ranks(self, ok: bool) -> bool:
         """True on every rank iff `ok` is true on every rank (a collective)."""
         failed = torch.full((), float(not ok), device=self.rt.device)  # a fill kernel: no host-to-device copy
@@ -251,18 +286,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ loop
 
+    def evaluate(self, stop: StopRequested | None = None) -> float | None:
+        """The validation loss at the optimizer's evaluation weights (schedule-free: the averaged iterate);
+        None if a stop signal abandoned it."""
+        with self.evaluation_weights():
+            return self._evaluate(stop)
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation set, split across ranks. Every rank runs the same number of
-        forwards (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0."""
+    def _evaluate(self, stop: StopRequested | None) -> float | None:
+        """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
+        micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
+        (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
+        signal (on any rank) abandons it between two micro-batches: None."""
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
-        eval_steps, world = self.s.train.eval_steps, self.rt.world_size
-        for index in range(self.rt.rank, math.ceil(eval_steps / world) * world, world):
-            x, y = self.loader.val_batch(min(index, eval_steps - 1))
+        for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
+            if stop is not None and self._stop_agreed(stop):
+                log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
+                self.model.train()
+                return None
+            x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
-            weight = float(index < eval_steps)
             total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()
@@ -321,7 +366,7 @@ class Trainer:
               stop: StopRequested, loop_state: dict[str, Any]) -> dict[str, Any]:
         """`loop_state` (saved with each checkpoint) carries the spike window and the skip streak across a
         resume, so a resumed run flags and stops exactly where the straight run would."""
-        t, rt, schedule = self.s.train, self.rt, self.s.schedule
+        t, rt = self.s.train, self.rt
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         tokens_per_step = self.plan.tokens_per_step
         recent_losses: deque[float] = deque(loop_state.get("recent_losses", []), maxlen=100)
@@ -331,17 +376,18 @@ class Trainer:
         run_start = interval_start = time.perf_counter()
         record: dict[str, Any] = {}
         if start_step == 0:
-            record = {"step": 0, "tokens": 0, "val_loss": self.evaluate(), "elapsed_s": 0.0}
+            val_loss = self.evaluate(stop)
+            if val_loss is None:
+                log.info("stopped during the evaluation of step 0: nothing trained, nothing to save")
+                stop.hand_over()
+                return {}
+            record = {"step": 0, "tokens": 0, "val_loss": val_loss, "elapsed_s": 0.0}
             metrics.write(record)
             log.info(format_line(record))
 
         for step in range(start_step, t.max_steps):
             torch.manual_seed(derive_seed(t.seed, "step", step, rt.rank))  # dropout: a function of the step
-            lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                       decay_steps=schedule.decay_steps, min_lr=schedule.min_lr,
-                       warmup_from_zero=self.s.protocol.warmup_from_zero)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.schedule.apply(step)  # each group's own base rate × the schedule's factor
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
                                                   step, t.seed, rt, self.autocast, self.scaler)
@@ -396,14 +442,18 @@ class Trainer:
                     record["hessian_norm"] = self.optimizer.hessian_norm()
                     record["hessian_time_s"] = hessian_time
                 if is_eval:
-                    record["val_loss"] = self.evaluate()
+                    val_loss = self.evaluate(stop)
+                    stopping = stopping or val_loss is None  # abandoned for a stop: save and go
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
                 metrics.write(record)
                 log.info(format_line(record))
                 interval_start, interval_steps, clipped_count = time.perf_counter(), 0, 0
 
             if done % t.ckpt_interval == 0 or done == t.max_steps or stopping:
-                self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
-                           {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
+                with self.evaluation_weights():  # what a checkpoint holds (schedule-free: the average)
+                    self._save(done, elapsed_before + time.perf_counter() - run_start, wandb_id,
+                               {"recent_losses": list(recent_losses), "skipped_in_row": skipped_in_row})
             if stopping:
                 name = signal.Signals(stop.signal).name if stop.signal else "a signal on another rank"
                 log.info("stopped by %s after step %d, checkpoint saved: rerun to resume", name, done)

@@ -21,6 +21,7 @@ from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import aligned_estimates
 from optim.fused import EMA_SQUARE, FusedKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 
 def _adahessian_update_(
@@ -95,3 +96,6 @@ class AdaHessian(BaseOptimizer):
                        1.0 - lr * group["weight_decay"], beta1, 1.0 - beta1, step_size,
                        1.0 - beta2 ** state["hessian_step"], group["hessian_power"] / 2, group["eps"])
         return loss
+
+
+register(OptimizerEntry("adahessian", lambda: AdaHessian, full_size_state(2)))

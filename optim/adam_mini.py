@@ -10,8 +10,12 @@ state_dict) plus `n_head`:
 - every other ≥2-D tensor (attention and MLP projections, wte and wpe): one block per output row (dim 0), so
   per output neuron, and per token / per position for the embeddings;
 - 0-D and 1-D tensors (LayerNorm weights, biases): one block for the whole tensor.
-Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. The
-update is the eager per-tensor loop: its block reductions are cheap and it is not a speed target here.
+Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. Per
+tensor, the step makes two passes over memory, as fused AdamW makes one: a compiled row reduction of g²
+(`optim.fused.LargeInputKernel`), then, after the small per-block arithmetic, one compiled elementwise kernel
+on (rows, width) views updating m and θ with each row's denominator. `fused=False` runs the same functions
+eagerly: the reference loop. FSDP2-sharded tensors take the eager DTensor operations, whose row reduction
+gathers one value per row.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
+from optim.fused import MIN_COMPILED_NUMEL, LargeInputKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
 
@@ -43,24 +49,55 @@ def second_moment_blocks(name: str, shape: torch.Size | tuple[int, ...], n_head:
     return [(rows, 1)]
 
 
-def _block_mean_squares(grad: Tensor, segments: list[Segment]) -> Tensor:
-    """mean(g²) per block, as the mean of its rows' means (the rows of a block have equal width)."""
+def _row_mean_squares(rows: Tensor) -> Tensor:
+    """mean(g²) of each row of a 2-D gradient."""
+    return (rows * rows).mean(dim=1)
+
+
+# Compiled with symbolic sizes: one graph for every (rows, width) of a model.
+ROW_MEAN_SQUARES = LargeInputKernel(_row_mean_squares, MIN_COMPILED_NUMEL, dynamic=True,
+                                    options={"cpp.dynamic_threads": True})
+
+
+def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denominator: Tensor, beta1: float,
+                       one_minus_beta1: float, decay: float, step_size: float) -> None:
+    """On (rows, width) views, `denominator` (rows, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay − step_size·m / d.
+    Rows stay a dimension so the compiled loop broadcasts d per row without an index division."""
+    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
+    param.mul_(decay).add_(exp_avg / denominator * -step_size)
+
+
+ADAM_MINI_UPDATE = LargeInputKernel(_adam_mini_update_, MIN_COMPILED_NUMEL, dynamic=True,
+                                    options={"cpp.dynamic_threads": True})
+
+
+def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
+    """Per-block means of per-row means (the rows of a block have equal width)."""
+    if all(block_rows == 1 for _, block_rows in segments):
+        return row_means
     heights = [height for height, _ in segments]
-    row_means = grad.square().reshape(sum(heights), -1).mean(dim=1)
-    if isinstance(row_means, DTensor):  # FSDP shards rows: gather one value per row, never the gradient
-        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
     return torch.cat([part.reshape(-1, block_rows).mean(dim=1)
                       for part, (_, block_rows) in zip(row_means.split(heights), segments, strict=True)])
 
 
-def _broadcast_rows(per_block: Tensor, segments: list[Segment], param: Tensor) -> Tensor:
-    """Per-block values repeated to one per row, shaped to broadcast against `param`."""
-    if param.dim() < 2:
-        return per_block.reshape(())
+def _block_mean_squares(grad: Tensor, segments: list[Segment], fused: bool = True) -> Tensor:
+    """mean(g²) per block, as the mean of its rows' means."""
+    rows = grad.reshape(sum(height for height, _ in segments), -1)
+    if isinstance(rows, DTensor):  # FSDP shards rows: gather one value per row, never the gradient
+        row_means = _row_mean_squares(rows)
+        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
+    else:
+        row_means = (ROW_MEAN_SQUARES if fused else _row_mean_squares)(rows)
+    return _block_means(row_means, segments)
+
+
+def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
+    """Per-block values repeated to one per row (dim 0), as a vector."""
+    if all(block_rows == 1 for _, block_rows in segments):
+        return per_block
     counts = [height // block_rows for height, block_rows in segments]
-    per_row = torch.cat([values.repeat_interleave(block_rows)
-                         for values, (_, block_rows) in zip(per_block.split(counts), segments, strict=True)])
-    return per_row.view(-1, *([1] * (param.dim() - 1)))
+    return torch.cat([values.repeat_interleave(block_rows)
+                      for values, (_, block_rows) in zip(per_block.split(counts), segments, strict=True)])
 
 
 class AdamMini(BaseOptimizer):
@@ -75,9 +112,11 @@ class AdamMini(BaseOptimizer):
         weight_decay: float = 0.1,
         *,
         n_head: int,
+        fused: bool = True,
     ) -> None:
         check_hyperparameters(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, n_head=n_head)
-        super().__init__(named_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(named_params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                            fused=fused))
         self.n_head = n_head
         for group in self.param_groups:
             if "param_names" not in group:
@@ -103,10 +142,22 @@ class AdamMini(BaseOptimizer):
                 state["step"] += 1
                 bias_correction1 = 1.0 - beta1 ** state["step"]
                 bias_correction2 = 1.0 - beta2 ** state["step"]
-                state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                state["exp_avg_sq"].mul_(beta2).add_(_block_mean_squares(grad, segments), alpha=1.0 - beta2)
-                denominator = (state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"])
-                param.mul_(1.0 - lr * group["weight_decay"])
-                param.addcdiv_(state["exp_avg"], _broadcast_rows(denominator, segments, param),
-                               value=-lr / bias_correction1)
+                block_means = _block_mean_squares(grad, segments, group["fused"])
+                state["exp_avg_sq"].mul_(beta2).add_(block_means, alpha=1.0 - beta2)
+                denominator = _rows((state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"]),
+                                    segments)
+                decay, step_size = 1.0 - lr * group["weight_decay"], lr / bias_correction1
+                if isinstance(param, DTensor):  # a shard of the rows: DTensor operations
+                    state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                    param.mul_(decay)
+                    param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))),
+                                   value=-step_size)
+                else:
+                    rows = denominator.numel()
+                    update = ADAM_MINI_UPDATE if group["fused"] else _adam_mini_update_
+                    update(param.view(rows, -1), grad.reshape(rows, -1), state["exp_avg"].view(rows, -1),
+                           denominator.view(rows, 1), beta1, 1.0 - beta1, decay, step_size)
         return loss
+
+
+register(OptimizerEntry("adam_mini", lambda: AdamMini, full_size_state(1)))  # m; v is per block

@@ -18,22 +18,126 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from optim.fused import LargeInputKernel
+
+# Inverse-CDF sampling searches blocks of this many vocabulary entries first, then one entry in the block.
+SAMPLING_BLOCK = 64
+# Below this many logits a compiled call's fixed cost exceeds the passes over memory it saves.
+MIN_COMPILED_LOGITS = 1 << 20
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 logits (bf16 probabilities are too coarse for a 50K vocabulary)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _row_statistics(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of (N, V) logits: the max m and Σ exp(l − m) per block of `SAMPLING_BLOCK` columns (the last
+    block may be shorter). A row holding NaN or +inf has a non-finite max."""
+    x = logits.to(_compute_dtype(logits.dtype))
+    row_max = x.amax(dim=-1)
+    weights = torch.exp(x - row_max[:, None])
+    full = weights.shape[-1] // SAMPLING_BLOCK * SAMPLING_BLOCK
+    block_sums = weights[:, :full].reshape(weights.shape[0], -1, SAMPLING_BLOCK).sum(dim=-1)
+    if full < weights.shape[-1]:
+        block_sums = torch.cat([block_sums, weights[:, full:].sum(dim=-1, keepdim=True)], dim=-1)
+    return row_max, block_sums
+
+
+def _cross_entropy_grad(logits: Tensor, row_max: Tensor, log_sum: Tensor, labels: Tensor, scale: Tensor
+                        ) -> Tensor:
+    """∂/∂logits of scale·Σ_rows (m + log Σ exp(l − m) − l[label]) = scale·(softmax − onehot), in the
+    logits' dtype. l − m is exact in float32, so m and the log-sum stay apart (as log_softmax keeps them):
+    folded into one float32 normaliser, its rounding at |l| ≈ 10 would cost p − 1 five digits."""
+    grad = torch.exp(logits.to(row_max.dtype) - row_max[:, None] - log_sum[:, None])
+    grad.scatter_add_(1, labels[:, None], torch.full_like(row_max[:, None], -1.0))
+    return (grad * scale).to(logits.dtype)
+
+
+# One pass over the (N, V) logits each; the vocabulary is fixed and N takes one or two values per run.
+ROW_STATISTICS = LargeInputKernel(_row_statistics, MIN_COMPILED_LOGITS, dynamic=False)
+CROSS_ENTROPY_GRAD = LargeInputKernel(_cross_entropy_grad, MIN_COMPILED_LOGITS, dynamic=False)
+
+
+def row_statistics(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`_row_statistics` of (N, V) logits and which rows are finite. Logits holding NaN or inf are made
+    finite for the statistics (one more pass, only then), so every row can still be sampled."""
+    row_max, block_sums = ROW_STATISTICS(logits)
+    finite = torch.isfinite(row_max)
+    if not bool(finite.all()):
+        row_max, block_sums = ROW_STATISTICS(torch.nan_to_num(logits))
+    return row_max, block_sums, finite
+
+
+def sample_from_logits(
+    logits: Tensor, uniforms: Tensor, statistics: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
+    """One label per row of (N, V) `logits`, drawn from softmax(logits) by inverse CDF with `uniforms` (N,)
+    in [0, 1): the label is the first index whose cumulative probability exceeds u.
+
+    The search runs on the blocks' sums (accumulated in float64), then on the chosen block's entries
+    (cumulative in float64, scaled to the block's sum), so neither the whole CDF nor the probabilities are
+    ever materialised: each entry gets its exact share of its block's mass, and a block's mass is off by a
+    few float32 roundings of its 64-term sum (relative ~1e-7), where one float32 cumulative sum over 50K
+    entries would blur every entry below ~1e-7 of the *total*. A rounding at the CDF's end (u·total
+    rounding up to total, or the scaled position reaching the block's end) never picks past the last entry
+    of positive probability. `statistics` are `row_statistics(logits)[:2]` when the caller already has them.
+    """
+    row_max, block_sums = row_statistics(logits)[:2] if statistics is None else statistics
+    block_sums = block_sums.to(torch.float64)
+    cumulative = block_sums.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    below_total = torch.nextafter(total, total.new_zeros(()))
+    target = torch.minimum(uniforms.to(torch.float64)[:, None] * total, below_total)
+    block = torch.searchsorted(cumulative, target, right=True)  # (N, 1): the first block ending above target
+    before = torch.where(block > 0, cumulative.gather(1, (block - 1).clamp(min=0)), 0.0)
+    fraction = (target - before) / block_sums.gather(1, block)  # where in the block, in [0, 1)
+    vocab = logits.shape[-1]
+    columns = block * SAMPLING_BLOCK + torch.arange(SAMPLING_BLOCK, device=logits.device)
+    values = torch.nan_to_num(logits.gather(1, columns.clamp(max=vocab - 1)).to(row_max.dtype))
+    weights = torch.where(columns < vocab, torch.exp(values - row_max[:, None]), 0.0)
+    within_cumulative = weights.to(torch.float64).cumsum(dim=-1)
+    within = torch.searchsorted(within_cumulative, fraction * within_cumulative[:, -1:], right=True)
+    last_positive = SAMPLING_BLOCK - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)
+    return (block * SAMPLING_BLOCK + torch.minimum(within, last_positive)).squeeze(1)
+
+
+class _SampledCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (N, V) logits against given labels, with the log-normaliser precomputed: the
+    forward is a gather, the backward one fused pass (softmax − onehot) that never keeps a float32 copy."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, row_max: Tensor, log_sum: Tensor, labels: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, row_max, log_sum, labels)
+        picked = logits.gather(1, labels[:, None]).squeeze(1).to(row_max.dtype)
+        return ((row_max - picked) + log_sum).mean()
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, row_max, log_sum, labels = ctx.saved_tensors
+        scale = (grad_output / logits.shape[0]).to(row_max.dtype)
+        return CROSS_ENTROPY_GRAD(logits, row_max, log_sum, labels, scale), None, None, None
 
 
 def gnb_loss(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Mean cross-entropy of `logits` (..., vocab) against labels drawn from softmax(logits) (temperature 1).
 
-    Sampling happens in float32 on detached logits (bf16 probabilities are too coarse for a 50K vocabulary);
-    `generator` (on the logits' device) makes the draw reproducible. Non-finite logits (an overflow, a
-    diverged model) are made finite for the draw only: the loss stays non-finite, and the caller skips it.
+    One uniform per row from `generator` (on the logits' device) drives an exact inverse-CDF draw
+    (`sample_from_logits`), so the labels are a pure function of the logits and the generator's seed.
+    Sampling and the loss work in float32 (float64 for float64 logits) without copying the logits; the value
+    and gradient equal `F.cross_entropy(logits.float(), labels)`. Non-finite logits are made finite for the
+    draw only: the loss stays non-finite, and the caller skips it.
     """
-    flat = logits.reshape(-1, logits.size(-1)).float()
+    flat = logits.reshape(-1, logits.size(-1))
     with torch.no_grad():
-        probabilities = torch.softmax(torch.nan_to_num(flat), dim=-1)
-        labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
-    return F.cross_entropy(flat, labels)
+        row_max, block_sums, finite = row_statistics(flat.detach())
+        uniforms = torch.rand(flat.shape[0], dtype=torch.float64, device=flat.device, generator=generator)
+        labels = sample_from_logits(flat.detach(), uniforms, (row_max, block_sums))
+        log_sum = block_sums.to(torch.float64).sum(dim=-1).log().to(row_max.dtype)
+        log_sum = torch.where(finite, log_sum, torch.nan)
+    return _SampledCrossEntropy.apply(flat, row_max, log_sum, labels)
 
 
 def rademacher_like(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:

@@ -34,7 +34,35 @@ log = logging.getLogger(__name__)
 MIN_COMPILED_NUMEL = 1 << 16
 
 
-class FusedKernel:
+class CompiledOrEager:
+    """A pure tensor function `fn` with a compiled variant built on first use (importing dynamo is slow).
+
+    A compile failure (no C++ compiler, an unsupported platform) logs one warning and sends every later call
+    to the eager function, which computes the same thing. Subclasses decide which calls are worth compiling.
+    """
+
+    def __init__(self, fn: Callable[..., Any], **compile_options: Any) -> None:
+        self.eager = fn
+        self._options = compile_options
+        self._compiled: Callable[..., Any] | None = None
+        self._failed = False
+
+    def _try_compiled(self, *args: Any) -> tuple[bool, Any]:
+        """(True, result) from the compiled function, or (False, None) once compilation has failed."""
+        if self._failed:
+            return False, None
+        if self._compiled is None:
+            self._compiled = torch.compile(self.eager, fullgraph=True, **self._options)
+        try:
+            return True, self._compiled(*args)
+        except Exception as error:  # compilation fails before any tensor is touched
+            self._failed = True
+            log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on (same "
+                        "results, slower)", self.eager.__name__, type(error).__name__, error)
+            return False, None
+
+
+class FusedKernel(CompiledOrEager):
     """An elementwise update `fn(*tensors_and_floats)` of same-shape tensors, mutating some in place.
 
     Small tensors (`MIN_COMPILED_NUMEL`) and non-contiguous ones (rare: views) take the eager path, which
@@ -42,9 +70,10 @@ class FusedKernel:
     """
 
     def __init__(self, fn: Callable[..., None]) -> None:
-        self.eager = fn
-        self._compiled: Callable[..., None] | None = None  # built on first use: importing dynamo is slow
-        self._failed = False
+        # With symbolic sizes Inductor decides on threading from the first call's size, so a kernel first
+        # compiled for a LayerNorm vector would run single-threaded on the embedding matrix;
+        # dynamic_threads keeps an OpenMP parallel region in every kernel and decides at run time.
+        super().__init__(fn, dynamic=True, options={"cpp.dynamic_threads": True})
 
     def select(self, fused: bool) -> Callable[..., None]:
         """The compiled kernel, or the eager reference when an optimizer's `fused` option is False."""
@@ -53,25 +82,30 @@ class FusedKernel:
     def __call__(self, *args: Any) -> None:
         args = tuple(arg.to_local() if isinstance(arg, DTensor) else arg for arg in args)
         tensors = [arg for arg in args if isinstance(arg, Tensor)]
-        if (not self._failed and tensors[0].numel() >= MIN_COMPILED_NUMEL
-                and all(t.is_contiguous() for t in tensors)):
-            if self._compiled is None:
-                # With symbolic sizes Inductor decides on threading from the first call's size, so a kernel
-                # first compiled for a LayerNorm vector would run single-threaded on the embedding matrix;
-                # dynamic_threads keeps an OpenMP parallel region in every kernel and decides at run time.
-                self._compiled = torch.compile(self.eager, dynamic=True, fullgraph=True,
-                                               options={"cpp.dynamic_threads": True})
+        if tensors[0].numel() >= MIN_COMPILED_NUMEL and all(t.is_contiguous() for t in tensors):
             # Flat views make every call the same 1-D graph whatever the parameter's shape: without them
             # dynamo compiles one graph per rank and per pattern of equal dimensions and soon hits its limit.
             flat = [arg.view(-1) if isinstance(arg, Tensor) else arg for arg in args]
-            try:
-                self._compiled(*flat)
+            if self._try_compiled(*flat)[0]:
                 return
-            except Exception as error:  # compilation fails before any tensor is touched
-                self._failed = True
-                log.warning("torch.compile of %s failed (%s: %s); using the eager per-tensor update "
-                            "(same update, slower)", self.eager.__name__, type(error).__name__, error)
         self.eager(*args)
+
+
+class LargeInputKernel(CompiledOrEager):
+    """A function of a tensor (and more arguments), compiled when that first tensor has at least
+    `min_numel` elements and is contiguous, eager otherwise (where a compiled call's fixed cost exceeds
+    the passes over memory it saves). Unlike `FusedKernel`, shapes are kept: reductions along rows."""
+
+    def __init__(self, fn: Callable[..., Any], min_numel: int, **compile_options: Any) -> None:
+        super().__init__(fn, **compile_options)
+        self.min_numel = min_numel
+
+    def __call__(self, tensor: Tensor, *args: Any) -> Any:
+        if tensor.numel() >= self.min_numel and tensor.is_contiguous():
+            compiled, result = self._try_compiled(tensor, *args)
+            if compiled:
+                return result
+        return self.eager(tensor, *args)
 
 
 def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.fused import FusedKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 
 def _lion_update_(
@@ -59,3 +60,6 @@ class Lion(BaseOptimizer):
                 update(param, param.grad, state["exp_avg"], lr, 1.0 - lr * group["weight_decay"], beta1,
                        1.0 - beta1, beta2, 1.0 - beta2)
         return loss
+
+
+register(OptimizerEntry("lion", lambda: Lion, full_size_state(1)))

@@ -1,11 +1,20 @@
-"""Build an optimizer from the `optim` config group: one name → class table, one weight-decay rule.
+"""The optimizer registry: each optimizer declares, next to its class, all the rest of the project reads.
+
+An `OptimizerEntry` names the class (loaded on first use, so an optional package is imported only when its
+optimizer is chosen), how to build its param groups, how much state it keeps (the plan's memory estimate),
+whether it can step FSDP shards, which schedules it accepts, and how to switch to its evaluation weights.
+The plan, the trainer's checks, the benchmark, the tests and the docs table read these entries; adding an
+optimizer is one module that calls `register(...)` plus one `configs/optim/<name>.yaml` (docs/extending.md).
+Modules of this package register on import (`optim/__init__.py` imports them all); a module elsewhere is
+named by the config's `module` key and imported before the name is looked up.
 
 The config holds the optimizer's hyper-parameters under their constructor names plus the trainer-only
-curvature keys (`hessian_interval`, `hessian_batch_size`, `hessian_grad_clip`). Every other key must be a
-constructor keyword, so a misspelt key fails at start-up with the accepted ones listed. Values the framework
-knows better than a user are injected, never configured: Sophia-G's `bs` (the predictions its curvature
-pass averages over, all ranks: `hessian_batch_size` × block_size, by default the training step's tokens),
-Adam-mini's `n_head` (from `model.config`), AdamW's fused/foreach kernel choice.
+curvature keys (`hessian_interval`, `hessian_batch_size`, `hessian_grad_clip`) and `module`. Every other key
+must be a constructor keyword, so a misspelt key fails at start-up with the accepted ones listed. Values the
+framework knows better than a user are injected, never configured: Sophia-G's `bs` (the predictions its
+curvature pass averages over, all ranks: `hessian_batch_size` × block_size, by default the training step's
+tokens), Adam-mini's `n_head` (from `model.config`), and each entry's `reserved` keys (AdamW's fused/foreach
+kernel choice, for instance).
 
 Weight decay follows the official Sophia code (the nanoGPT `configure_optimizers` it forked), which produced
 the paper's numbers: only the weights of `nn.Linear` layers decay. Embeddings (wte — the tensor tied to
@@ -15,38 +24,21 @@ including the tied embedding; using that rule would change every baseline.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from common.errors import UserError
-from optim.adahessian import AdaHessian
-from optim.adam_mini import AdamMini
-from optim.lion import Lion
-from optim.sgd_sai import SGDSaI
-from optim.sophia import SophiaG, SophiaH
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW,
-    "lion": Lion,
-    "sophia_g": SophiaG,
-    "sophia_h": SophiaH,
-    "sgd_sai": SGDSaI,
-    "adam_mini": AdamMini,
-    "adahessian": AdaHessian,
-}
 TRAINER_KEYS = ("hessian_interval", "hessian_batch_size", "hessian_grad_clip")
-
-
-class TrainerSettings(NamedTuple):
-    """The curvature pass's schedule: the trainer-only keys of the `optim` config, validated."""
-
-    hessian_interval: int | None  # run the estimator at the start of step s when s % interval == 0
-    hessian_batch_size: int | None  # sequences per curvature pass over all ranks; None: the training batch
-    hessian_grad_clip: bool  # clip the GNB gradient at the training clip threshold (official Sophia-G)
+FRAMEWORK_KEYS = ("name", "module", *TRAINER_KEYS)  # config keys that are not constructor keywords
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -67,11 +59,99 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [group for group in groups if group["params"]]
 
 
-def _optimizer_class(cfg: Mapping[str, Any]) -> tuple[str, type[torch.optim.Optimizer]]:
+def weight_decay_groups(model: nn.Module, options: Mapping[str, Any], defaults: Mapping[str, Any]
+                        ) -> list[dict[str, Any]]:
+    """The default group builder: `param_groups` with the configured (or the constructor's) weight decay."""
+    return param_groups(model, options.get("weight_decay", defaults.get("weight_decay", 0.0)))
+
+
+def trainable(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (param for param in model.parameters() if param.requires_grad)
+
+
+def full_size_state(tensors: int) -> Callable[[nn.Module, Mapping[str, Any]], int]:
+    """A state-size rule: `tensors` parameter-sized float32 tensors per parameter (AdamW: 2, m and v)."""
+    return lambda model, cfg: tensors * sum(param.numel() for param in trainable(model))
+
+
+def construct(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], kwargs: dict[str, Any]
+              ) -> torch.optim.Optimizer:
+    return cls(groups, **kwargs)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    """What the project needs to know about one optimizer; `register` it next to the class."""
+
+    name: str  # the `optim.name` that selects it
+    load: Callable[[], type[torch.optim.Optimizer]]  # the class (a function: optional packages load lazily)
+    # float32 state elements for this model and config: the plan's memory estimate
+    state_numel: Callable[[nn.Module, Mapping[str, Any]], int]
+    # (model, configured options, constructor defaults) -> param groups
+    param_groups: Callable[..., list[dict[str, Any]]] = weight_decay_groups
+    shards: bool = True  # steps FSDP2 shards (elementwise or DTensor-aware updates); False: FSDP refused
+    shard_reason: str = ""  # why not, for the refusal
+    schedules: tuple[str, ...] | None = None  # the schedules it accepts; None: any
+    schedule_reason: str = ""
+    reserved: Mapping[str, str] = field(default_factory=dict)  # keys the framework sets -> why
+    build: Callable[[type[torch.optim.Optimizer], list[dict[str, Any]], dict[str, Any]],
+                    torch.optim.Optimizer] = construct
+    # enter: the parameters hold the weights to evaluate and save; exit: back to the training weights
+    evaluation_weights: Callable[[torch.optim.Optimizer], contextlib.AbstractContextManager] | None = None
+
+    @cached_property
+    def cls(self) -> type[torch.optim.Optimizer]:
+        return self.load()
+
+    @property
+    def curvature(self) -> str | None:
+        """The curvature estimator the trainer runs for it: None, "gnb" or "hutchinson" (class attribute)."""
+        return getattr(self.cls, "curvature", None)
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {}
+
+
+def register(entry: OptimizerEntry) -> OptimizerEntry:
+    if entry.name in OPTIMIZERS and OPTIMIZERS[entry.name] != entry:
+        raise ValueError(f"optimizer {entry.name!r} is registered twice")
+    OPTIMIZERS[entry.name] = entry
+    return entry
+
+
+def entry_for(cfg: Mapping[str, Any]) -> OptimizerEntry:
+    """The entry `cfg["name"]` selects, importing `cfg["module"]` first when the config names one."""
+    module = cfg.get("module")
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise UserError(f"optim.module={module!r} cannot be imported ({error}); put its directory on "
+                            "PYTHONPATH") from error
     name = cfg.get("name")
     if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer optim.name={name!r}; valid: {', '.join(OPTIMIZERS)}")
-    return name, OPTIMIZERS[name]
+        hint = f" (optim.module={module!r} registers no such name)" if module is not None else ""
+        raise UserError(f"unknown optimizer optim.name={name!r}{hint}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def optional_class(package: str, attribute: str, extra: str) -> Callable[[], type[torch.optim.Optimizer]]:
+    """A loader for a class from an optional package: one line naming what to install when it is missing."""
+    def load() -> type[torch.optim.Optimizer]:
+        try:
+            return getattr(importlib.import_module(package), attribute)
+        except ImportError:
+            raise UserError(f"this optimizer needs the '{package}' package: pip install '.[{extra}]' "
+                            f"(or pip install {package})") from None
+    return load
+
+
+class TrainerSettings(NamedTuple):
+    """The curvature pass's schedule: the trainer-only keys of the `optim` config, validated."""
+
+    hessian_interval: int | None  # run the estimator at the start of step s when s % interval == 0
+    hessian_batch_size: int | None  # sequences per curvature pass over all ranks; None: the training batch
+    hessian_grad_clip: bool  # clip the GNB gradient at the training clip threshold (official Sophia-G)
 
 
 def trainer_settings(cfg: Mapping[str, Any]) -> TrainerSettings:
@@ -81,8 +161,8 @@ def trainer_settings(cfg: Mapping[str, Any]) -> TrainerSettings:
     defaults to True there (the official code clips the GNB gradient); none of the keys is accepted for an
     optimizer without curvature, where it could only be a mistake.
     """
-    name, cls = _optimizer_class(cfg)
-    kind = getattr(cls, "curvature", None)
+    entry = entry_for(cfg)
+    name, kind = entry.name, entry.curvature
     present = [key for key in TRAINER_KEYS if key in cfg]
     if kind is None:
         if present:
@@ -103,6 +183,24 @@ def trainer_settings(cfg: Mapping[str, Any]) -> TrainerSettings:
     if not isinstance(clip, bool):
         raise UserError(f"optim.hessian_grad_clip must be true or false, got {clip!r}")
     return TrainerSettings(interval, batch_size, clip)
+
+
+def check_run(cfg: Mapping[str, Any], *, strategy: str, schedule: str) -> None:
+    """Refuse, in one line, a parallelism strategy or a schedule the optimizer's entry does not support."""
+    entry = entry_for(cfg)
+    if strategy == "fsdp" and not entry.shards:
+        raise UserError(f"optim={entry.name} cannot step FSDP shards ({entry.shard_reason}); use "
+                        "train.strategy=ddp")
+    if entry.schedules is not None and schedule not in entry.schedules:
+        raise UserError(f"optim={entry.name} needs schedule={' or '.join(entry.schedules)}, got "
+                        f"schedule={schedule} ({entry.schedule_reason})")
+
+
+def evaluation_weights(optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]
+                       ) -> contextlib.AbstractContextManager:
+    """Inside, the model holds the weights to evaluate and save (schedule-free: the averaged iterate)."""
+    switch = entry_for(cfg).evaluation_weights
+    return contextlib.nullcontext() if switch is None else switch(optimizer)
 
 
 def curvature_predictions(cfg: Mapping[str, Any], model: nn.Module, tokens_per_step: int) -> int:
@@ -136,20 +234,6 @@ _RESERVED = {
     "bs": "computed by the framework: the curvature pass's predictions over all ranks",
     "n_head": "read from the model config",
 }
-_ADAMW_RESERVED = {
-    "fused": "chosen by the registry: fused kernels where supported",
-    "foreach": "chosen by the registry: the fallback where fused kernels are missing",
-}
-
-
-def _construct(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], kwargs: dict[str, Any]
-               ) -> torch.optim.Optimizer:
-    if cls is torch.optim.AdamW:
-        try:
-            return cls(groups, **kwargs, fused=True)
-        except RuntimeError:  # no fused kernel for these parameters' device or dtype
-            return cls(groups, **kwargs, foreach=True)
-    return cls(groups, **kwargs)
 
 
 def _plain(value: Any) -> Any:
@@ -161,25 +245,25 @@ def _plain(value: Any) -> Any:
 
 def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, tokens_per_step: int) -> torch.optim.Optimizer:
     """The optimizer `cfg["name"]` over `model`'s parameters; `cfg` is a mapping (dict or DictConfig)."""
-    name, cls = _optimizer_class(cfg)
+    entry = entry_for(cfg)
+    name, cls = entry.name, entry.cls
     trainer_settings(cfg)  # validate the curvature keys now, not when the trainer first reads them
     signature = inspect.signature(cls).parameters
-    reserved = {key: why for key, why in _RESERVED.items() if key in signature}
-    if cls is torch.optim.AdamW:
-        reserved.update(_ADAMW_RESERVED)
+    reserved = {key: why for key, why in _RESERVED.items() if key in signature} | dict(entry.reserved)
     accepted = [key for key in signature if key not in ("params", "named_params") and key not in reserved]
     options = {}
     for key, value in cfg.items():
-        if key == "name" or key in TRAINER_KEYS:
+        if key in FRAMEWORK_KEYS:
             continue
         if key in reserved:
             raise UserError(f"optim.{key} must not be set: it is {reserved[key]}")
         if key not in accepted:
             raise UserError(f"optim.{key} is not a {name} setting; accepted: {', '.join(accepted)}")
         options[key] = _plain(value)
-    groups = param_groups(model, options.get("weight_decay", signature["weight_decay"].default))
+    defaults = {key: p.default for key, p in signature.items() if p.default is not inspect.Parameter.empty}
     try:
+        groups = entry.param_groups(model, options, defaults)
         injected = _injected(cls, model, curvature_predictions(cfg, model, tokens_per_step))
-        return _construct(cls, groups, {**options, **injected})
+        return entry.build(cls, groups, {**options, **injected})
     except (ValueError, TypeError) as error:
         raise UserError(f"optim={name}: {error}") from error

@@ -4,13 +4,16 @@
 so step 0 already moves), then cosine from lr down to min_lr, reached at decay_steps and held after. The
 nanoGPT fork the official Sophia code was built on warmed up from 0 as lr·step/warmup_steps
 (`warmup_from_zero=True`, the official protocol's); the two differ by one step's worth of lr during warmup.
-`constant` is the same warmup then a flat lr, for ablations.
+`constant` is the same warmup then a flat lr, for ablations. `GroupSchedule` applies a schedule to an
+optimizer as a factor on each param group's own base rate.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+
+import torch
 
 from common.errors import UserError
 
@@ -48,3 +51,34 @@ def lr_at(
         raise UserError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     return SCHEDULES[schedule](step, lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr=min_lr,
                                warmup_from_zero=warmup_from_zero)
+
+
+class GroupSchedule:
+    """The schedule as a factor on each param group's own base rate, so the parts of a hybrid optimizer
+    (Muon's matrices and its AdamW rest) keep their own rates. The base rates are the groups' `lr` when the
+    optimizer is built, a pure function of the config, so a resumed run needs no state for them.
+    `reference_lr` (the config's `optim.lr`) is the rate the schedule's `min_lr` refers to: each group decays
+    to the same fraction min_lr / reference_lr of its base. A group whose base equals the reference follows
+    `lr_at` exactly, bit for bit."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, *, reference_lr: float,
+                 warmup_steps: int, decay_steps: int | None, min_lr: float, warmup_from_zero: bool = False
+                 ) -> None:
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        self.optimizer, self.schedule, self.reference_lr = optimizer, schedule, reference_lr
+        self.warmup_steps, self.decay_steps, self.min_lr = warmup_steps, decay_steps, min_lr
+        self.warmup_from_zero = warmup_from_zero
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+
+    def _lr(self, step: int, base: float) -> float:
+        ratio = base / self.reference_lr if self.reference_lr else 1.0
+        return lr_at(self.schedule, step, lr=base, warmup_steps=self.warmup_steps,
+                     decay_steps=self.decay_steps, min_lr=self.min_lr * ratio,
+                     warmup_from_zero=self.warmup_from_zero)
+
+    def apply(self, step: int) -> float:
+        """Write step `step`'s rate into every group; returns the reference rate (the one logged as `lr`)."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = self._lr(step, base)
+        return self._lr(step, self.reference_lr)

@@ -21,6 +21,7 @@ from torch import Tensor
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.fused import FusedKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 
 def _sgd_step_(param: Tensor, direction: Tensor, decay: float, step_size: float) -> None:
@@ -85,3 +86,6 @@ class SGDSaI(BaseOptimizer):
                     momentum_sgd_step(param, grad, state["momentum_buffer"], decay, step_size, momentum,
                                       1.0 - momentum)
         return loss
+
+
+register(OptimizerEntry("sgd_sai", lambda: SGDSaI, full_size_state(1)))  # buf; g-SNR is a float

@@ -28,6 +28,7 @@ from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import PROBES, aligned_estimates
 from optim.fused import EMA, EMA_SQUARE, FusedKernel
+from optim.registry import OptimizerEntry, full_size_state, register
 
 
 def _denominator(hessian: Tensor, scale: float, eps: float, floor: bool) -> Tensor:
@@ -212,3 +213,7 @@ class SophiaH(_Sophia):
         for group, param, estimate in aligned_estimates(self.param_groups, estimates):
             beta2 = group["betas"][1]
             EMA.select(group["fused"])(self._state(param)["hessian"], estimate, beta2, 1.0 - beta2)
+
+
+register(OptimizerEntry("sophia_g", lambda: SophiaG, full_size_state(2)))  # m, h
+register(OptimizerEntry("sophia_h", lambda: SophiaH, full_size_state(2)))

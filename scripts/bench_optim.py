@@ -1,9 +1,9 @@
 """Benchmark every registered optimizer's step on GPT-2-124M parameters against torch's fused AdamW.
 
 The parameters are a real `gpt.model.GPT` at the 124M shape (wte 50304×768 tied to lm_head, wpe 1024×768, 12
-blocks), grouped by the registry's weight-decay rule, with random gradients. Each optimizer is built by
-`optim.build_optimizer` exactly as training builds it, and timed in alternation with a
-`torch.optim.AdamW(fused=True)` over the same parameters, so machine noise (other processes, frequency
+blocks), with random gradients. Each optimizer in the registry is built by `optim.build_optimizer` from
+`configs/optim/<name>.yaml` exactly as training builds it (its own param groups), and timed in alternation
+with a `torch.optim.AdamW(fused=True)` over the same parameters, so machine noise (other processes, frequency
 changes) hits both alike; the reported ratio is the median of per-pair ratios. The first steps are warm-up and
 include any one-off `torch.compile` of the fused kernels, reported separately. Achieved bandwidth uses a byte
 model (`ACCESSES`): the number of parameter-sized float32 tensors a single-pass implementation must read or
@@ -22,25 +22,18 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from gpt.model import GPT, GPTConfig
 from optim import OPTIMIZERS, build_optimizer
 
-CONFIGS: dict[str, dict[str, Any]] = {  # the paper's GPT-2 small values where it has them (configs/optim/)
-    "adamw": {"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1},
-    "lion": {"lr": 1e-4, "betas": (0.95, 0.98), "weight_decay": 0.6},
-    "sophia_g": {"lr": 6e-4, "betas": (0.965, 0.99), "rho": 0.05, "weight_decay": 0.2,
-                 "hessian_interval": 10},
-    "sophia_h": {"lr": 6e-4, "betas": (0.965, 0.99), "rho": 0.01, "weight_decay": 0.2,
-                 "hessian_interval": 10},
-    "sgd_sai": {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.1},
-    "adam_mini": {"lr": 6e-4, "betas": (0.9, 0.95), "weight_decay": 0.1},
-    "adahessian": {"lr": 0.15, "hessian_interval": 1},
-}
-# Parameter-sized tensors read + written per step by a single-pass implementation.
+ROOT = Path(__file__).resolve().parents[1]
+# Parameter-sized tensors read + written per step by a single-pass implementation; absent for optimizers whose
+# step is matrix arithmetic (Muon's Newton-Schulz, SOAP's rotations), where bytes say little about speed.
 ACCESSES = {
     "adamw": 7,  # read θ g m v, write θ m v
     "lion": 5,  # read θ g m, write θ m
@@ -49,9 +42,15 @@ ACCESSES = {
     "sgd_sai": 5,  # read θ g buf, write θ buf
     "adam_mini": 6,  # read g for the block means, then read θ g m, write θ m
     "adahessian": 6,  # read θ g m v, write θ m
+    "adamw_schedulefree": 7,  # read y g z v, write y z v
 }
 HESSIAN_ACCESSES = 3  # update_hessian: read h and the estimate, write h
 TOKENS_PER_STEP = 480 * 1024
+
+
+def shipped_config(name: str) -> dict[str, Any]:
+    """configs/optim/<name>.yaml: each optimizer as `optim=<name>` trains it (GPT-2 small values)."""
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "optim" / f"{name}.yaml"))
 
 
 def machine() -> dict[str, Any]:
@@ -78,11 +77,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, warmup: int) -> dict[str, Any]:
     numel = sum(p.numel() for p in model.parameters())
-    optimizer = build_optimizer({"name": name, **CONFIGS[name]}, model, TOKENS_PER_STEP)
+    optimizer = build_optimizer(shipped_config(name), model, TOKENS_PER_STEP)
+    curvature = OPTIMIZERS[name].curvature
     update_hessian = None
-    if getattr(optimizer, "curvature", None) == "gnb":
+    if curvature == "gnb":
         update_hessian = optimizer.update_hessian  # folds the current .grad in
-    elif getattr(optimizer, "curvature", None) == "hutchinson":
+    elif curvature == "hutchinson":
         estimates = [torch.randn_like(p) for group in optimizer.param_groups for p in group["params"]]
 
         def update_hessian() -> None:
@@ -109,7 +109,7 @@ def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, war
         "ratio_vs_fused_adamw": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],  # the spread shows how noisy the machine was
         "state_bytes_per_param": state_bytes(optimizer) / numel,
-        "gb_per_s": ACCESSES[name] * 4 * numel / step / 1e9,
+        "gb_per_s": ACCESSES[name] * 4 * numel / step / 1e9 if name in ACCESSES else None,
         "warmup_s": sum(first),
         "update_hessian_ms": 1e3 * statistics.median(hessian_times) if hessian_times else None,
         "update_hessian_gb_per_s": (HESSIAN_ACCESSES * 4 * numel / statistics.median(hessian_times) / 1e9
@@ -137,7 +137,7 @@ def main() -> None:
     model = GPT(GPTConfig())  # GPT-2 small: 12 layers, 12 heads, 768 wide, vocab 50304, no biases
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    baseline = build_optimizer({"name": "adamw", **CONFIGS["adamw"]}, model, TOKENS_PER_STEP)
+    baseline = build_optimizer(shipped_config("adamw"), model, TOKENS_PER_STEP)
     for _ in range(args.warmup):
         baseline.step()
     info = machine()
@@ -146,7 +146,7 @@ def main() -> None:
           f"{info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}; "
           f"load average {load_before[0]:.2f}")
     results = []
-    header = (f"{'optimizer':<11} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'ratio IQR':>11} "
+    header = (f"{'optimizer':<18} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'ratio IQR':>11} "
               f"{'state B/param':>13} {'GB/s':>6} {'warmup s':>9} {'update_hessian ms':>18}")
     print(header)
     for name in names:
@@ -155,8 +155,9 @@ def main() -> None:
         hessian = "" if r["update_hessian_ms"] is None else (
             f"{r['update_hessian_ms']:.1f} ({r['update_hessian_gb_per_s']:.0f} GB/s)")
         low, high = r["ratio_quartiles"]
-        print(f"{name:<11} {r['step_ms']:8.1f} {r['adamw_fused_ms']:9.1f} {r['ratio_vs_fused_adamw']:6.2f} "
-              f"{low:5.2f}-{high:<5.2f} {r['state_bytes_per_param']:13.2f} {r['gb_per_s']:6.1f} "
+        gb_per_s = "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.1f}"
+        print(f"{name:<18} {r['step_ms']:8.1f} {r['adamw_fused_ms']:9.1f} {r['ratio_vs_fused_adamw']:6.2f} "
+              f"{low:5.2f}-{high:<5.2f} {r['state_bytes_per_param']:13.2f} {gb_per_s:>6} "
               f"{r['warmup_s']:9.1f} {hessian:>18}")
     with open(args.out, "w") as f:
         json.dump({"machine": info, "load_average": {"before": load_before, "after": os.getloadavg()},

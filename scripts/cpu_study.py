@@ -1,15 +1,18 @@
 """A fair CPU-scale optimizer study in one command: same model, data order and initialisation for every
 optimizer; each optimizer's learning rate picked by the same sweep; then three seeds at the chosen rate.
 
-    python scripts/cpu_study.py
+    python scripts/cpu_study.py [--optimizers adamw,lion,sophia_g,sophia_h]
 
 The corpus is Shakespeare's 42 works, shipped in the package (`data/samples/shakespeare_complete.jsonl.gz`);
 `--corpus FILE.jsonl` runs the same study on another corpus (one document per line, field `text`).
 
-Protocol: for AdamW, Lion, Sophia-G and Sophia-H, sweep lr ∈ {1/3, 1, 3, 9} × the optimizer's GPT-2-small
-learning rate from the paper (seed 0), extended by ×3 steps while the best rate is at an edge of the grid
-(up to 27× either way), pick the lowest final validation loss, then add seeds 1 and 2 at that
-rate. The final learning rate is 0.05 × peak for every run, as in the paper. Everything else comes from
+Protocol: for each optimizer (AdamW, Lion, Sophia-G, Sophia-H, Muon, schedule-free AdamW), sweep
+lr ∈ {1/3, 1, 3, 9} × its reference rate (seed 0): the paper's GPT-2-small rate for the paper's four, the
+documented default for the others (Muon 0.02, Keller Jordan's; schedule-free 2.5e-3, the package's). The
+grid is extended by ×3 steps while the best rate is at an edge (up to 27× either way); the lowest final
+validation loss picks the rate, then seeds 1 and 2 run at it. The final learning rate is 0.05 × peak for
+every run, as in the paper; Muon's AdamW part keeps its configured rate and follows the same schedule factor;
+schedule-free runs the constant schedule it requires (same warm-up). Everything else comes from
 `configs/experiment/cpu_study.yaml`. Finished runs are not rerun and an unfinished one resumes from its last
 checkpoint: an interrupted study continues where it stopped, and rerunning a finished one only redraws its
 figures and tables. Writes the figures (lr sweep, curves, diagnostics), `<report-dir>/cpu_study.json` and
@@ -32,6 +35,7 @@ import torch
 from matplotlib.figure import Figure
 
 from common.errors import UserError
+from optim import OPTIMIZERS
 
 from plot_curves import plot_curves
 from plot_diagnostics import plot_diagnostics
@@ -39,8 +43,11 @@ from runs import load_run
 from speedup import compare, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
-# The paper's GPT-2 small (125M) learning rates (configs/hparams/gpt2_small_<optim>.yaml; Sophia-H's proposed)
-BASE_LR = {"adamw": 6e-4, "lion": 1e-4, "sophia_g": 6e-4, "sophia_h": 6e-4}
+# The reference rate each sweep is centred on: the paper's GPT-2 small rate (configs/hparams/
+# gpt2_small_<optim>.yaml; Sophia-H's proposed) for the first four, the optimizer's documented default
+# (configs/optim/muon.yaml, configs/optim/adamw_schedulefree.yaml) for the others.
+BASE_LR = {"adamw": 6e-4, "lion": 1e-4, "sophia_g": 6e-4, "sophia_h": 6e-4, "muon": 0.02,
+           "adamw_schedulefree": 2.5e-3}
 # Settings the study fixes beyond configs/experiment/cpu_study.yaml: the report was measured with Sophia-H's
 # Rademacher probe, before the paper's Gaussian probe became its default.
 PINNED = {"sophia_h": ["optim.probe=rademacher"]}
@@ -63,10 +70,11 @@ def train(corpus: Path | None, root: Path, optim: str, lr: float, seed: int, ste
     out = run_dir(root, optim, lr, seed)
     if finished(out, steps):
         return out
+    schedules = OPTIMIZERS[optim].schedules  # schedule-free: the constant schedule it requires
     command = [
         sys.executable, "train.py", "experiment=cpu_study", f"optim={optim}", f"optim.lr={lr:.6g}",
         f"schedule.min_lr={0.05 * lr:.6g}", f"train.seed={seed}", f"train.max_steps={steps}",
-        f"out_dir={out}", *PINNED.get(optim, []),
+        f"out_dir={out}", *PINNED.get(optim, []), *([f"schedule={schedules[0]}"] if schedules else []),
     ]
     if corpus is not None:
         command += ["data.source=files", "data.name=text", f"data.files={corpus.resolve()}"]
@@ -98,8 +106,9 @@ def plot_sweep(sweep: dict[str, dict[float, float]], out: Path) -> None:
     for optim, losses in sweep.items():
         rates = sorted(losses)
         ax.plot([lr / BASE_LR[optim] for lr in rates], [losses[lr] for lr in rates], marker="o",
-                label=f"{optim} (paper lr {BASE_LR[optim]:g})")
-    ax.set(xscale="log", xlabel="lr / the paper's GPT-2 small lr", ylabel="final val_loss (seed 0)")
+                label=f"{optim} (reference lr {BASE_LR[optim]:g})")
+    ax.set(xscale="log", xlabel="lr / the reference lr (the paper's GPT-2 small lr, or the default)",
+           ylabel="final val_loss (seed 0)")
     ax.grid(alpha=0.3)
     ax.legend()
     figure.savefig(out, dpi=150)
@@ -125,7 +134,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--runs", type=Path, default=Path("runs/cpu_study"))
     parser.add_argument("--report-dir", type=Path, default=Path("docs/results"))
+    parser.add_argument("--optimizers", default=",".join(BASE_LR), help="comma-separated, from: "
+                        + ", ".join(BASE_LR))
     args = parser.parse_args()
+    optimizers = args.optimizers.split(",")
+    unknown = [name for name in optimizers if name not in BASE_LR]
+    if unknown:
+        parser.error(f"no reference rate for {', '.join(unknown)}; valid: {', '.join(BASE_LR)}")
+    if "adamw" not in optimizers:
+        parser.error("--optimizers must include adamw: the speed-ups are measured against it")
     root, report = (ROOT / args.runs).resolve(), ROOT / args.report_dir
     report.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -133,7 +150,8 @@ def main() -> None:
     print("sweep (seed 0):", flush=True)
     sweep: dict[str, dict[float, float]] = {}
     sweep_runs: list[Path] = []
-    for optim, base in BASE_LR.items():
+    for optim in optimizers:
+        base = BASE_LR[optim]
         sweep[optim] = {}
         multipliers = list(MULTIPLIERS)
         while multipliers:
@@ -161,7 +179,7 @@ def main() -> None:
     speedups_vs_last = compare([str(r) for r in groups[last]], all_runs)
     results = {
         "command": "python scripts/cpu_study.py" + (f" --corpus {args.corpus}" if args.corpus else "")
-                   + f" --steps {args.steps}",
+                   + f" --steps {args.steps} --optimizers {','.join(optimizers)}",
         "machine": machine(),
         "runs": len(every_run),
         "training_minutes": sum(load_run(run).records[-1]["elapsed_s"] for run in every_run) / 60,

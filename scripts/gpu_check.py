@@ -39,7 +39,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from gpt.config import load_settings  # noqa: E402
 from gpt.device_defaults import resolve_device_defaults  # noqa: E402
-from gpt.memory import STATE_TENSORS, GiB, estimate_memory  # noqa: E402
+from gpt.device_defaults import state_per_parameter  # noqa: E402
+from gpt.memory import GiB, estimate_memory  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.plan import peak_flops  # noqa: E402
 from gpt.trainer import train  # noqa: E402
@@ -85,7 +86,7 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
                    sizes: dict) -> dict:
     """Train `sizes["steps"]` steps with the real trainer; timings from its per-step records."""
     out = work / "throughput" / f"{model}-{optim}"
-    curvature = getattr(OPTIMIZERS[optim], "curvature", None)
+    curvature = OPTIMIZERS[optim].curvature
     overrides = [
         f"out_dir={out}", "data=text", f"data.files={corpus}", "data.tokenizer=byte",
         "data.auto_prepare=true", f"data.dir={work / 'random_byte'}", "data.val_fraction=0.05",
@@ -113,7 +114,7 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
     tokens_per_step = sizes["global_batch_size"] * settings.model.block_size
     # the pass of step s (s % interval == 0) is timed in the record of step s + 1
     with_pass = {s + 1 for s in range(sizes["steps"]) if curvature and s % sizes["hessian_interval"] == 0
-                 and (s > 0 or getattr(OPTIMIZERS[optim], "requires_initial_hessian", False))}
+                 and (s > 0 or getattr(OPTIMIZERS[optim].cls, "requires_initial_hessian", False))}
     plain = [tokens_per_step / r["tokens_per_sec"] for r in steps if r["step"] not in with_pass]
     total_time = sum(tokens_per_step / r["tokens_per_sec"] for r in steps)
     with torch.device("meta"):
@@ -122,7 +123,7 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
     peak_flops_per_s = peak_flops(device, "bfloat16")
     passes = [r.get("hessian_time_s") for r in steps if r.get("hessian_time_s")]
     t = settings.train
-    common = dict(dtype="bfloat16", state_tensors=STATE_TENSORS[optim])
+    common = dict(dtype="bfloat16", state_tensors=state_per_parameter(settings))
     estimate = estimate_memory(meta_model, micro_batch_size=t.micro_batch_size, **common).total
     if curvature:
         estimate = max(estimate, estimate_memory(meta_model, micro_batch_size=t.hessian_micro_batch_size,
@@ -144,8 +145,12 @@ def fused_kernel_check(device: torch.device) -> list[dict]:
     shapes = [(512, 256), (300,)]  # one tensor on the compiled path, one below MIN_COMPILED_NUMEL
     start = [torch.randn(s, generator=generator).to(device) for s in shapes]
     grads = [[torch.randn(s, generator=generator).to(device) for s in shapes] for _ in range(3)]
-    for name, cls in OPTIMIZERS.items():
-        if "fused" not in inspect.signature(cls).parameters or cls.__module__.startswith("torch"):
+    for name, entry in OPTIMIZERS.items():
+        try:
+            cls = entry.cls
+        except ImportError:  # an optional package that is not installed
+            continue
+        if "fused" not in inspect.signature(cls).parameters or not cls.__module__.startswith("optim."):
             continue
         results = []
         began = time.perf_counter()

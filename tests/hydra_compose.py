@@ -22,7 +22,7 @@ def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interva
     and a checkpoint every `interval`; `extra` overrides come last and win."""
     return [
         "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", f"train.max_steps={steps}",
-        "train.log_interval=1", f"train.eval_interval={interval}", "train.eval_steps=2",
+        "train.log_interval=1", f"train.eval_interval={interval}", "train.eval_sequences=8",
         f"train.ckpt_interval={interval}", "train.global_batch_size=8", "train.micro_batch_size=4",
         "model.n_layer=2", "model.n_embd=64", "model.block_size=32", *extra,
     ]

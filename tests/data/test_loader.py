@@ -122,19 +122,49 @@ def test_hessian_stream_differs_from_training_and_has_its_own_size(data_dir):
 def test_validation_batches_are_fixed_and_from_the_val_split(data_dir):
     """Otherwise runs with different seeds would be evaluated on different data, or on training tokens."""
     a, b = loader(data_dir, seed=1), loader(data_dir, seed=2, micro_batch_size=4)
-    assert torch.equal(a.val_batch(0)[0], b.val_batch(0)[0][:2]) and torch.equal(
-        a.val_batch(1)[0], b.val_batch(0)[0][2:]
+    assert torch.equal(a.val_batch(0, 2)[0], b.val_batch(0, 4)[0][:2]) and torch.equal(
+        a.val_batch(2, 2)[0], b.val_batch(0, 4)[0][2:]
     )
-    assert not torch.equal(a.val_batch(0)[0], a.val_batch(1)[0])
-    x, y = a.val_batch(3)
+    assert not torch.equal(a.val_batch(0, 2)[0], a.val_batch(2, 2)[0])
+    x, y = a.val_batch(6, 2)
     assert x.min() >= 30000 and x.max() + 1 < 31000 and torch.equal(y, x + 1)
+
+
+@pytest.mark.parametrize("sequences", [1, 7, 12])
+def test_validation_set_is_the_same_sequences_whatever_the_batch_layout(data_dir, sequences):
+    """Otherwise a run resumed with another micro-batch size or number of ranks (as resharding needs) would
+    be evaluated on another set: every layout must cover sequences 0 … N−1 once each with weight 1 per
+    sequence, and give every rank the same number of forwards (a rank past the end gets weight 0)."""
+    for micro_batch_size, world_size in [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (2, 4)]:
+        weights: dict[int, float] = {}
+        rounds = set()
+        for rank in range(world_size):
+            batches = loader(data_dir, micro_batch_size=micro_batch_size, world_size=world_size,
+                             rank=rank).val_schedule(sequences)
+            rounds.add(len(batches))
+            for first, count, weight in batches:
+                assert weight in (0.0, count) and 1 <= count <= micro_batch_size
+                if weight:
+                    for j in range(first, first + count):
+                        weights[j] = weights.get(j, 0.0) + weight / count
+        assert weights == dict.fromkeys(range(sequences), 1.0), (micro_batch_size, world_size)
+        assert len(rounds) == 1, "ranks would run different numbers of forwards"
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_one_clear_error(data_dir):
+    """Otherwise a damaged token file crashes training with an IndexError deep inside the embedding."""
+    batches = loader(data_dir, vocab_limit=31000)
+    batches.val_batch(0, 2)
+    with pytest.raises(UserError, match=r"val.bin holds token id 3\d+ >= the model's vocabulary of 30500"):
+        loader(data_dir, vocab_limit=30500).val_batch(0, 1000 - T - 1)
 
 
 def test_whole_split_fits_exactly_one_window(tmp_path, data_dir):
     """Otherwise offsets would read past the end of a split, or refuse a split that just fits."""
     data = TokenData(data_dir)
     assert torch.equal(
-        BatchLoader(data, block_size=999, global_batch_size=2, micro_batch_size=2, seed=0).val_batch(0)[0][0],
+        BatchLoader(data, block_size=999, global_batch_size=2, micro_batch_size=2, seed=0)
+        .val_batch(0, 1)[0][0],
         torch.arange(30000, 30999),
     )
     with pytest.raises(UserError, match="fewer than block_size \\+ 1 = 1001"):

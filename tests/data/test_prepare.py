@@ -248,3 +248,73 @@ def test_vocabulary_beyond_uint16_is_refused(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "corpus.jsonl", DOCS)
     with pytest.raises(UserError, match="uint16"):
         prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl")))
+
+
+def reference_token_files(cfg, encode, eot_id):
+    """The token files as the straightforward definition gives them: the documents of each split (the
+    split itself is not under test here), each encoded on its own, followed by EOT, concatenated in order."""
+    splits = prep._split(prep._load_documents(cfg), cfg["val_fraction"], cfg["split_seed"])
+    return {name: np.array([t for doc in split["text"] for t in [*encode(doc), eot_id]], dtype="<u2")
+            .tobytes() for name, split in splits.items()}
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "byte"])
+@pytest.mark.parametrize("source", ["sample", "files"])
+def test_token_files_are_byte_identical_to_the_per_document_reference(tmp_path, monkeypatch, source,
+                                                                      tokenizer):
+    """Otherwise the batched, threaded writer reorders, drops or merges documents, or loses an EOT: runs
+    would train on other bytes than before (the old pipeline's files matched this reference too). The
+    multi-file corpus mixes .txt and .jsonl, spans several read batches and encoder calls (documents longer
+    than one call's budget included) and holds non-ASCII text and a literal <|endoftext|>."""
+    monkeypatch.setattr(prep, "WRITE_BATCH_DOCS", 7)
+    monkeypatch.setattr(prep, "TOKENIZE_BATCH_CHARS", 300)  # several encoder calls per read batch
+    if source == "sample":
+        cfg = data_cfg(tmp_path, "shakespeare", tokenizer=tokenizer)
+    else:
+        for i, doc in enumerate(DOCS[:8]):
+            (tmp_path / f"{i}.txt").write_text(doc, encoding="utf-8")
+        write_jsonl(tmp_path / "more.jsonl", DOCS[8:] * 2)
+        cfg = data_cfg(tmp_path, files=[str(tmp_path / "*.txt"), str(tmp_path / "more.jsonl")],
+                       tokenizer=tokenizer, val_fraction=0.2, num_proc=3)
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    encode, eot_id = ((GPT2.encode_ordinary, GPT2.eot_token) if tokenizer == "gpt2"
+                      else (lambda text: list(text.encode()), 0))
+    out = prepare(cfg)
+    for name, expected in reference_token_files(cfg, encode, eot_id).items():
+        assert (out / f"{name}.bin").read_bytes() == expected, name
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    """Otherwise a preparation onto a nearly full disk writes until the kernel kills it (SIGBUS on the
+    memmap), leaving a partial file: the free space must be checked against the exact size first."""
+    import data.allocate as allocate
+
+    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
+    cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
+    real = allocate.shutil.disk_usage
+    monkeypatch.setattr(allocate.shutil, "disk_usage", lambda path: real(path)._replace(free=10 << 20))
+    with pytest.raises(UserError, match=r"has 0\.01 GiB free but train\.bin\.tmp needs 0\.00 GiB"):
+        prepare(cfg)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
+
+
+def test_failed_allocation_leaves_no_partial_file(tmp_path):
+    """Otherwise a file-size limit or a full disk found by posix_fallocate leaves the temporary file."""
+    from data.allocate import reserve
+
+    def apply() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    script = ("from pathlib import Path; from data.allocate import reserve; "
+              f"reserve(Path({str(tmp_path)!r}) / 'x.tmp', 8 << 20)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, preexec_fn=apply,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+    assert "UserError: cannot allocate 0.01 GiB" in result.stderr and "File too large" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    reserve(tmp_path / "ok.tmp", 3 << 20)
+    stat = (tmp_path / "ok.tmp").stat()
+    assert stat.st_size == 3 << 20 and stat.st_blocks * 512 >= 3 << 20, "the blocks were not allocated"

@@ -23,6 +23,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,28 +31,31 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from common.errors import UserError
+from data import blocks
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
 from tests.determinism import assert_same_numbers
+from gpt.run_lock import RunLock
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
 # A tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's length is
 # set apart from max_steps, so a test may resume it with a larger budget.
 TINY = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2",
+        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_sequences=8",
         "train.ckpt_interval=4", "train.max_steps=8", "schedule.decay_steps=8"]
 # Wide but fed little: cheap steps (2 micro-steps of 2 × 32 tokens), a long evaluation (60 micro-batches)
 # and a 38 MB checkpoint, so each kill window lasts long enough to be hit from outside.
 KILL = ["model.n_layer=4", "model.n_embd=256", "model.block_size=32", "train.global_batch_size=4",
-        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=60",
-        "train.ckpt_interval=4", "train.max_steps=8"]
+        "train.micro_batch_size=2", "train.log_interval=1", "train.eval_interval=4",
+        "train.eval_sequences=120", "train.ckpt_interval=4", "train.max_steps=8"]
 COMPARED = ("train_loss", "val_loss", "lr", "grad_norm", "clipped", "tokens")
 
 
@@ -262,6 +266,40 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(signum, tmp_path, dat
     assert_same_numbers(curve(out), curve(kill_straight))
 
 
+def during_first_evaluation(out: Path) -> Callable[[], bool]:
+    """config.yaml is written just before the step-0 evaluation starts; 300 micro-batches follow."""
+    seen: list[float] = []
+
+    def ready() -> bool:
+        if not seen and (out / "config.yaml").exists():
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() > seen[0] + 0.5
+    return ready
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("window", ["step-0", "step-4"])
+def test_stop_signal_abandons_a_long_evaluation(window, tmp_path, data_dir):
+    """A validation set of 600 sequences (300 micro-batches, ~10 s on the KILL model) and SIGTERM during
+    the evaluation of step 0 or step 4. Wrong if the run finishes the evaluation (and then a step) before
+    honouring the signal, as a pre-emption grace would not allow; at step 4 the checkpoint of step 4 must
+    still be saved, and its record has no val_loss."""
+    out = tmp_path / "run"
+    process = start(train_command(out, data_dir, KILL, "train.eval_sequences=600"), tmp_path)
+    ready = during_first_evaluation(out) if window == "step-0" else step_times_after(3, 2)(out)
+    signal_when(process, ready, signal.SIGTERM)
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "evaluation abandoned for the stop signal" in (tmp_path / "stderr.txt").read_text() + stdout
+    if window == "step-0":
+        assert "nothing trained, nothing to save" in stdout
+        assert logged(out) == {} and complete_steps(out) == []
+    else:
+        records = logged(out)
+        assert max(records) == 4 and "val_loss" not in records[4] and complete_steps(out) == [4]
+        assert "stopped by SIGTERM after step 4, checkpoint saved" in stdout
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def flip_bytes(path: Path) -> None:
@@ -386,6 +424,16 @@ def test_skip_policy_counts_skipped_updates_and_stops_after_max_skipped(tmp_path
     assert "skipped (1 in a row)" in result.stdout and "skipped (2 in a row)" in result.stdout
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, data_dir):
+    """optim.lr=inf turns the weights NaN in step 1 while its loss and gradient were finite. Wrong if that
+    state is written as a checkpoint (a resume would load garbage) or named as the last good one."""
+    out = tmp_path / "run"
+    result = run(train_command(out, data_dir, TINY, "optim.lr=inf", "train.ckpt_interval=1"), tmp_path)
+    assert_user_error(result, "after step 1, ", "is not finite: its checkpoint was not written",
+                      "Last good checkpoint: none")
+    assert complete_steps(out) == [] and not list((out / "checkpoints").glob("*"))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 BAD_CONFIGS = [
@@ -406,6 +454,14 @@ BAD_CONFIGS = [
      ["prepared with other settings", "tokenizer", "python -m data.prepare"]),
     (["data.dir={tmp}/absent", "data.auto_prepare=false"],
      ["no prepared data", "data.prepare data=shakespeare data.tokenizer=byte data.dir={tmp}/absent"]),
+    (["model.n_layer=0"], ["model.n_layer must be at least 1 (got 0)"]),
+    (["model.n_embd=0"], ["model.n_embd must be at least 1 (got 0)"]),
+    (["model.dropout=2.0"], ["model.dropout=2.0 must be in [0, 1)"]),
+    (["train.grad_clip=nan"], ["train.grad_clip=nan must be a finite number >= 0 (0 disables clipping)"]),
+    (["schedule.min_lr=nan"], ["schedule.min_lr=nan must be a finite number >= 0"]),
+    (["schedule.decay_steps=-5"], ["schedule.decay_steps=-5 must be at least 1"]),
+    # 2^33 × 64 embedding weights alone need 2^39 × 16 bytes = 8,192 GiB with AdamW, so at least that
+    (["model.vocab_size=8589934592"], ["this plan needs at least ", "GiB per rank (549,755,", "GiB of RAM"]),
 ]
 
 
@@ -418,6 +474,63 @@ def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_d
     result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
     assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def not_json(path: Path) -> None:
+    path.write_text('{"splits": ')
+
+
+def not_an_object(path: Path) -> None:
+    path.write_text("[1, 2]")
+
+
+@pytest.mark.parametrize(("where", "damage", "expected"), [
+    ("data", not_json, "meta.json is not valid JSON"),
+    ("data", not_an_object, "meta.json holds a JSON list, not an object"),
+    ("run", lambda path: path.write_text("model: [unclosed"), "config.yaml is not readable YAML"),
+    ("run", lambda path: path.write_text("- just a list"), "config.yaml holds a list, not a mapping"),
+], ids=["meta-not-json", "meta-not-object", "config-not-yaml", "config-not-mapping"])
+def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_path, data_dir):
+    """Wrong if a damaged meta.json (read by train.py and by data.prepare) or run-directory config.yaml
+    gives a traceback instead of one line naming the file."""
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_dir, data)
+    if where == "data":
+        damage(data / "meta.json")
+    else:
+        out.mkdir()
+        damage(out / "config.yaml")
+    result = run(train_command(out, data, TINY), tmp_path)
+    assert_user_error(result, expected)
+    if where == "data":
+        prepared = run([sys.executable, "-m", "data.prepare", "data=shakespeare", "data.tokenizer=byte",
+                        f"data.dir={data}"], REPO)
+        assert_user_error(prepared, expected)
+
+
+@pytest.mark.parametrize(("out_dir", "expected"), [
+    ("{tmp}/file", "cannot create out_dir {tmp}/file (File exists)"),
+    ("{tmp}/file/run", "cannot create out_dir {tmp}/file/run (Not a directory)"),
+    ("''", "out_dir is empty"),
+], ids=["a-file", "below-a-file", "empty"])
+def test_unusable_out_dir_is_one_line(out_dir, expected, tmp_path, data_dir):
+    """Wrong if an out_dir that cannot hold a run gives a traceback, or an empty one trains into the
+    working directory."""
+    (tmp_path / "file").write_text("")
+    command = [*train_command(tmp_path / "unused", data_dir, TINY), f"out_dir={out_dir.format(tmp=tmp_path)}"]
+    command.remove(f"out_dir={tmp_path / 'unused'}")
+    result = run(command, tmp_path)
+    assert_user_error(result, expected.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "something was written"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
+def test_out_dir_without_write_permission_is_one_line(tmp_path, data_dir):
+    """Wrong if an out_dir below a directory the user cannot write gives a traceback."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    result = run(train_command(locked / "run", data_dir, TINY), tmp_path)
+    assert_user_error(result, f"cannot create out_dir {locked / 'run'} (Permission denied)")
 
 
 @pytest.mark.slow
@@ -437,6 +550,69 @@ def test_truncated_token_file_is_refused(tmp_path, data_dir):
     assert_user_error(result, f"{data / 'train.bin'} has", "truncated or replaced", "rebuild it with")
     with pytest.raises(UserError, match="truncated or replaced"):
         TokenData(data)
+
+
+def test_second_train_py_on_a_held_out_dir_refuses_naming_the_holder(tmp_path, data_dir):
+    """Wrong if a run starts in (and writes into) an out_dir another live run holds, e.g. a requeue racing
+    a still-running job: metrics.jsonl would hold every step twice."""
+    out = tmp_path / "run"
+    lock = RunLock(out)  # held by this (live) process, as by a running job
+    lock.acquire()
+    try:
+        result = subprocess.run(train_command(out, data_dir, TINY), cwd=tmp_path, env=environment(),
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        lock.release()
+    assert_user_error(result, f"out_dir {out} is in use by another run", f"host {socket.gethostname()}",
+                      f"pid {os.getpid()}")
+    assert sorted(p.name for p in out.iterdir()) == [], "the refused run wrote into the out_dir"
+
+
+def rewrite_tokens(path: Path, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Rewrite a token file in place, keeping its size (what meta.json's size check cannot see)."""
+    path.write_bytes(change(np.fromfile(path, dtype="<u2")).astype("<u2").tobytes())
+
+
+@pytest.mark.slow
+def test_data_changed_under_a_run_is_refused_at_resume(tmp_path, tiny_straight, data_dir):
+    """Wrong if a resume trains on other data than its checkpoint was trained on without saying so: train.bin
+    shuffled in place (same size), the data re-prepared with other content, or another validation split;
+    also wrong if data that merely moved to another data.dir is refused."""
+    data = tmp_path / "moved"
+    shutil.copytree(data_dir, data)
+    out = copy_run(tiny_straight, tmp_path)
+    result = run(train_command(out, data, TINY, "train.max_steps=9"), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 8)}" in result.stdout and "holds the same data" in result.stdout
+
+    original = (data / "train.bin").read_bytes()
+    rewrite_tokens(data / "train.bin", np.random.default_rng(0).permutation)
+    result = run(train_command(out, data, TINY, "train.max_steps=10"), tmp_path)
+    assert_user_error(result, "train.bin block 0", "differs from the hash recorded when it was prepared")
+
+    (data / "train.bin").write_bytes(original)  # a re-preparation that tokenised one byte differently
+    rewrite_tokens(data / "train.bin", lambda tokens: np.where(np.arange(len(tokens)) == 5, 7, tokens))
+    meta = json.loads((data / "meta.json").read_text())
+    meta["blocks"]["train"] = blocks.block_hashes(data / "train.bin", meta["blocks"]["block_bytes"])
+    (data / "meta.json").write_text(json.dumps(meta))
+    result = run(train_command(out, data, TINY, "train.max_steps=10"), tmp_path)
+    assert_user_error(result, f"checkpoint {checkpoint(out, 9)} was trained on other data", "content: ")
+
+    result = run(train_command(out, tmp_path / "resplit", TINY, "data.val_fraction=0.2"), tmp_path)
+    assert_user_error(result, "holds a different experiment (data.val_fraction: 0.1 -> 0.2)")
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path, data_dir):
+    """Wrong if a token file holding ids the model has no embedding for (damaged, or data prepared without
+    block hashes and then overwritten) crashes with an IndexError traceback instead of one line."""
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    meta = json.loads((data / "meta.json").read_text())
+    del meta["blocks"]  # as data adopted or prepared before block hashes existed
+    (data / "meta.json").write_text(json.dumps(meta))
+    rewrite_tokens(data / "val.bin", lambda tokens: np.full_like(tokens, 300))
+    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    assert_user_error(result, "val.bin holds token id 300 >= the model's vocabulary of 256")
 
 
 # ------------------------------------------------------------------------------------- data preparation
@@ -506,6 +682,17 @@ def limit_file_size(limit: int) -> Callable[[], None]:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return apply
+
+
+def test_full_disk_while_auto_preparing_is_one_line(tmp_path):
+    """Wrong if train.py's automatic preparation dies on a full disk (here a file-size limit below
+    train.bin's size) with SIGBUS or a traceback, or leaves its partial token file behind."""
+    data = tmp_path / "data"
+    result = subprocess.run(train_command(tmp_path / "run", data, TINY), cwd=tmp_path, env=environment(),
+                            capture_output=True, text=True, timeout=TIMEOUT,
+                            preexec_fn=limit_file_size(100_000))
+    assert_user_error(result, f"cannot write {data / 'train.bin.tmp'} (File too large)")
+    assert sorted(p.name for p in data.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -72,3 +72,25 @@ def test_peak_flops_per_gpu(device_name, peak):
     cuda = torch.device("cuda", 0)  # with train.gpu given, no CUDA device is queried
     assert peak_flops(cuda, "bfloat16", gpu=device_name) == peak
     assert peak_flops(cuda, "float32", gpu=device_name) == peak / 2
+
+
+@pytest.mark.parametrize("optim", ["muon", "soap"])
+def test_the_plan_states_the_optimizer_memory_its_registry_entry_declares(tmp_path, capsys, optim):
+    """GPT-2 medium, counted by hand: Muon keeps one momentum per hidden matrix (4 per block: 12·d² of the
+    block's parameters) and AdamW's m and v for the rest; SOAP keeps m and v everywhere plus, per rotated
+    side of every matrix (sides up to 10,000 long, so not the vocabulary side of wte), a factor and a basis
+    of side² each. Wrong if the plan assumed AdamW's two tensors per parameter for every optimizer."""
+    dry_run(tmp_path, f"optim={optim}", "model=gpt2_medium").run()
+    plan = capsys.readouterr().out
+    d, layers, vocab, context = 1024, 24, 50304, 1024
+    hidden = layers * 12 * d * d
+    params = layers * (12 * d * d + 2 * d) + d + vocab * d + context * d
+    if optim == "muon":
+        numel = hidden + 2 * (params - hidden)
+    else:
+        def sides(m: int, n: int) -> int:  # a factor and a basis per side of an m×n matrix
+            return 2 * m**2 + 2 * n**2
+
+        per_block = sides(3 * d, d) + sides(d, d) + sides(4 * d, d) + sides(d, 4 * d)
+        numel = 2 * params + layers * per_block + 2 * d**2 + sides(context, d)  # wte: its short side only
+    assert f"optimizer state ≈ {numel * 4 / 2**30:.2f} GiB" in plan

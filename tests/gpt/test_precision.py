@@ -79,9 +79,10 @@ def test_bfloat16_autocast_trains_like_float32(tmp_path, byte_data, float32_run)
 def test_every_optimizer_runs_under_the_float16_scaler_or_refuses(tmp_path, byte_data, name):
     """Each optimizer steps on unscaled gradients under float16 (two steps, within 1e-4 of its float32 run),
     except those needing double backward (Hutchinson), which refuse at start-up with a clear message."""
-    cls = OPTIMIZERS[name]
-    curvature = getattr(cls, "curvature", None)
+    entry = OPTIMIZERS[name]
+    cls, curvature = entry.cls, entry.curvature
     extra = [f"optim={name}", "train.max_steps=2", "train.eval_interval=2", "train.ckpt_interval=2"]
+    extra += [f"schedule={entry.schedules[0]}"] if entry.schedules else []
     extra += ["optim.hessian_interval=1"] if curvature else []
     if cls.__module__.startswith("optim.") and "fused" in inspect.signature(cls).parameters:
         extra.append("+optim.fused=false")  # ours: skip compiling; AdamW's kernel is the registry's choice

@@ -12,8 +12,15 @@ from torch import nn
 from torch.func import functional_call
 
 from gpt.model import GPT, GPTConfig, math_attention
-from optim import build_optimizer
-from optim.curvature import PROBES, gaussian_like, gnb_loss, hessian_vector_products, rademacher_like
+from optim import build_optimizer, curvature
+from optim.curvature import (
+    PROBES,
+    gaussian_like,
+    gnb_loss,
+    hessian_vector_products,
+    rademacher_like,
+    sample_from_logits,
+)
 
 Z = 5.0
 
@@ -284,3 +291,130 @@ def test_gnb_loss_samples_from_the_logits():
     logits = torch.tensor([[[50.0, 0.0, 0.0], [0.0, 0.0, 50.0]]])
     assert gnb_loss(logits, torch.Generator().manual_seed(0)).item() == pytest.approx(0.0, abs=1e-12)
     assert gnb_loss(torch.zeros(4, 5)).item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+
+
+# --- the label sampler ----------------------------------------------------------------------------------
+# Chi-square goodness of fit at a false-alarm rate of ALPHA per test (fixed seeds make each run reproducible):
+# with the correct sampler a test fails with probability 1e-3; each also shows the same counts rejected
+# against a slightly wrong distribution (temperature 1.05), i.e. that the test has the power to fail.
+ALPHA = 1e-3
+
+
+def chi_square_p_value(counts, probabilities):
+    """P(χ² ≥ observed) for multinomial `counts` against `probabilities`; cells expecting < 5 draws pooled."""
+    counts, probabilities = counts.double(), probabilities.double()
+    expected = counts.sum() * probabilities
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = torch.tensor((keep.sum() - 1).item() / 2, dtype=torch.float64)
+    return torch.special.gammaincc(dof, statistic / 2).item()
+
+
+def skewed_logits(vocab, seed):
+    """Logits with a heavy head, a long tail of small probabilities and a few impossible entries."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(vocab, generator=generator, dtype=torch.float64) * 3
+    logits[vocab // 3] = -float("inf")
+    logits[-1] = -1e4  # exp underflows to exactly 0 in float32 and float64: probability 0
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [5, 64, 150])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inverse_cdf_draws_follow_softmax(vocab, dtype):
+    # Counts of 200,000 draws per case. 150 spans two full 64-blocks and a partial one; bf16 logits are
+    # sampled from the softmax of their (rounded) values.
+    draws = 200_000
+    logits = skewed_logits(vocab, seed=vocab).to(dtype)
+    probabilities = torch.softmax(logits.double(), dim=-1)
+    uniforms = torch.rand(draws, generator=torch.Generator().manual_seed(vocab), dtype=torch.float64)
+    labels = sample_from_logits(logits.expand(draws, vocab).contiguous(), uniforms)
+    counts = torch.bincount(labels, minlength=vocab)
+    assert counts.numel() == vocab and counts[probabilities == 0].sum() == 0
+    assert chi_square_p_value(counts, probabilities) > ALPHA
+    assert chi_square_p_value(counts, torch.softmax(1.05 * logits.double(), dim=-1)) < ALPHA  # power
+
+
+def test_gnb_loss_draws_its_labels_from_softmax_with_its_generator():
+    # Through gnb_loss itself: the gradient of the mean loss is (p − onehot)/N, so each row's label is the
+    # argmin of its gradient. Every row has its own logits; pooled χ² over rows.
+    rows, vocab, repeats = 40, 70, 4000
+    logits = torch.stack([skewed_logits(vocab, seed) for seed in range(rows)]).float()
+    copies = logits.repeat(repeats, 1).requires_grad_()
+    (grad,) = torch.autograd.grad(gnb_loss(copies, torch.Generator().manual_seed(5)), copies)
+    labels = grad.argmin(dim=-1).view(repeats, rows)
+    counts = torch.stack([torch.bincount(labels[:, r], minlength=vocab) for r in range(rows)])
+    probabilities = torch.softmax(logits.double(), dim=-1).reshape(-1) / rows
+    wrong = torch.softmax(1.05 * logits.double(), dim=-1).reshape(-1) / rows
+    assert chi_square_p_value(counts.reshape(-1), probabilities) > ALPHA
+    assert chi_square_p_value(counts.reshape(-1), wrong) < ALPHA
+    again = copies.detach().clone().requires_grad_()
+    (grad_again,) = torch.autograd.grad(gnb_loss(again, torch.Generator().manual_seed(5)), again)
+    assert torch.equal(grad, grad_again)  # the same seed draws the same labels
+
+
+def test_inverse_cdf_ends_pick_the_first_and_last_possible_labels():
+    # u = 0 and the largest double below 1: a rounding at either end of the CDF must never pick an entry of
+    # probability 0 (here at both ends and inside) nor run past the vocabulary.
+    logits = torch.full((130,), -float("inf"))
+    logits[[3, 70, 127]] = torch.tensor([0.0, 5.0, -30.0])
+    # 127's probability is e^-35 ≈ 6e-16 of the total, above the last double below 1 but not 1 − 2^-30.
+    uniforms = torch.tensor([0.0, 1.0 - 2.0 ** -53, 1.0 - 2.0 ** -30], dtype=torch.float64)
+    labels = sample_from_logits(logits.expand(3, 130).contiguous(), uniforms)
+    assert labels.tolist() == [3, 127, 70]
+
+
+def plain_gnb_reference(logits, grad):
+    """The plain computation for the labels gnb_loss drew (recovered from its gradient's argmin)."""
+    leaf = logits.detach().clone().requires_grad_()
+    flat = leaf.reshape(-1, leaf.shape[-1])
+    labels = grad.reshape(flat.shape).argmin(dim=-1)
+    loss = nn.functional.cross_entropy(flat.float() if flat.dtype != torch.float64 else flat, labels)
+    return loss, torch.autograd.grad(loss, leaf)[0]
+
+
+def assert_gnb_loss_matches_plain_cross_entropy(logits):
+    logits = logits.requires_grad_()
+    loss = gnb_loss(logits, torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(loss, logits)
+    expected_loss, expected_grad = plain_gnb_reference(logits, grad)
+    assert loss.dtype == expected_loss.dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    # The gradient is (p − onehot)/N. float32: probabilities within 1e-6 absolute (sums of 64 float32
+    # terms, a few ulps of 1), so p − 1 near a certain label keeps ~4 digits; bf16 adds one rounding of the
+    # result (8e-3 relative); float64 is exact to 1e-12.
+    n = grad.numel() // grad.shape[-1]
+    rtol, atol = {torch.bfloat16: (8e-3, 1e-6 / n), torch.float32: (1e-6, 1e-6 / n)}.get(logits.dtype,
+                                                                                       (1e-12, 1e-15))
+    torch.testing.assert_close(grad.float(), expected_grad.float(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_gnb_loss_value_and_gradient_equal_plain_cross_entropy(dtype):
+    # What the GNB estimate and its loss would be with F.cross_entropy(logits.float(), labels): a mismatch
+    # means the fused loss changed the curvature estimate.
+    logits = (torch.randn(3, 16, 200, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    assert_gnb_loss_matches_plain_cross_entropy(logits)
+
+
+@pytest.mark.slow
+def test_compiled_gnb_kernels_equal_plain_cross_entropy(monkeypatch):
+    # The path the trainer takes on real logits (over MIN_COMPILED_LOGITS): compiled statistics and gradient.
+    for kernel in (curvature.ROW_STATISTICS, curvature.CROSS_ENTROPY_GRAD):
+        monkeypatch.setattr(kernel, "min_numel", 0)
+    logits = (torch.randn(2, 32, 300, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
+    assert_gnb_loss_matches_plain_cross_entropy(logits)
+
+
+def test_non_finite_logits_give_a_non_finite_loss_and_labels_in_range():
+    # The trainer skips a non-finite estimate; a NaN must neither crash the draw nor pick a label past V.
+    logits = torch.randn(4, 130)
+    logits[1, 5], logits[2, :] = float("nan"), float("inf")
+    leaf = logits.clone().requires_grad_()
+    loss = gnb_loss(leaf, torch.Generator().manual_seed(0))
+    assert not torch.isfinite(loss)
+    labels = sample_from_logits(logits, torch.rand(4, dtype=torch.float64))
+    assert ((labels >= 0) & (labels < 130)).all()

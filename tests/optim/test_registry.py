@@ -1,12 +1,26 @@
 """build_optimizer and trainer_settings: names, key validation, injected values, the one weight-decay rule."""
 
+import re
+import sys
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from common.errors import UserError
 from gpt.model import GPT, GPTConfig
-from optim import AdamMini, SophiaG, TrainerSettings, build_optimizer, param_groups, trainer_settings
+from optim import (
+    OPTIMIZERS,
+    AdamMini,
+    SophiaG,
+    TrainerSettings,
+    build_optimizer,
+    check_run,
+    param_groups,
+    registry,
+    trainer_settings,
+)
+from optim.registry import optional_class
 
 
 def tiny_gpt(bias=False):
@@ -15,8 +29,10 @@ def tiny_gpt(bias=False):
 
 
 def test_unknown_optimizer_lists_the_valid_names():
-    with pytest.raises(UserError, match="adamw, lion, sophia_g, sophia_h, sgd_sai, adam_mini, adahessian"):
+    with pytest.raises(UserError, match="valid: adamw, lion, sophia_g, sophia_h, ") as refused:
         build_optimizer({"name": "sophia"}, tiny_gpt(), 16)
+    for name in ("sgd_sai", "adam_mini", "adahessian", "muon", "adamw_schedulefree", "soap"):
+        assert name in str(refused.value)
 
 
 def test_a_misspelt_key_fails_naming_it_and_the_accepted_ones():
@@ -112,7 +128,7 @@ def test_every_optimizer_uses_the_same_grouping():
     model = tiny_gpt()
     reference = [[name for name, _ in group["params"]] for group in param_groups(model, 0.1)]
     configs = [{"name": "adamw"}, {"name": "sgd_sai", "lr": 0.1},
-               {"name": "adahessian", "hessian_interval": 1}]
+               {"name": "adahessian", "hessian_interval": 1}, {"name": "soap"}]
     for cfg in configs:
         optimizer = build_optimizer(cfg, model, 16)
         assert [group["param_names"] for group in optimizer.param_groups] == reference
@@ -140,3 +156,42 @@ def test_trainer_settings():
 def test_curvature_keys_are_validated_at_build_time(cfg, message):
     with pytest.raises(UserError, match=message):
         build_optimizer(cfg, tiny_gpt(), 16)
+
+
+@pytest.mark.parametrize(("name", "strategy", "schedule", "message"), [
+    ("muon", "fsdp", "cosine", "optim=muon cannot step FSDP shards (Newton-Schulz orthogonalises whole"),
+    ("soap", "fsdp", "cosine", "optim=soap cannot step FSDP shards (its rotations multiply whole matrices"),
+    ("adamw_schedulefree", "ddp", "cosine", "optim=adamw_schedulefree needs schedule=constant, got "
+                                            "schedule=cosine"),
+])
+def test_the_entry_refuses_what_its_optimizer_cannot_do(name, strategy, schedule, message):
+    """Wrong if a whole-matrix optimizer were let loose on FSDP row shards (each rank would orthogonalise
+    or rotate its own slice), or schedule-free ran under a decaying schedule it replaces."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_run({"name": name}, strategy=strategy, schedule=schedule)
+    check_run({"name": name}, strategy="ddp", schedule="constant")  # what the message recommends runs
+
+
+def test_a_missing_optional_package_is_one_line_naming_what_to_install(monkeypatch):
+    """Wrong if choosing schedule-free without its package gave an ImportError traceback."""
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # `import schedulefree` now fails
+    loader = optional_class("schedulefree", "AdamWScheduleFree", "schedulefree")
+    with pytest.raises(UserError, match=re.escape("pip install '.[schedulefree]'")):
+        loader()
+
+
+def test_an_optimizer_outside_the_package_is_found_through_optim_module(tmp_path, monkeypatch):
+    """`optim.module` imports the module that registers the name; a module that cannot be imported, or that
+    registers another name, is one line."""
+    (tmp_path / "outside_optim.py").write_text(
+        "import torch\n"
+        "from optim.registry import OptimizerEntry, full_size_state, register\n"
+        "register(OptimizerEntry('outside_sgd', lambda: torch.optim.SGD, full_size_state(0)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "OPTIMIZERS", dict(OPTIMIZERS))  # the registration ends with the test
+    optimizer = build_optimizer({"name": "outside_sgd", "module": "outside_optim", "lr": 0.1}, tiny_gpt(), 16)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["weight_decay"] == 0.0
+    with pytest.raises(UserError, match=re.escape("optim.module='not_there' cannot be imported")):
+        build_optimizer({"name": "x", "module": "not_there"}, tiny_gpt(), 16)
+    with pytest.raises(UserError, match="registers no such name"):
+        build_optimizer({"name": "other", "module": "outside_optim"}, tiny_gpt(), 16)

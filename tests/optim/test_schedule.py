@@ -6,7 +6,8 @@ import math
 import pytest
 
 from common.errors import UserError
-from optim import SCHEDULES, lr_at
+from gpt.model import GPT, GPTConfig
+from optim import SCHEDULES, GroupSchedule, build_optimizer, lr_at
 
 PAPER = dict(lr=6e-4, warmup_steps=2000, decay_steps=100_000, min_lr=1.5e-5)
 
@@ -73,3 +74,28 @@ def test_official_warmup_from_zero(schedule, step, expected):
     assert value == pytest.approx(expected, rel=1e-12, abs=0.0)
     if step >= 2000:
         assert value == lr_at(schedule, step, **PAPER)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_each_param_group_follows_the_schedule_at_its_own_rate(schedule):
+    """Muon's matrices at 0.02 and its AdamW part at 6e-4 (paper-style min_lr = 5% of optim.lr): at every step
+    each group's rate is its own base × the schedule's factor lr_at(step)/lr_at's peak, computed here from
+    nanoGPT's formulas by hand, and the group at optim.lr equals lr_at exactly. Wrong if one rate were written
+    into every group (the AdamW part would train at 0.02), or the parts decayed to different fractions."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=11))
+    optimizer = build_optimizer({"name": "muon", "lr": 0.02, "adamw_lr": 6e-4}, model, 16)
+    steps = dict(warmup_steps=10, decay_steps=100, min_lr=1e-3)
+    groups = GroupSchedule(optimizer, schedule, reference_lr=0.02, **steps)
+    for step in (0, 5, 9, 10, 40, 99, 100, 150):
+        if step < 10:
+            factor = (step + 1) / 11
+        elif schedule == "constant":
+            factor = 1.0
+        else:
+            progress = min(step - 10, 90) / 90
+            factor = 0.05 + 0.5 * (1 + math.cos(math.pi * progress)) * 0.95
+        logged = groups.apply(step)
+        rates = {group["use_muon"]: group["lr"] for group in optimizer.param_groups}
+        assert logged == rates[True] == lr_at(schedule, step, lr=0.02, **steps)
+        assert math.isclose(rates[True], 0.02 * factor, rel_tol=1e-12)
+        assert math.isclose(rates[False], 6e-4 * factor, rel_tol=1e-12)

@@ -38,8 +38,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from gpt.config import load_settings  # noqa: E402
-from gpt.device_defaults import resolve_device_defaults  # noqa: E402
-from gpt.device_defaults import state_per_parameter  # noqa: E402
+from gpt.device_defaults import resolve_device_defaults, state_per_parameter  # noqa: E402
 from gpt.memory import GiB, estimate_memory  # noqa: E402
 from gpt.model import GPT, GPTConfig  # noqa: E402
 from gpt.plan import peak_flops  # noqa: E402

@@ -41,8 +41,8 @@ from data import blocks
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
-from tests.determinism import assert_same_numbers
 from gpt.run_lock import RunLock
+from tests.determinism import assert_same_numbers
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite

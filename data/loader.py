@@ -141,23 +141,26 @@ class BatchLoader:
                     f"block_size + 1 = {block_size + 1}; use a smaller block_size or a larger corpus"
                 )
 
-    def hessian_accum_steps(self, global_batch_size: int | None = None) -> int:
-        """Micro-steps per Hessian estimate; its batch may differ from the training batch."""
+    def hessian_accum_steps(self, global_batch_size: int | None = None, micro_batch_size: int | None = None
+                            ) -> int:
+        """Micro-steps per Hessian estimate; its batch and micro-batch may differ from the training ones."""
         if global_batch_size is None:
             global_batch_size = self.global_batch_size
-        return self._accum_steps(global_batch_size, "hessian global batch size")
+        return self._accum_steps(global_batch_size, "hessian global batch size", micro_batch_size)
 
     def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._global_batch_rows(TRAIN_STREAM, step, micro_step, self.global_batch_size)
 
     def hessian_batch(
-        self, step: int, micro_step: int, global_batch_size: int | None = None
+        self, step: int, micro_step: int, global_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences for Sophia's curvature estimate: their own stream over the train split, so they are not
-        the sequences of `step`'s training batch."""
+        the sequences of `step`'s training batch. The global batch's sequences do not depend on
+        `micro_batch_size` (default: the training one), only how they are split into micro-steps."""
         if global_batch_size is None:
             global_batch_size = self.global_batch_size
-        return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size)
+        return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size, micro_batch_size)
 
     def val_batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences first … first + count − 1 of the fixed validation set."""
@@ -181,25 +184,28 @@ class BatchLoader:
             schedule.append((first, count, float(count) if index < batches else 0.0))
         return schedule
 
-    def _accum_steps(self, global_batch_size: int, what: str) -> int:
-        per_micro_step = self.micro_batch_size * self.world_size
+    def _accum_steps(self, global_batch_size: int, what: str, micro_batch_size: int | None = None) -> int:
+        micro_batch_size = micro_batch_size or self.micro_batch_size
+        per_micro_step = micro_batch_size * self.world_size
         if global_batch_size <= 0 or global_batch_size % per_micro_step:
             raise UserError(
                 f"{what} {global_batch_size} is not a multiple of micro_batch_size × world_size = "
-                f"{self.micro_batch_size} × {self.world_size} = {per_micro_step}; change one so that it does"
+                f"{micro_batch_size} × {self.world_size} = {per_micro_step}; change one so that it does"
             )
         return global_batch_size // per_micro_step
 
     def _global_batch_rows(
-        self, stream: int, step: int, micro_step: int, global_batch_size: int
+        self, stream: int, step: int, micro_step: int, global_batch_size: int,
+        micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        accum_steps = self._accum_steps(global_batch_size, "global batch size")
+        micro_batch_size = micro_batch_size or self.micro_batch_size
+        accum_steps = self._accum_steps(global_batch_size, "global batch size", micro_batch_size)
         if not 0 <= micro_step < accum_steps:
             raise ValueError(f"micro_step {micro_step} is outside 0..{accum_steps - 1}")
         high = len(self.data.split("train")) - self.block_size
         offsets = np.random.default_rng([self.seed, stream, step]).integers(0, high, size=global_batch_size)
-        first = (micro_step * self.world_size + self.rank) * self.micro_batch_size
-        return self._windows("train", offsets[first : first + self.micro_batch_size])
+        first = (micro_step * self.world_size + self.rank) * micro_batch_size
+        return self._windows("train", offsets[first : first + micro_batch_size])
 
     def _windows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """x = tokens[o : o+T], y = tokens[o+1 : o+T+1] for each offset o, as int64 tensors on the device."""

@@ -43,7 +43,9 @@ class ModelSettings:
 class TrainSettings:
     max_steps: int = 100000
     global_batch_size: int = 480
-    micro_batch_size: int = 12
+    micro_batch_size: int | None = None  # None: the largest that fits this GPU (gpt/device_defaults.py)
+    hessian_micro_batch_size: int | None = None  # the curvature pass's; None: chosen likewise
+    activation_checkpointing: bool = False
     eval_interval: int = 1000
     eval_sequences: int = 2400
     log_interval: int = 10
@@ -52,7 +54,7 @@ class TrainSettings:
     seed: int = 1337
     grad_clip: float = 1.0
     dtype: str = "bfloat16"
-    compile: bool = False
+    compile: bool | None = None  # None: on for CUDA, off elsewhere
     device: str = "auto"
     strategy: str = "auto"
     on_nonfinite: str = "stop"
@@ -156,9 +158,10 @@ def _check(s: Settings) -> None:
         raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_sequences",
-                "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
-        if getattr(t, key) < 1:
+    for key in ("max_steps", "global_batch_size", "micro_batch_size", "hessian_micro_batch_size",
+                "eval_interval", "eval_sequences", "log_interval", "ckpt_interval", "keep_checkpoints",
+                "max_skipped"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
     if t.hellaswag_interval < 0 or t.hellaswag_interval % t.eval_interval:
         raise UserError(f"train.hellaswag_interval={t.hellaswag_interval} must be 0 (off) or a multiple of "

@@ -9,7 +9,11 @@ labels as 2 ranks × 1. In float16 the loss is scaled by the training step's Gra
 unscaled before the update. Hutchinson (Sophia-H, AdaHessian): one probe u shared by all ranks (drawn from
 the optimizer's `probe` distribution: Gaussian for Sophia-H unless configured, Rademacher for AdaHessian),
 u ⊙ Hu summed over micro-batches by double backward through the math attention kernel on the unwrapped model,
-averaged over ranks, then `optimizer.update_hessian(estimates)`. For both, an estimate that is not finite (an
+averaged over ranks, then `optimizer.update_hessian(estimates)`. The pass has its own micro-batch size
+(`train.hessian_micro_batch_size`): double backward through the math kernel keeps B·H·T² attention
+probabilities and a second graph, several times a training micro-step's memory; Hutchinson's estimate does
+not depend on it (the same probe and sequences, summed in another grouping), GNB's labels do (one draw per
+global micro-batch). For both, an estimate that is not finite (an
 fp16 overflow, or a diverging model) is skipped rather than folded into h, where it would stay for good.
 """
 
@@ -42,6 +46,7 @@ class CurvatureSchedule:
     batch_size: int  # sequences per pass over all ranks
     grad_clip: float  # 0: no clip of the GNB gradient
     at_start: bool  # the optimizer needs an estimate before its first step
+    micro_batch_size: int | None = None  # sequences per forward on one rank; None: the training micro-batch
 
     def due(self, step: int) -> bool:
         """At the start of step s: the parameters equal those after step s-1, where the official code runs."""
@@ -101,13 +106,13 @@ def run_curvature_pass(
     given, also accumulates the time of each phase."""
     start = time.perf_counter()
     timed = phases or _untimed
-    accum = loader.hessian_accum_steps(schedule.batch_size)
+    accum = loader.hessian_accum_steps(schedule.batch_size, schedule.micro_batch_size)
     params = _params(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if schedule.kind == "gnb":
         loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         for micro in range(accum):
-            x, _ = loader.hessian_batch(step, micro, schedule.batch_size)
+            x, _ = loader.hessian_batch(step, micro, schedule.batch_size, schedule.micro_batch_size)
             generator = torch.Generator(device=x.device)
             generator.manual_seed(derive_seed(seed, "gnb", step, micro * runtime.world_size + runtime.rank))
             with gradient_sync(model, micro == accum - 1):
@@ -133,7 +138,7 @@ def run_curvature_pass(
         raw = unwrap(model)
         with math_attention():
             for micro in range(accum):
-                x, y = loader.hessian_batch(step, micro, schedule.batch_size)
+                x, y = loader.hessian_batch(step, micro, schedule.batch_size, schedule.micro_batch_size)
                 with timed("forward"), autocast():
                     _, loss = raw(x, y)
                 with timed("backward"):  # the double backward

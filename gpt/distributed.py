@@ -7,9 +7,14 @@ through it, so the single-process path is the same code with a world of one. NCC
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import subprocess
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -81,14 +86,26 @@ class Runtime:
         return value
 
 
-def _pick_device(requested: str, local_rank: int) -> torch.device:
+def cuda_index(local_rank: int) -> int:
+    """This rank's CUDA device index: its local rank when it sees all of the node's GPUs, 0 when the launcher
+    bound one GPU to each task (Slurm's `--gpus-per-task=1`: every task sees its own GPU as device 0)."""
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise UserError(f"LOCAL_RANK={local_rank} but this process sees only {visible} CUDA devices; start "
+                        "at most one rank per GPU (torchrun --nproc_per_node, or Slurm's --gpus-per-task)")
+    return local_rank
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """The device of the rank with this local rank, for `train.device` (auto | cpu | cuda)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
             raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", cuda_index(local_rank))
     if requested == "cpu":
         return torch.device("cpu")
     raise UserError(f"train.device={requested!r} is not one of auto, cpu, cuda")
@@ -115,6 +132,12 @@ def environment_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def planned_device(requested: str) -> torch.device:
+    """The device this process will train on, known before joining the process group (no side effects)."""
+    environment_world_size()  # adopts Slurm's variables, LOCAL_RANK among them
+    return pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def _warn_if_restarts_cannot_rendezvous() -> None:
     """By default torchrun's workers build their process group in the agent's TCP store, which outlives a
     restart: restarted workers then read the dead workers' addresses and fail to connect (measured here with
@@ -135,12 +158,16 @@ def init_runtime(strategy: str = "auto", device: str = "auto") -> Runtime:
         strategy = "ddp" if world_size > 1 else "single"
     if strategy == "single" and world_size > 1:
         raise UserError(f"train.strategy=single but WORLD_SIZE={world_size}; use ddp or fsdp under torchrun")
-    if strategy in ("ddp", "fsdp") and world_size == 1:
-        strategy = "single"  # one rank: wrapping would only add overhead
-    torch_device = _pick_device(device, local_rank)
+    if strategy in ("ddp", "fsdp") and world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        strategy = "single"  # one process started directly: wrapping would only add overhead
+    torch_device = pick_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
     if rank == 0:
         _warn_if_restarts_cannot_rendezvous()
-    if world_size > 1 and not dist.is_initialized():
+    # One rank under torchrun with ddp/fsdp asked for explicitly keeps its process group (world size 1): the
+    # wrapped path and the backend can be checked on one GPU (scripts/gpu_check.py).
+    if strategy in ("ddp", "fsdp") and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), device_id=(
             torch_device if torch_device.type == "cuda" else None))
@@ -158,6 +185,109 @@ def agree_on_run_dir(runtime: Runtime, out_dir: str) -> str:
     return agreed
 
 
+def _failure_key() -> str:
+    # one key per torchrun restart: the agent's store outlives a restart, and the restarted job is healthy
+    return f"sophia_gpt/failures/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def _exit_now(code: int) -> None:
+    """End the process without Python's clean-up: a process group's destructor could wait on a collective
+    that will never complete."""
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+class FailureWatch:
+    """When one rank fails, end the others within seconds instead of after the collective timeout.
+
+    The failing rank adds 1 to a counter in the process group's store (no collective: the other ranks are
+    in a different one, or in none), prints its traceback, and exits two polls later (under `--standalone`
+    it may host the store, which must live until the others have read it). Every rank runs a daemon thread
+    that polls the counter each second; on a failure elsewhere it prints one line and ends its process a
+    little after the failing one, so that torchrun names the right rank as the root cause. The thread cannot
+    wait for the main thread, which may be blocked for good in a collective whose peer is gone (NCCL waits
+    for its timeout, 30 minutes, running no Python code meanwhile)."""
+
+    POLL_S = 1.0
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rank = runtime.rank
+        self.failed_here = self.announced = False
+        self.stopped = threading.Event()
+        self.store = None
+        if runtime.distributed and dist.is_initialized():
+            self.store = dist.distributed_c10d._get_default_store()
+            threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
+
+    def _announce(self) -> None:
+        if not self.announced:
+            self.announced = True
+            print(f"rank {self.rank}: stopped because another rank failed (that rank shows the error)",
+                  file=sys.stderr, flush=True)
+
+    def _watch(self) -> None:
+        while not self.stopped.wait(self.POLL_S):
+            try:
+                failures = self.store.add(_failure_key(), 0)
+            except Exception:  # the store's host has gone; torchrun tears the job down
+                continue
+            if failures and not self.failed_here and not self.stopped.is_set():
+                self._announce()
+                time.sleep(4 * self.POLL_S)  # after the failing rank, which exits 2 polls after its report
+                _exit_now(1)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def report(self, error: BaseException) -> None:
+        """Called on this rank's exception: with other ranks, show it (if this rank failed first) and end
+        the process; alone, return, and the caller re-raises it."""
+        self.failed_here = True
+        self.stop()
+        if self.store is None:
+            return
+        if self.announced:  # a consequence of the other rank's failure (its exit broke our collective):
+            time.sleep(4 * self.POLL_S)  # the watcher ends the process, after the failing rank's exit
+            _exit_now(1)
+        try:
+            first = self.store.add(_failure_key(), 1) == 1
+        except Exception:  # the store's host has gone: it failed first
+            first = False
+        if first:
+            traceback.print_exception(error)
+            log.error("rank %d failed with %s (its traceback is on stderr)", self.rank, type(error).__name__)
+            time.sleep(2 * self.POLL_S)
+        else:
+            self._announce()
+        _exit_now(1)
+
+
+@contextlib.contextmanager
+def leaving_together(runtime: Runtime, keep_process_group: bool = False, out_of_memory_advice: str = ""
+                     ) -> Iterator[None]:
+    """Run a job and leave the process group: together (a barrier) after success or a `UserError`, which
+    every rank raises at the same point; alone after any other exception, which may be one rank's alone (an
+    out-of-memory error): a barrier there would wait for ranks that wait elsewhere, and nothing would
+    complete until the collective timeout. An out-of-memory error is logged with `out_of_memory_advice`."""
+    watch = FailureWatch(runtime)
+    try:
+        yield
+    except UserError:
+        watch.stop()
+        if not keep_process_group:
+            shutdown()
+        raise
+    except BaseException as error:
+        if isinstance(error, torch.OutOfMemoryError) and out_of_memory_advice:
+            log.error("rank %d: %s", runtime.rank, out_of_memory_advice)
+        watch.report(error)
+        raise
+    watch.stop()
+    if not keep_process_group:
+        shutdown()
+
+
 def shutdown() -> None:
     """Leave the process group together: a rank that tears down its gloo pairs or rank 0's store while a
     peer is still finishing its last collective can abort that peer ("terminate called without an active
@@ -167,29 +297,55 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, runtime: Runtime) -> nn.Module:
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing per transformer block: each block keeps only its input for the backward and
+    recomputes its activations there (dropout masks included: the RNG state is replayed). Applied from
+    outside, like the wrapping below: the block's forward is replaced on the instance, so parameter names,
+    state dicts and the model file stay as they are. Non-reentrant checkpointing also supports the double
+    backward of the Hessian-vector products."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        forward = block.forward
+        block.forward = functools.partial(checkpoint, forward, use_reentrant=False)
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, *, activation_checkpointing: bool = False,
+               dtype: str = "float32") -> nn.Module:
     """The module the training forward/backward goes through: the model itself, DDP, or FSDP2-sharded.
 
-    FSDP2 shards every block and then the root (embeddings, final LayerNorm and the tied head). Parameters
-    stay fp32 and precision comes from the trainer's autocast, as under DDP (no MixedPrecisionPolicy), so
-    the numbers of a run do not depend on the strategy.
+    FSDP2 shards every block and then the root (embeddings, final LayerNorm and the tied head). Under a
+    16-bit `dtype` its `MixedPrecisionPolicy` all-gathers parameters in that dtype for the compute (half the
+    traffic of fp32) and reduce-scatters gradients in fp32; the sharded parameters, gradients and optimizer
+    state stay fp32. The trainer's autocast runs on top of it, as under DDP.
     """
+    if activation_checkpointing:
+        checkpoint_activations(model)
     if runtime.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [runtime.device.index] if runtime.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if runtime.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()
+        if dtype != "float32":
+            policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
         for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under `torch.compile`'s wrapper and DDP (FSDP2 shards in place: nothing to unwrap).
+
+    The compile wrapper goes first: it forwards attribute look-ups to the module it wraps, so without it a
+    compiled GPT (which has no `.module`) would be returned as it is, and a double backward through its
+    compiled graph fails ("compiled with non-empty donated buffers")."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -208,10 +364,14 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         with model.no_sync():
             yield
     elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        # Keep the parameters gathered after the backward, so the next micro-step's forward gathers nothing;
+        # the last micro-step reshards (and reduce-scatters), freeing them before the optimizer step.
         model.set_requires_gradient_sync(False)
+        model.set_reshard_after_backward(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+            model.set_reshard_after_backward(True)
     else:
         yield

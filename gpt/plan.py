@@ -17,8 +17,23 @@ from gpt.config import BatchPlan, Settings
 from gpt.protocol import describe_protocol
 from optim import entry_for
 
-# Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
-GPU_PEAKS = {"A100": 312e12, "H100": 989e12, "A5000": 111e12, "L40S": 362e12}
+# Dense (not 2:4-sparse) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendor's data sheets; fp32 runs
+# use TF32 on these GPUs: half of it. A device name matches the longest key it contains, so "H100 PCIe" wins
+# over "H100" (the SXM part) and "GH200" over "H200". The first two are the plan's default examples.
+GPU_PEAKS = {
+    "A100": 312e12,
+    "H100": 989e12,  # SXM5 (device names like "NVIDIA H100 80GB HBM3")
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,  # SXM
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "L40S": 362e12,
+    "A5000": 111e12,
+}
+
+
 # Forward+backward passes per curvature estimate, by estimator.
 CURVATURE_PASSES = {"gnb": 1, "hutchinson": 2}
 
@@ -36,9 +51,9 @@ def training_flops_per_token(model: Any, optim: Mapping[str, Any], global_batch_
 
 def _gpu_peak(name: str, dtype: str) -> float | None:
     """The table's peak for a device name containing a known GPU; fp32 runs on TF32 at half of it."""
-    for key, peak in GPU_PEAKS.items():
+    for key in sorted(GPU_PEAKS, key=len, reverse=True):
         if key.lower() in name.lower():
-            return peak if dtype != "float32" else peak / 2
+            return GPU_PEAKS[key] if dtype != "float32" else GPU_PEAKS[key] / 2
     return None
 
 

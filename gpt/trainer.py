@@ -39,6 +39,7 @@ from gpt.checkpoint import (
 )
 from gpt.config import Settings, load_settings, plan_batches
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
+from gpt.device_defaults import out_of_memory_advice, resolve_device_defaults
 from gpt.distributed import (
     Runtime,
     agree_on_run_dir,
@@ -46,7 +47,8 @@ from gpt.distributed import (
     full_value,
     gradient_sync,
     init_runtime,
-    shutdown,
+    leaving_together,
+    planned_device,
     wrap_model,
 )
 from gpt.hellaswag import PeriodicHellaSwag
@@ -83,16 +85,15 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     fresh = is_empty(cfg.out_dir) and int(os.environ.get("RANK", 0)) == 0  # rank 0 tidies up
     try:
         settings = load_settings(cfg)
+        world_size = environment_world_size()
+        resolve_device_defaults(settings, world_size, planned_device(settings.train.device))
         # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
-        plan_batches(settings.train, settings.model.block_size, environment_world_size())
+        plan_batches(settings.train, settings.model.block_size, world_size)
         runtime = init_runtime(settings.train.strategy, settings.train.device)
         settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
-        try:
+        with leaving_together(runtime, keep_process_group, out_of_memory_advice(settings)):
             with holding_out_dir(settings.out_dir, runtime, enabled=not settings.train.dry_run):
                 result = Trainer(settings, runtime).run()
-        finally:
-            if not keep_process_group:
-                shutdown()
     except UserError:
         if fresh:
             discard_unstarted(cfg.out_dir)
@@ -149,6 +150,7 @@ class Trainer:
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
+        resolve_device_defaults(settings, runtime.world_size, runtime.device)
         self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
         # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums (the
         # summed count is recorded in the config: it defines the run)
@@ -171,7 +173,8 @@ class Trainer:
             self.model = GPT(model_config).to(runtime.device)
             if t.init_from and not CheckpointDir(self.out_dir / "checkpoints").complete_steps():
                 init_weights(self.model, t.init_from)  # a resume loads its checkpoint instead
-            self.wrapped = wrap_model(self.model, runtime)
+            self.wrapped = wrap_model(self.model, runtime, dtype=t.dtype,
+                                      activation_checkpointing=t.activation_checkpointing)
         check_run(settings.optim, strategy=runtime.strategy, schedule=settings.schedule.name)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
         schedule = settings.schedule
@@ -233,7 +236,8 @@ class Trainer:
                             "use bfloat16")
         clip_value = self.s.train.grad_clip if clip else 0.0
         return CurvatureSchedule(kind, interval, batch_size or self.s.train.global_batch_size, clip_value,
-                                 getattr(self.optimizer, "requires_initial_hessian", False))
+                                 getattr(self.optimizer, "requires_initial_hessian", False),
+                                 self.s.train.hessian_micro_batch_size)
 
     # ----------------------------------------------------------------------------------------- resume
 
@@ -307,7 +311,7 @@ class Trainer:
 
     def _all_ranks(self, ok: bool) -> bool:
         """True on every rank iff `ok` is true on every rank (a collective)."""
-        failed = torch.tensor(float(not ok), device=self.rt.device)
+        failed = torch.full((), float(not ok), device=self.rt.device)  # a fill kernel: no host-to-device copy
         return self.rt.all_reduce(failed, "max").item() == 0
 
     # ------------------------------------------------------------------------------------------ loop
@@ -334,7 +338,7 @@ class Trainer:
             x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=self.rt.device)])
+            total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.rt.device)])
         self.rt.all_reduce(total)
         self.model.train()
         return (total[0] / total[1]).item()
@@ -390,7 +394,7 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm))  # FSDP: the global norm
-        flag = torch.tensor(float(stop.signal is not None), device=rt.device)  # read last: stop after it
+        flag = torch.full((), float(stop.signal is not None), device=rt.device)  # read last: stop after it
         stats = rt.all_reduce(torch.stack([loss_sum / accum, grad_norm.float(), flag]), "mean")
         train_loss, grad_norm_value, stop_votes = stats.tolist()
         return train_loss, grad_norm_value, stop_votes > 0

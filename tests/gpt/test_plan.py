@@ -4,9 +4,11 @@ hand from the paper's setup, and the dry run's promise to build nothing."""
 import re
 
 import pytest
+import torch
 
 from gpt.config import load_settings
 from gpt.distributed import init_runtime
+from gpt.plan import peak_flops
 from gpt.trainer import Trainer
 from tests.hydra_compose import compose_train
 
@@ -66,6 +68,26 @@ def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     assert seconds and float(seconds[1]) == pytest.approx(flops / (156e12 * 0.4), rel=0.05)
     assert float(seconds[2]) == pytest.approx(float(seconds[1]) / 8, rel=0.05)
     assert " 0 GPU" not in plan and "0.00 " not in plan
+
+
+@pytest.mark.parametrize(("device_name", "peak"), [
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA B200", 2250e12),
+])
+def test_peak_flops_per_gpu(device_name, peak):
+    """The dense bf16 peaks of the vendors' data sheets for the names CUDA reports (half for TF32 fp32 runs).
+    Wrong if the H200 or B200 had no peak (MFU would be null there) or an H100 PCIe/NVL got the SXM part's
+    989 TFLOP/s (its MFU would read 1.3× too low)."""
+    cuda = torch.device("cuda", 0)  # with train.gpu given, no CUDA device is queried
+    assert peak_flops(cuda, "bfloat16", gpu=device_name) == peak
+    assert peak_flops(cuda, "float32", gpu=device_name) == peak / 2
 
 
 @pytest.mark.parametrize("optim", ["muon", "soap"])

@@ -1,0 +1,116 @@
+"""The trainer's checkpoint component: when a save is due, a save every rank takes part in, and the resume.
+
+What is saved are the run's stateful parts: the model and optimizer (one `state.pt`, or one shard per rank
+under FSDP), the gradient scaler, and the loop's own state (step, elapsed time, recent losses, skip streak,
+wandb id), which is small and the same on every rank and so goes into the manifest next to the config. The
+on-disk format, its verification and pruning are `gpt.checkpoint`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from common.errors import UserError
+from gpt.checkpoint import CheckpointDir, load_training_state, read_manifest, save_training_state
+from gpt.distributed import Runtime
+from gpt.run_dir import check_compatible
+
+log = logging.getLogger(__name__)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Checkpointer:
+    """Saves every `interval` steps, at `max_steps` and when the run is asked to stop; resumes the newest
+    checkpoint that verifies and was written by the same experiment (`config`)."""
+
+    def __init__(self, root: Path, runtime: Runtime, config: dict[str, Any], *, interval: int, keep: int,
+                 max_steps: int, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
+                 loop: Stateful) -> None:
+        self.dir = CheckpointDir(root, keep=keep)
+        self.rt, self.config = runtime, config
+        self.interval, self.max_steps = interval, max_steps
+        self.model, self.optimizer, self.scaler, self.loop = model, optimizer, scaler, loop
+        self.sharded = runtime.strategy == "fsdp"
+
+    def due(self, step: int, stopping: bool) -> bool:
+        """Whether the state after `step` optimizer steps is to be saved."""
+        return step % self.interval == 0 or step == self.max_steps or stopping
+
+    def last_complete(self) -> str:
+        return self.dir.last_complete()
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint (rank 0 chooses, all ranks load) into the stateful parts;
+        False for a fresh run. Leftovers of interrupted saves are removed first."""
+        path, manifest = self.rt.on_main(self._resume_point)
+        if path is None:
+            return False
+        extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
+                                    self.sharded, self.rt.device)
+        self.scaler.load_state_dict(extra["scaler"])
+        self.loop.load_state_dict(manifest["loop"])
+        log.info("resumed from %s (step %d)", path, manifest["step"])
+        return True
+
+    def _resume_point(self) -> tuple[Path | None, dict[str, Any]]:
+        """Run by rank 0 alone: the checkpoint to resume and its manifest, checked against this run."""
+        self.dir.remove_partial()
+        path = self.dir.resume_point()
+        if path is None:
+            return None, {}
+        manifest = read_manifest(path)
+        check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        return path, manifest
+
+    # -------------------------------------------------------------------------------------------- save
+
+    def save(self, step: int) -> None:
+        """Every rank takes part (FSDP writes a shard per rank); rank 0 seals and renames.
+
+        A write that fails (a full disk, a quota) stops the run on every rank: the partial checkpoint is
+        removed and the previous one is intact. Training on would only add steps that cannot be saved, and a
+        full disk rarely empties itself; the lost work is bounded by train.ckpt_interval.
+        """
+        is_main = self.rt.is_main
+        meta = {"config": self.config, "loop": self.loop.state_dict()}
+        phases: list[Callable[[], object]] = [
+            lambda: self.dir.begin(step) if is_main else None,
+            lambda: save_training_state(self.dir.staging(step), self.model, self.optimizer,
+                                        {"scaler": self.scaler.state_dict()}, self.sharded, is_main),
+            lambda: log.info("saved %s", self.dir.commit(step, meta)) if is_main else None,
+        ]
+        error: OSError | None = None
+        for phase in phases:
+            try:
+                phase()
+            except OSError as e:
+                error = e
+            if not self._all_ranks(error is None):  # also the barrier between the phases
+                break
+        else:
+            return
+        if is_main:
+            self.dir.discard(step)
+        cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
+        raise UserError(f"could not write the checkpoint of step {step} ({cause}); its partial files were "
+                        f"removed. Last good checkpoint: {self.dir.last_complete()}. Free disk space and "
+                        "rerun to resume from it")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True on every rank iff `ok` is true on every rank (a collective)."""
+        failed = torch.tensor(float(not ok), device=self.rt.device)
+        return self.rt.all_reduce(failed, "max").item() == 0

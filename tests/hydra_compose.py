@@ -1,8 +1,11 @@
-"""The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, and the
-overrides of the tiny in-process training run most trainer tests use."""
+"""The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, the
+overrides of the tiny in-process training run most trainer tests use, and `python train.py` itself run in the
+test's process (its own entry function, without the seconds a new interpreter takes to import torch)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -26,3 +29,25 @@ def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interva
         f"train.ckpt_interval={interval}", "train.global_batch_size=8", "train.micro_batch_size=4",
         "model.n_layer=2", "model.n_embd=64", "model.block_size=32", *extra,
     ]
+
+
+def run_train_py(args: list[str]) -> int:
+    """`python train.py ARGS` in this process through train.py's entry function; returns the exit code.
+    `sys.argv`, Hydra's global state and the HYDRA_FULL_ERROR switch the entry point sets are restored
+    around the call, so each call starts as a fresh `python train.py` would."""
+    import train  # the entry point at the repository root
+
+    saved_argv, error_switch = sys.argv, os.environ.pop("HYDRA_FULL_ERROR", None)
+    sys.argv = ["train.py", *args]
+    GlobalHydra.instance().clear()
+    try:
+        train.run()
+    except SystemExit as e:
+        return 0 if e.code is None else int(e.code)
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if error_switch is not None:
+            os.environ["HYDRA_FULL_ERROR"] = error_switch
+    return 0

@@ -1,9 +1,10 @@
 """Fault injection: kill, stop, corrupt, diverge, misconfigure and fill the disk under a real `train.py`.
 
-Every test runs `python train.py` (or `python -m data.prepare`) in a subprocess as a user would, injects one
-fault for real — SIGKILL or SIGTERM at a chosen moment, damaged files, an absurd learning rate, a file-size
-limit — and checks the outcome against an independent reference: a straight run of the same config that
-nothing interrupted. docs/robustness.md maps each fault to the test here that proves what survives it.
+Every fault test runs `python train.py` (or `python -m data.prepare`) in a subprocess as a user would,
+injects one fault for real — SIGKILL or SIGTERM at a chosen moment, damaged files, an absurd learning rate, a
+file-size limit — and checks the outcome against an independent reference: a straight run of the same config
+that nothing interrupted. Bad configs, which fail before any training, mostly run train.py's entry function in
+the test's process instead. docs/robustness.md maps each fault to the test here that proves what survives it.
 
 Kill windows are found by watching the run directory, not by hooks in the trainer: half a step time after a
 metrics record appears, the next step is being computed; two step times after the record before an
@@ -38,6 +39,7 @@ from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
+from tests.hydra_compose import run_train_py
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
@@ -69,6 +71,15 @@ def train_command(out: Path, data: Path, config: list[str], *extra: str) -> list
 def run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
                           timeout=TIMEOUT, **kwargs)
+
+
+def run_in_process(command: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """A `train_command` through train.py's entry function in this process: what a subprocess would report,
+    without the seconds a new interpreter takes to import torch (for runs that fail before training)."""
+    capsys.readouterr()
+    code = run_train_py(command[2:])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, captured.out, captured.err)
 
 
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
@@ -408,13 +419,22 @@ BAD_CONFIGS = [
 ]
 
 
+# These cases also start the real `python train.py` (one caught while Hydra composes, one by the trainer);
+# the others run train.py's entry function in the test's process.
+REAL_CLI = {"model=nope", "model.vocab_size=100"}
+
+
 @pytest.mark.parametrize(("overrides", "expected"),
                          [pytest.param(*case, id=" ".join(case[0])) for case in BAD_CONFIGS])
-def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir):
+def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir, capsys, monkeypatch):
     """Wrong if a config mistake shows a traceback, takes more than two lines, exits 0 or 1, or does not
     say what is wrong (with the valid choices or the command that fixes it)."""
-    overrides = [o.format(tmp=tmp_path) for o in overrides]
-    result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
+    command = train_command(tmp_path / "run", data_dir, TINY, *(o.format(tmp=tmp_path) for o in overrides))
+    if " ".join(overrides) in REAL_CLI:
+        result = run(command, tmp_path)
+    else:
+        monkeypatch.chdir(tmp_path)
+        result = run_in_process(command, capsys)
     assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -427,12 +447,12 @@ def test_out_dir_of_another_experiment_is_refused(tmp_path, tiny_straight, data_
     assert_user_error(result, f"out_dir {out} holds a different experiment", "model.n_embd: 64 -> 128")
 
 
-def test_truncated_token_file_is_refused(tmp_path, data_dir):
+def test_truncated_token_file_is_refused(tmp_path, data_dir, capsys):
     """Wrong if the loader trains on a token file shorter than meta.json promises."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     truncate(data / "train.bin")
-    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    result = run_in_process(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), capsys)
     assert_user_error(result, f"{data / 'train.bin'} has", "truncated or replaced", "rebuild it with")
     with pytest.raises(UserError, match="truncated or replaced"):
         TokenData(data)

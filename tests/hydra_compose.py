@@ -20,15 +20,20 @@ def compose_train(overrides: list[str], *, hydra_config: bool = False) -> DictCo
         return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
 
 
-def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interval: int = 4) -> list[str]:
+def tiny_overrides(steps: int = 8, interval: int = 4) -> list[str]:
     """The quick start shrunk to 2 layers × 64 wide on 8 × 32 tokens a step: `steps` steps, an evaluation
-    and a checkpoint every `interval`; `extra` overrides come last and win."""
+    and a checkpoint every `interval` (to follow `experiment=quickstart`)."""
     return [
-        "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", f"train.max_steps={steps}",
-        "train.log_interval=1", f"train.eval_interval={interval}", "train.eval_steps=2",
-        f"train.ckpt_interval={interval}", "train.global_batch_size=8", "train.micro_batch_size=4",
-        "model.n_layer=2", "model.n_embd=64", "model.block_size=32", *extra,
+        f"train.max_steps={steps}", "train.log_interval=1", f"train.eval_interval={interval}",
+        "train.eval_steps=2", f"train.ckpt_interval={interval}", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=64", "model.block_size=32",
     ]
+
+
+def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interval: int = 4) -> list[str]:
+    """The tiny run in `out_dir` on the data in `data_dir`; `extra` overrides come last and win."""
+    return ["experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}",
+            *tiny_overrides(steps, interval), *extra]
 
 
 def run_train_py(args: list[str]) -> int:

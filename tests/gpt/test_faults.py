@@ -39,15 +39,13 @@ from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
-from tests.hydra_compose import run_train_py
+from tests.hydra_compose import run_train_py, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
-# A tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's length is
-# set apart from max_steps, so a test may resume it with a larger budget.
-TINY = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2",
-        "train.ckpt_interval=4", "train.max_steps=8", "schedule.decay_steps=8"]
+# The tests' tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's
+# length is set apart from max_steps, so a test may resume it with a larger budget.
+TINY = [*tiny_overrides(steps=8, interval=4), "schedule.decay_steps=8"]
 # Wide but fed little: cheap steps (2 micro-steps of 2 × 32 tokens), a long evaluation (60 micro-batches)
 # and a 38 MB checkpoint, so each kill window lasts long enough to be hit from outside.
 KILL = ["model.n_layer=4", "model.n_embd=256", "model.block_size=32", "train.global_batch_size=4",

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.files import commit_file, write_atomic
 from data.tokenizers import Tokenizer, get_tokenizer
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
@@ -46,11 +47,6 @@ CONFIG_KEYS = frozenset({
 })
 
 
-def is_prepared(data_cfg: Mapping[str, Any]) -> bool:
-    """True when the data folder holds complete files made with exactly these settings."""
-    return unprepared_reason(data_cfg) is None
-
-
 def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     """Why the data folder cannot serve these settings, with the command that fixes it; None if it can."""
     out = Path(data_cfg["dir"])
@@ -64,7 +60,7 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     if meta.get("fingerprint") != _fingerprint(settings):
         return (f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}); "
                 f"point data.dir at a new folder and prepare it with: {command}<new folder>")
-    damage = _damage(out, meta)
+    damage = damaged_split(out, meta)
     return None if damage is None else f"{damage}; rebuild it with: {command}{out}"
 
 
@@ -86,7 +82,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
                 f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}). "
                 "Set data.dir to another folder, or delete this one to rebuild it"
             )
-        damage = _damage(out, meta)
+        damage = damaged_split(out, meta)
         if damage is None:
             log.info("%s is already prepared", out)
             return out
@@ -113,7 +109,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "dtype": "uint16",
         "splits": counts,
     }
-    _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info(
         "wrote %s: %s",
         out,
@@ -290,25 +286,8 @@ def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: 
     assert written == total, (written, total)
     tokens.flush()
     del tokens
-    _fsync(tmp)
-    os.replace(tmp, path)
+    commit_file(tmp, path)
     return {"tokens": total, "documents": len(tokenized)}
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)  # make the rename itself durable
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
@@ -324,8 +303,9 @@ def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:
     )
 
 
-def _damage(out: Path, meta: dict[str, Any]) -> str | None:
-    """None when both token files have the sizes meta.json promises, else which one does not."""
+def damaged_split(out: Path, meta: dict[str, Any]) -> str | None:
+    """None when every token file has the size meta.json promises, else which one does not (the one
+    truncated-file check: preparation and the loader both use it)."""
     for name, counts in meta["splits"].items():
         path = out / f"{name}.bin"
         size = path.stat().st_size if path.is_file() else None

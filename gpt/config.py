@@ -1,11 +1,11 @@
-"""Typed schema of the training config, and the values derived from it in one place.
+"""Typed schema of the training config, checked at start-up, before any data work.
 
-Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
-type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
-tokens per step (Sophia's `bs`), decay steps — that must never be duplicated in YAML. The `optim` and `data`
-groups have per-choice keys: the optimizer registry checks `optim`'s, and `data`'s must be among the keys the
-data package reads. Hydra's own composition errors (an unknown `model=`, a misspelt key) are turned into one
-line here too, so every config mistake reads the same way.
+Hydra composes plain YAML; this module checks it against dataclasses (a misspelt key, a missing key or a
+wrong type fails before any work, as a `UserError`). The dataclasses hold no defaults: every value comes from
+configs/, and the model's fields are `GPTConfig`'s own. The `optim` and `data` groups have per-choice keys:
+the optimizer registry checks `optim`'s, and `data`'s must be among the keys the data package reads. Hydra's
+own composition errors (an unknown `model=`, a misspelt key) are turned into one line here too, so every
+config mistake reads the same way. The batch arithmetic derived from it is a `BatchPlan` (`batch_plan`).
 """
 
 from __future__ import annotations
@@ -14,65 +14,63 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from common.errors import UserError
+from data.loader import BatchPlan
 from data.prepare import CONFIG_KEYS as DATA_KEYS
+from gpt.model import GPTConfig
+from optim import schedule_named
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
 
 
 @dataclass
-class ModelSettings:
-    name: str = "custom"
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    dropout: float = 0.0
-    bias: bool = False
+class ModelSettings(GPTConfig):
+    """The model group: GPTConfig's fields, and the name runs are labelled with."""
+
+    name: str = MISSING
 
 
 @dataclass
 class TrainSettings:
-    max_steps: int = 100000
-    global_batch_size: int = 480
-    micro_batch_size: int = 12
-    eval_interval: int = 1000
-    eval_steps: int = 200
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    keep_checkpoints: int = 3
-    seed: int = 1337
-    grad_clip: float = 1.0
-    dtype: str = "bfloat16"
-    compile: bool = False
-    device: str = "auto"
-    strategy: str = "auto"
-    on_nonfinite: str = "stop"
-    max_skipped: int = 10
-    dry_run: bool = False
-    gpu: str = "auto"
-    assumed_mfu: float = 0.4
+    max_steps: int
+    global_batch_size: int
+    micro_batch_size: int
+    eval_interval: int
+    eval_steps: int
+    log_interval: int
+    ckpt_interval: int
+    keep_checkpoints: int
+    seed: int
+    grad_clip: float
+    dtype: str
+    compile: bool
+    device: str
+    strategy: str
+    on_nonfinite: str
+    max_skipped: int
+    dry_run: bool
+    gpu: str
+    assumed_mfu: float
 
 
 @dataclass
 class ScheduleSettings:
-    name: str = "cosine"
-    warmup_steps: int = 2000
-    min_lr: float = 3e-5
-    decay_steps: int | None = None
+    name: str
+    warmup_steps: int
+    min_lr: float
+    decay_steps: int | None
 
 
 @dataclass
 class WandbSettings:
-    enabled: bool = False
-    project: str = "sophia-gpt"
-    mode: str = "online"
-    name: str | None = None
+    enabled: bool
+    project: str
+    mode: str
+    name: str | None
 
 
 @dataclass
@@ -96,13 +94,16 @@ def _typed(section: str, schema: type, values: Any) -> Any:
 
 def load_settings(cfg: DictConfig) -> Settings:
     """Validate a composed config; every error names the key and what is allowed."""
-    for key in ("out_dir", "model", "train", "schedule", "optim", "data"):
+    for key in ("out_dir", "model", "train", "schedule", "wandb", "optim", "data"):
         if key not in cfg:
             raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
     known = [f.name for f in fields(Settings)]
     unknown = sorted(set(cfg) - set(known))
     if unknown:
         raise UserError(f"unknown top-level config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    missing = [f.name for f in fields(ModelSettings) if f.name not in cfg.model]
+    if missing:
+        raise UserError(f"config group 'model' lacks {', '.join(missing)}: a model YAML sets every field")
     unknown = sorted(set(cfg.data) - DATA_KEYS)
     if unknown:
         raise UserError(f"unknown data key(s) {', '.join(unknown)}; valid: {', '.join(sorted(DATA_KEYS))}")
@@ -112,7 +113,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         model=_typed("model", ModelSettings, container["model"]),
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
-        wandb=_typed("wandb", WandbSettings, container.get("wandb", {})),
+        wandb=_typed("wandb", WandbSettings, container["wandb"]),
         optim=dict(container["optim"]),
         data=dict(container["data"]),
     )
@@ -125,7 +126,7 @@ def load_settings(cfg: DictConfig) -> Settings:
 
 
 def _check(s: Settings) -> None:
-    t, m = s.train, s.model
+    t = s.train
     if t.dtype not in DTYPES:
         raise UserError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
     if t.strategy not in STRATEGIES:
@@ -136,37 +137,15 @@ def _check(s: Settings) -> None:
                 "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
-    if m.n_embd % m.n_head:
-        raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    schedule_named(s.schedule.name)
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch arithmetic for one run: the vocabulary of STYLE.md, computed once."""
-
-    world_size: int
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    block_size: int
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predictions per optimizer step over all ranks and micro-steps: Sophia's `bs`."""
-        return self.global_batch_size * self.block_size
-
-
-def plan_batches(train: TrainSettings, block_size: int, world_size: int) -> BatchPlan:
-    per_pass = train.micro_batch_size * world_size
-    if train.global_batch_size % per_pass:
-        raise UserError(
-            f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{train.micro_batch_size} × world size {world_size}; pick sizes whose product divides it"
-        )
-    return BatchPlan(world_size, train.global_batch_size, train.micro_batch_size,
-                     train.global_batch_size // per_pass, block_size)
+def batch_plan(settings: Settings, world_size: int) -> BatchPlan:
+    """The run's batch arithmetic for `world_size` ranks (refused if the batch does not split over them)."""
+    t = settings.train
+    return BatchPlan(t.global_batch_size, t.micro_batch_size, settings.model.block_size, world_size)
 
 
 def describe_composition_error(error: HydraException) -> str:

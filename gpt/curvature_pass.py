@@ -28,6 +28,7 @@ from data.loader import BatchLoader
 from gpt.distributed import Runtime, full_value, gradient_sync, unwrap
 from gpt.model import math_attention
 from gpt.seeding import derive_seed
+from optim.base import optimized_parameters
 from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ class CurvatureSchedule:
     def due(self, step: int) -> bool:
         """At the start of step s: the parameters equal those after step s-1, where the official code runs."""
         return step % self.interval == 0 and (step > 0 or self.at_start)
-
-
-def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _update_if_finite(update: Callable[[], None], norm: float, step: int) -> None:
@@ -71,8 +68,8 @@ def run_curvature_pass(
 ) -> float:
     """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds."""
     start = time.perf_counter()
-    accum = loader.hessian_accum_steps(schedule.batch_size)
-    params = _params(optimizer)
+    accum = loader.plan.micro_steps(schedule.batch_size, "optim.hessian_batch_size")
+    params = optimized_parameters(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if schedule.kind == "gnb":
         loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0

@@ -51,10 +51,6 @@ class Runtime:
                 tensor.div_(self.world_size)
         return tensor
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's value on every rank (e.g. a decision only rank 0 can make)."""
         if not self.distributed:

@@ -17,9 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.errors import UserError
+
 
 @dataclass
 class GPTConfig:
+    """The model's shape; defaults are GPT-2 small's. The trainer builds it from configs/model/<name>.yaml,
+    which sets every field."""
+
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -28,12 +33,14 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
 
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # rows: q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from gpt.config import BatchPlan, Settings
+from data.loader import BatchPlan
+from gpt.config import Settings
 from optim import OPTIMIZERS
 
 # Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).

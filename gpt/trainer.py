@@ -26,10 +26,11 @@ import torch
 from omegaconf import DictConfig
 
 from common.errors import UserError
-from data.loader import BatchLoader, TokenData
+from common.files import write_atomic
+from data.loader import BatchLoader, BatchPlan, TokenData
 from data.prepare import prepare, unprepared_reason
 from gpt.checkpointer import Checkpointer
-from gpt.config import Settings, load_settings, plan_batches
+from gpt.config import Settings, batch_plan, load_settings
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import (
     Runtime,
@@ -42,11 +43,11 @@ from gpt.distributed import (
     wrap_model,
 )
 from gpt.metrics import MetricsLog, format_line
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
-from optim import build_optimizer, lr_at, trainer_settings
+from optim import build_optimizer, lr_at, optimized_parameters, trainer_settings
 
 log = logging.getLogger(__name__)
 SPIKE_FACTOR = 5.0  # a loss above this multiple of the median of the recent losses is recorded as a spike
@@ -62,11 +63,11 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
     settings = load_settings(cfg)
     # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
-    plan_batches(settings.train, settings.model.block_size, environment_world_size())
+    plan = batch_plan(settings, environment_world_size())
     runtime = init_runtime(settings.train.strategy, settings.train.device)
     settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
     try:
-        return Trainer(settings, runtime).run()
+        return Trainer(settings, runtime, plan).run()
     finally:
         if not keep_process_group:
             shutdown()
@@ -180,29 +181,27 @@ class LogWindow:
 
 
 class Trainer:
-    def __init__(self, settings: Settings, runtime: Runtime) -> None:
-        self.s, self.rt = settings, runtime
+    def __init__(self, settings: Settings, runtime: Runtime, plan: BatchPlan) -> None:
+        self.s, self.rt, self.plan = settings, runtime, plan
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
-        self.plan = plan_batches(t, settings.model.block_size, runtime.world_size)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         torch.manual_seed(t.seed)  # initialisation depends on the seed only: identical across optimizers
-        model_config = GPTConfig(**{k: v for k, v in asdict(settings.model).items() if k != "name"})
         if t.dry_run:  # the plan needs shapes only: no memory, no initialisation, no wrapping
             with torch.device("meta"):
-                self.model = GPT(model_config)
+                self.model = GPT(settings.model)
             self.wrapped = self.model
         else:
-            self.model = GPT(model_config).to(runtime.device)
+            self.model = GPT(settings.model).to(runtime.device)
             self.wrapped = wrap_model(self.model, runtime)
         self.optimizer = build_optimizer(settings.optim, self.model, self.plan.tokens_per_step)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.params = optimized_parameters(self.optimizer)
         self.curvature = self._curvature_schedule()
         self.autocast = autocast_factory(runtime.device, t.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=t.dtype == "float16")
@@ -234,11 +233,7 @@ class Trainer:
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
                 f"model.vocab_size={self.s.model.vocab_size}; set model.vocab_size >= {data.vocab_size}"
             )
-        return BatchLoader(
-            data, block_size=self.s.model.block_size, global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size, world_size=self.rt.world_size, rank=self.rt.rank,
-            seed=t.seed, device=self.rt.device,
-        )
+        return BatchLoader(data, self.plan, rank=self.rt.rank, seed=t.seed, device=self.rt.device)
 
     def _curvature_schedule(self) -> CurvatureSchedule | None:
         kind = getattr(self.optimizer, "curvature", None)
@@ -252,7 +247,9 @@ class Trainer:
             raise UserError(f"optim={self.s.optim['name']} cannot run its double backward in float16; "
                             "use bfloat16")
         clip_value = self.s.train.grad_clip if clip else 0.0
-        return CurvatureSchedule(kind, interval, batch_size or self.s.train.global_batch_size, clip_value,
+        batch_size = batch_size or self.plan.global_batch_size
+        self.plan.micro_steps(batch_size, "optim.hessian_batch_size")  # refused now, not at the first pass
+        return CurvatureSchedule(kind, interval, batch_size, clip_value,
                                  getattr(self.optimizer, "requires_initial_hessian", False))
 
     # ------------------------------------------------------------------------------------------ loop
@@ -281,7 +278,7 @@ class Trainer:
         if t.dry_run:
             return {}
         if rt.is_main:
-            (self.out_dir / "plan.txt").write_text(plan + "\n")
+            write_atomic(self.out_dir / "plan.txt", plan + "\n")
         self.loader = self._open_loader()
         self.checkpoints.resume()
         if rt.is_main:

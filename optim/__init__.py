@@ -5,10 +5,10 @@ Nothing here imports `gpt/`: the trainer is where the model, the data and these 
 
 from optim.adahessian import AdaHessian
 from optim.adam_mini import AdamMini
-from optim.base import BaseOptimizer
+from optim.base import BaseOptimizer, optimized_parameters
 from optim.lion import Lion
 from optim.registry import OPTIMIZERS, TrainerSettings, build_optimizer, param_groups, trainer_settings
-from optim.schedule import SCHEDULES, lr_at
+from optim.schedule import SCHEDULES, lr_at, schedule_named
 from optim.sgd_sai import SGDSaI
 from optim.sophia import SophiaG, SophiaH
 
@@ -25,6 +25,8 @@ __all__ = [
     "TrainerSettings",
     "build_optimizer",
     "lr_at",
+    "optimized_parameters",
     "param_groups",
+    "schedule_named",
     "trainer_settings",
 ]

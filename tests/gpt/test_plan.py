@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from gpt.config import load_settings
+from gpt.config import batch_plan, load_settings
 from gpt.distributed import init_runtime
 from gpt.trainer import Trainer
 from tests.hydra_compose import compose_train
@@ -14,7 +14,8 @@ from tests.hydra_compose import compose_train
 def dry_run(tmp_path, *overrides: str) -> Trainer:
     cfg = compose_train(["train.dry_run=true", f"out_dir={tmp_path}", "train.device=cpu", *overrides])
     settings = load_settings(cfg)
-    return Trainer(settings, init_runtime(settings.train.strategy, settings.train.device))
+    runtime = init_runtime(settings.train.strategy, settings.train.device)
+    return Trainer(settings, runtime, batch_plan(settings, runtime.world_size))
 
 
 def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from common.files import commit_file, write_atomic
-from data.tokenizers import Tokenizer, get_tokenizer
+from data.tokenizers import Tokenizer, get_tokenizer, tokenizer_class
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
 
@@ -39,6 +39,7 @@ FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SOURCES = ("hub", "files", "sample")
 WRITE_BATCH_DOCS = 1024
 # Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
 CONFIG_KEYS = frozenset({
@@ -118,8 +119,16 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     return out
 
 
+def check_names(cfg: Mapping[str, Any]) -> None:
+    """The data config's names (source, tokenizer) exist: checked at start-up, before any data work."""
+    if cfg["source"] not in SOURCES:
+        raise UserError(f"unknown data.source {cfg['source']!r}; choose one of: {', '.join(SOURCES)}")
+    tokenizer_class(cfg["tokenizer"])
+
+
 def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that determines the files' content; its hash is the fingerprint in meta.json."""
+    check_names(cfg)
     if cfg["source"] == "hub":
         source = {
             "kind": "hub",
@@ -136,15 +145,13 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "num_files": len(paths),
             "files_digest": hashlib.sha256(stats.encode()).hexdigest(),
         }
-    elif cfg["source"] == "sample":
+    else:
         path = _sample_path(cfg["files"])
         source = {
             "kind": "sample",
             "file": path.name,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
-    else:
-        raise UserError(f"unknown data.source {cfg['source']!r}; choose one of: hub, files, sample")
     source["text_field"] = cfg["text_field"]
     return {
         "format_version": FORMAT_VERSION,

@@ -20,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from common.errors import UserError
 from data.loader import BatchPlan
 from data.prepare import CONFIG_KEYS as DATA_KEYS
+from data.prepare import check_names as check_data_names
 from gpt.model import GPTConfig
 from optim import schedule_named
 
@@ -138,6 +139,7 @@ def _check(s: Settings) -> None:
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
     schedule_named(s.schedule.name)
+    check_data_names(s.data)
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
 

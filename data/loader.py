@@ -87,9 +87,11 @@ class BatchPlan:
     world_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.micro_batch_size < 1:
-            raise UserError(f"need model.block_size >= 1 and train.micro_batch_size >= 1; got "
-                            f"{self.block_size} and {self.micro_batch_size}")
+        sizes = {"train.global_batch_size": self.global_batch_size,
+                 "train.micro_batch_size": self.micro_batch_size, "model.block_size": self.block_size}
+        for key, value in sizes.items():
+            if value < 1:
+                raise UserError(f"{key} must be at least 1 (got {value})")
         self.micro_steps(self.global_batch_size, "train.global_batch_size")
 
     @property
@@ -120,8 +122,6 @@ class BatchLoader:
                  device: str | torch.device = "cpu"):
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is outside world_size {plan.world_size}")
-        if seed < 0:
-            raise UserError(f"train.seed must be >= 0; got {seed}")
         self.data, self.plan = data, plan
         self.block_size = plan.block_size
         self.rank = rank

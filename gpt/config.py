@@ -134,10 +134,12 @@ def _check(s: Settings) -> None:
         raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
-    for key in ("max_steps", "global_batch_size", "micro_batch_size", "eval_interval", "eval_steps",
-                "log_interval", "ckpt_interval", "keep_checkpoints", "max_skipped"):
+    for key in ("max_steps", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",
+                "keep_checkpoints", "max_skipped"):  # the batch sizes are BatchPlan's to check
         if getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
+    if t.seed < 0:
+        raise UserError(f"train.seed must be >= 0 (got {t.seed})")
     schedule_named(s.schedule.name)
     check_data_names(s.data)
     if s.schedule.warmup_steps < 0:

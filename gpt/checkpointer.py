@@ -62,7 +62,11 @@ class Checkpointer:
         extra = load_training_state(path, self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
                                     self.sharded, self.rt.device)
         self.scaler.load_state_dict(extra["scaler"])
-        self.loop.load_state_dict(manifest["loop"])
+        loop = manifest["loop"]
+        if "step" not in loop:  # a checkpoint from before the loop state held these three itself
+            loop = {**loop, "step": manifest["step"], "elapsed_s": manifest["elapsed_s"],
+                    "wandb_id": manifest["wandb_id"]}
+        self.loop.load_state_dict(loop)
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return True
 

@@ -181,6 +181,9 @@ class LogWindow:
 
 
 class Trainer:
+    """The run's parts (model, optimizer, curvature schedule, scaler, loop state, checkpoints) built from
+    validated settings before any data work; `run()` opens the data, resumes and trains."""
+
     def __init__(self, settings: Settings, runtime: Runtime, plan: BatchPlan) -> None:
         self.s, self.rt, self.plan = settings, runtime, plan
         t = settings.train

@@ -26,6 +26,7 @@ from optim import schedule_named
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -132,6 +133,8 @@ def _check(s: Settings) -> None:
         raise UserError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
     if t.strategy not in STRATEGIES:
         raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if s.wandb.mode not in WANDB_MODES:
+        raise UserError(f"wandb.mode={s.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     for key in ("max_steps", "eval_interval", "eval_steps", "log_interval", "ckpt_interval",

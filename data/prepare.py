@@ -14,6 +14,7 @@ of work. Run as `python -m data.prepare data=<name> [data.key=value ...]`.
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
 import logging
@@ -196,7 +197,7 @@ def _resolve_files(files: Any) -> list[Path]:
 def _sample_path(name: str) -> Path:
     path = SAMPLES_DIR / name
     if not path.is_file():
-        shipped = ", ".join(p.name for p in sorted(SAMPLES_DIR.glob("*.jsonl")))
+        shipped = ", ".join(p.name for p in sorted(SAMPLES_DIR.glob("*.jsonl*")))
         raise UserError(f"no shipped sample {name!r}; the package has: {shipped}")
     return path
 
@@ -206,7 +207,8 @@ def _load_documents(cfg: Mapping[str, Any]):  # -> datasets.Dataset with one col
     import datasets
 
     if cfg["source"] == "sample":
-        with open(_sample_path(cfg["files"]), encoding="utf-8") as f:
+        path = _sample_path(cfg["files"])
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
             return datasets.Dataset.from_dict({"text": [json.loads(line)[cfg["text_field"]] for line in f]})
     if cfg["source"] == "hub":
         try:

@@ -2,7 +2,8 @@
 
 Hydra composes plain YAML; this module checks it against dataclasses (a misspelt key, a missing key or a
 wrong type fails before any work, as a `UserError`). The dataclasses hold no defaults: every value comes from
-configs/, and the model's fields are `GPTConfig`'s own. The `optim` and `data` groups have per-choice keys:
+configs/, and the model's fields are `GPTConfig`'s own (the protocol's defaults are the values of runs made
+before the protocol group existed, see `gpt.run_dir`). The `optim` and `data` groups have per-choice keys:
 the optimizer registry checks `optim`'s, and `data`'s must be among the keys the data package reads. Hydra's
 own composition errors (an unknown `model=`, a misspelt key) are turned into one line here too, so every
 config mistake reads the same way. The batch arithmetic derived from it is a `BatchPlan` (`batch_plan`).
@@ -22,7 +23,7 @@ from data.loader import BatchPlan
 from data.prepare import CONFIG_KEYS as DATA_KEYS
 from data.prepare import check_names as check_data_names
 from gpt.model import GPTConfig
-from optim import schedule_named
+from optim import OPTIMIZERS, schedule_named
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
@@ -68,6 +69,17 @@ class ScheduleSettings:
 
 
 @dataclass
+class ProtocolSettings:
+    """The script-level choices of configs/protocol/: the fair protocol, or the official scripts' own."""
+
+    name: str = "fair"
+    summed_accumulation: list[str] = field(default_factory=list)
+    warmup_from_zero: bool = False
+    extra_final_step: bool = False
+    summed_micro_steps: int = 0  # recorded at start (`gpt.protocol`): micro-steps per rank summed, 0 if none
+
+
+@dataclass
 class WandbSettings:
     enabled: bool
     project: str
@@ -82,6 +94,7 @@ class Settings:
     train: TrainSettings
     schedule: ScheduleSettings
     wandb: WandbSettings
+    protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     optim: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
@@ -116,6 +129,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
         wandb=_typed("wandb", WandbSettings, container["wandb"]),
+        protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
         optim=dict(container["optim"]),
         data=dict(container["data"]),
     )
@@ -124,6 +138,10 @@ def load_settings(cfg: DictConfig) -> Settings:
         # Recorded resolved, so that a resume with another max_steps, which would reshape the schedule of
         # steps already trained, differs from the run in an experiment-defining key and is refused.
         settings.schedule.decay_steps = settings.train.max_steps
+    if settings.protocol.extra_final_step:
+        # The official loop steps at iterations 0 through max_iters: one more step, at the final lr. Recorded
+        # as the budget trained, so config.yaml, the plan and the metrics all show the steps really taken.
+        settings.train.max_steps += 1
     return settings
 
 
@@ -147,6 +165,10 @@ def _check(s: Settings) -> None:
     check_data_names(s.data)
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
+    unknown = sorted(set(s.protocol.summed_accumulation) - set(OPTIMIZERS))
+    if unknown:
+        raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(OPTIMIZERS)}")
 
 
 def batch_plan(settings: Settings, world_size: int) -> BatchPlan:
@@ -158,7 +180,7 @@ def batch_plan(settings: Settings, world_size: int) -> BatchPlan:
 def describe_composition_error(error: HydraException) -> str:
     """One line for a config Hydra could not compose, in place of its multi-line report."""
     if isinstance(error, MissingConfigException) and error.options:
-        group, _, name = error.missing_cfg_file.partition("/")  # e.g. experiment / paper/fig4_small_adamw
+        group, _, name = error.missing_cfg_file.partition("/")  # e.g. experiment / paper/fig9
         return f"unknown {group}={name}; valid: {', '.join(sorted(error.options))}"
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override {error.override!r}: {error.message.splitlines()[0]}"

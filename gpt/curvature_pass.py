@@ -6,7 +6,8 @@ cross-entropy, backward with accumulation (all-reduced under DDP, reduce-scatter
 training step), optional global-norm clip, then `optimizer.update_hessian()`. The labels of global micro-batch
 g = micro·world + rank are drawn from a generator seeded by g, so 1 rank × 2 micro-steps samples the same
 labels as 2 ranks × 1. In float16 the loss is scaled by the training step's GradScaler and the gradient
-unscaled before the update. Hutchinson (Sophia-H, AdaHessian): one Rademacher probe u shared by all ranks,
+unscaled before the update. Hutchinson (Sophia-H, AdaHessian): one probe u shared by all ranks (drawn from
+the optimizer's `probe` distribution: Gaussian for Sophia-H unless configured, Rademacher for AdaHessian),
 u ⊙ Hu summed over micro-batches by double backward through the math attention kernel on the unwrapped model,
 averaged over ranks, then `optimizer.update_hessian(estimates)`. For both, an estimate that is not finite (an
 fp16 overflow, or a diverging model) is skipped rather than folded into h, where it would stay for good.
@@ -29,7 +30,7 @@ from gpt.distributed import Runtime, full_value, gradient_sync, unwrap
 from gpt.model import math_attention
 from gpt.seeding import derive_seed
 from optim.base import optimized_parameters
-from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
+from optim.curvature import PROBES, gnb_loss, hessian_vector_products
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def run_curvature_pass(
     elif schedule.kind == "hutchinson":
         generator = torch.Generator(device=runtime.device)
         generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank
-        probes = rademacher_like(params, generator)
+        probes = PROBES[optimizer.probe](params, generator)
         estimates = [torch.zeros_like(p) for p in params]
         raw = unwrap(model)
         with math_attention():

@@ -2,8 +2,9 @@
 
 Learned positions, pre-LayerNorm blocks, GELU MLP of width 4·n_embd, causal attention through
 `scaled_dot_product_attention`, `lm_head` tied to `wte`, optional biases (off by default, as in the Sophia
-paper's runs), GPT-2 initialisation with residual projections scaled by 1/√(2·n_layer). Parallelism,
-precision and compilation wrap this module from outside.
+paper's runs), GPT-2 initialisation with residual projections scaled by 1/√(2·n_layer). The official Sophia
+runs also divided layer l's attention scores by l + 1 (`scale_attn_by_inverse_layer_idx`, Hugging Face's
+name for it). Parallelism, precision and compilation wrap this module from outside.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class GPTConfig:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64 for fast matmuls
     dropout: float = 0.0
     bias: bool = False
+    scale_attn_by_inverse_layer_idx: bool = False  # scores × 1/(√head_dim · (layer_idx + 1))
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -39,20 +41,24 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # rows: q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # None keeps SDPA's own 1/√head_dim; an explicit scale still runs the fused kernels.
+        head_dim = config.n_embd // config.n_head
+        self.scale = (1.0 / (math.sqrt(head_dim) * (layer_idx + 1))
+                      if config.scale_attn_by_inverse_layer_idx else None)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -70,10 +76,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
@@ -91,7 +97,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )

@@ -1,5 +1,5 @@
 """What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
-memory, and the wall-clock it should take on a named GPU at a stated MFU.
+memory, the protocol, and the wall-clock it should take on a named GPU at a stated MFU.
 
 FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
 its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
@@ -15,6 +15,7 @@ import torch
 
 from data.loader import BatchPlan
 from gpt.config import Settings
+from gpt.protocol import describe_protocol
 from optim import OPTIMIZERS
 
 # Dense bf16/fp16 peak FLOP/s per device (fp32 runs use TF32 on these GPUs: half of it).
@@ -85,6 +86,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f"  memory: weights {n_params * 4 / 2**30:.2f} GiB fp32,"
         f" optimizer state ≈ {state_gib:.2f} GiB{sharded}",
     ]
+    lines.append(describe_protocol(settings.protocol, optim["name"], plan, t.grad_clip))
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8
     for gpu in gpus:

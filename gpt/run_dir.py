@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,14 @@ import yaml
 
 from common.errors import UserError
 from common.files import write_atomic
+from gpt.config import ModelSettings, ProtocolSettings
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 # Prefixes of config keys that define the experiment: a resume must not change them.
 IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "train.seed", "train.global_batch_size",
-                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps")
+                 "schedule.name", "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps",
+                 "protocol.")
 
 
 def setup_logging(out_dir: Path, is_main: bool) -> None:
@@ -49,9 +52,15 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Experiment-defining keys added after runs existed, with the values those runs were trained with.
+_ADDED_KEYS = {"model.scale_attn_by_inverse_layer_idx": ModelSettings.scale_attn_by_inverse_layer_idx,
+               **_flatten({"protocol": asdict(ProtocolSettings())})}
+
+
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable `key: old -> new` lines for every experiment-defining key that differs."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    """Human-readable `key: old -> new` lines for every experiment-defining key that differs. A key that an
+    older run's config lacks because it predates the key compares as the default it was trained with."""
+    flat_old, flat_new = {**_ADDED_KEYS, **_flatten(old)}, _flatten(new)
     lines = []
     for key in sorted(set(flat_old) | set(flat_new)):
         if key.startswith(IDENTITY_KEYS) and flat_old.get(key) != flat_new.get(key):

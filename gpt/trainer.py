@@ -45,6 +45,7 @@ from gpt.distributed import (
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
+from gpt.protocol import apply_protocol
 from gpt.run_dir import check_compatible, read_config, setup_logging, write_config
 from gpt.seeding import derive_seed
 from optim import build_optimizer, lr_at, optimized_parameters, trainer_settings
@@ -189,6 +190,9 @@ class Trainer:
         t = settings.train
         self.out_dir = Path(settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
+        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums (the
+        # summed count is recorded in the config: it defines the run)
+        self.micro_loss_divisor = apply_protocol(settings, self.plan)
         self.config = asdict(settings)  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
         if runtime.device.type == "cuda":
@@ -333,7 +337,8 @@ class Trainer:
     def _set_lr(self, step: int) -> float:
         schedule = self.s.schedule
         lr = lr_at(schedule.name, step, lr=self.s.optim["lr"], warmup_steps=schedule.warmup_steps,
-                   decay_steps=schedule.decay_steps, min_lr=schedule.min_lr)
+                   decay_steps=schedule.decay_steps, min_lr=schedule.min_lr,
+                   warmup_from_zero=self.s.protocol.warmup_from_zero)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -350,7 +355,7 @@ class Trainer:
             with gradient_sync(self.forward, micro == accum - 1):
                 with self.autocast():
                     _, loss = self.forward(x, y)
-                self.scaler.scale(loss / accum).backward()
+                self.scaler.scale(loss / self.micro_loss_divisor).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf

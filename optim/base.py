@@ -2,7 +2,8 @@
 
 An optimizer with `curvature = "gnb"` gets `update_hessian()` after the trainer's GNB pass has left ĝ in
 `.grad`; with `"hutchinson"` it gets `update_hessian(estimates)`, one u⊙Hu per parameter in param-group order.
-`requires_initial_hessian` asks for a pass before the first step (AdaHessian: its denominator would be 0/0).
+`requires_initial_hessian` asks for a pass before the first step (AdaHessian: its denominator would be 0/0);
+`probe` names the Hutchinson probe distribution in `optim.curvature.PROBES`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def optimized_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 class BaseOptimizer(torch.optim.Optimizer):
     curvature: str | None = None  # None | "gnb" | "hutchinson"
     requires_initial_hessian = False
+    probe = "rademacher"  # Hutchinson's u; Sophia-H sets its own per instance
 
     @staticmethod
     def _loss_of(closure: Callable[[], float] | None) -> float | None:

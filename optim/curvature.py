@@ -4,10 +4,12 @@ GNB (Sophia-G): `gnb_loss(logits)` is the mean cross-entropy against labels samp
 its gradient ĝ satisfies E[B·ĝ⊙ĝ] = diag of the Gauss-Newton matrix of the mean loss (B predictions),
 because E[(p − e_ŷ)(p − e_ŷ)ᵀ] = diag(p) − ppᵀ is the softmax Hessian. Sampling the labels is the whole
 point: squaring the gradient against the *training* labels gives Adam's second moment (the empirical
-Fisher), not GNB — the bug of several third-party Sophia packages. Hutchinson (Sophia-H, AdaHessian): with u
-Rademacher, E[u⊙Hu] = diag(H), where Hu comes from double backward (`hessian_vector_products`); the trainer
-sums u⊙Hu over micro-batches with one shared u. Batching, gradient sync, clipping and autocast belong to the
-trainer, not here.
+Fisher), not GNB — the bug of several third-party Sophia packages. Hutchinson (Sophia-H, AdaHessian): for any
+probe u with E[uuᵀ] = I, E[u⊙Hu] = diag(H), where Hu comes from double backward (`hessian_vector_products`);
+the trainer sums u⊙Hu over micro-batches with one shared u. The probe is Gaussian N(0, I) in the Sophia paper
+and Rademacher (±1) in AdaHessian's: both unbiased, with per-coordinate variance Σ_j H_ij² + H_ii² and
+Σ_{j≠i} H_ij² respectively (`PROBES`). Batching, gradient sync, clipping and autocast belong to the trainer,
+not here.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ def rademacher_like(params: Sequence[Tensor], generator: torch.Generator | None 
         torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype).mul_(2).sub_(1)
         for p in params
     ]
+
+
+def gaussian_like(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
+    """One standard-normal tensor per parameter (same shape, dtype and device): the paper's probe u."""
+    return [torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype) for p in params]
+
+
+# Hutchinson probe distributions by the name `optim.probe` gives them.
+PROBES = {"gaussian": gaussian_like, "rademacher": rademacher_like}
 
 
 def hessian_vector_products(

@@ -3,8 +3,9 @@
 The config holds the optimizer's hyper-parameters under their constructor names plus the trainer-only
 curvature keys (`hessian_interval`, `hessian_batch_size`, `hessian_grad_clip`). Every other key must be a
 constructor keyword, so a misspelt key fails at start-up with the accepted ones listed. Values the framework
-knows better than a user are injected, never configured: Sophia-G's `bs` (tokens per optimizer step, all
-ranks and micro-steps), Adam-mini's `n_head` (from `model.config`), AdamW's fused/foreach kernel choice.
+knows better than a user are injected, never configured: Sophia-G's `bs` (the predictions its curvature
+pass averages over, all ranks: `hessian_batch_size` × block_size, by default the training step's tokens),
+Adam-mini's `n_head` (from `model.config`), AdamW's fused/foreach kernel choice.
 
 Weight decay follows the official Sophia code (the nanoGPT `configure_optimizers` it forked), which produced
 the paper's numbers: only the weights of `nn.Linear` layers decay. Embeddings (wte — the tensor tied to
@@ -104,12 +105,25 @@ def trainer_settings(cfg: Mapping[str, Any]) -> TrainerSettings:
     return TrainerSettings(interval, batch_size, clip)
 
 
-def _injected(cls: type[torch.optim.Optimizer], model: nn.Module, tokens_per_step: int) -> dict[str, Any]:
+def curvature_predictions(cfg: Mapping[str, Any], model: nn.Module, tokens_per_step: int) -> int:
+    """Sophia-G's `bs`: the predictions the GNB gradient is a mean over, so that bs·ĝ⊙ĝ estimates the
+    Gauss-Newton diagonal whatever the pass's batch. The pass covers `hessian_batch_size` sequences over all
+    ranks (of model.config.block_size tokens), or the training batch (`tokens_per_step`) when it is null."""
+    batch_size = cfg.get("hessian_batch_size")
+    if batch_size is None:
+        return tokens_per_step
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is None:
+        raise UserError("optim.hessian_batch_size needs the model's config.block_size to compute bs")
+    return batch_size * block_size
+
+
+def _injected(cls: type[torch.optim.Optimizer], model: nn.Module, bs: int) -> dict[str, Any]:
     """Constructor arguments the framework computes, never the user."""
     accepted = inspect.signature(cls).parameters
     injected: dict[str, Any] = {}
     if "bs" in accepted:
-        injected["bs"] = tokens_per_step
+        injected["bs"] = bs
     if "n_head" in accepted:
         n_head = getattr(getattr(model, "config", None), "n_head", None)
         if n_head is None:
@@ -119,7 +133,7 @@ def _injected(cls: type[torch.optim.Optimizer], model: nn.Module, tokens_per_ste
 
 
 _RESERVED = {
-    "bs": "computed by the framework: tokens per optimizer step over all ranks and micro-steps",
+    "bs": "computed by the framework: the curvature pass's predictions over all ranks",
     "n_head": "read from the model config",
 }
 _ADAMW_RESERVED = {
@@ -165,6 +179,7 @@ def build_optimizer(cfg: Mapping[str, Any], model: nn.Module, tokens_per_step: i
         options[key] = _plain(value)
     groups = param_groups(model, options.get("weight_decay", signature["weight_decay"].default))
     try:
-        return _construct(cls, groups, {**options, **_injected(cls, model, tokens_per_step)})
+        injected = _injected(cls, model, curvature_predictions(cfg, model, tokens_per_step))
+        return _construct(cls, groups, {**options, **injected})
     except (ValueError, TypeError) as error:
         raise UserError(f"optim={name}: {error}") from error

@@ -5,10 +5,11 @@ Both variants share the step: decoupled weight decay, m ← β1·m + (1−β1)·
 - `SophiaG` follows the official code (Liuhong99/Sophia): h is an EMA of ĝ⊙ĝ, ĝ the gradient of the mean
   cross-entropy against labels sampled from the model's own logits (GNB, `optim.curvature.gnb_loss`). ĝ⊙ĝ is
   1/bs times the Gauss-Newton diagonal of the mean loss, hence the denominator ρ·bs·h + ε, where `bs` is the
-  number of predictions (tokens) per optimizer step over all ranks and micro-steps.
+  number of predictions ĝ's mean loss covers: the curvature pass's sequences × block_size over all ranks
+  (the official code's, and by default here, the tokens of an optimizer step).
 - `SophiaH` uses Hutchinson's unbiased estimate u⊙Hu of the Hessian diagonal of the mean loss itself, so
   there is no bs factor; the estimate can be negative and the denominator is max(ρ·h, ε): h ≤ 0 gives a sign
-  step.
+  step. u is Gaussian as in the paper, or Rademacher on request (`probe`).
 While h = 0 (before the first estimate) the ratio saturates and the step is lr·sign(m), as in the official
 code. The default `fused=True` path runs each tensor's update as one compiled elementwise kernel
 (`optim.fused`); `fused=False` is the eager per-tensor reference loop; both give bit-identical results.
@@ -25,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
-from optim.curvature import aligned_estimates
+from optim.curvature import PROBES, aligned_estimates
 from optim.fused import EMA, EMA_SQUARE, FusedKernel
 
 
@@ -122,9 +123,10 @@ class _Sophia(BaseOptimizer):
 class SophiaG(_Sophia):
     """Sophia-G with the official code's update and API (`step(closure=None, bs=None)`, `update_hessian()`).
 
-    `bs` (keyword-only, required) is the number of predictions per optimizer step over all ranks and
-    micro-steps; it lives in the param groups, and a `bs` passed to `step` overrides it for that step, as in
-    the official training script. The defaults are the paper's GPT-2 small values.
+    `bs` (keyword-only, required) is the number of predictions the GNB loss averages over, all ranks and
+    micro-steps (the official script passes the tokens per optimizer step); it lives in the param groups,
+    and a `bs` passed to `step` overrides it for that step, as in the official training script. The
+    defaults are the paper's GPT-2 small values.
     """
 
     curvature = "gnb"
@@ -169,8 +171,10 @@ class SophiaH(_Sophia):
     """Sophia-H: the Sophia step with h an EMA of Hutchinson estimates u⊙Hu.
 
     The official repository never shipped Sophia-H. Defaults: Sophia-G's lr, betas and weight decay; ρ = 0.01
-    and ε = 1e-12 are levanter's γ and ε for its Sophia-H. `update_hessian(estimates)` takes one tensor per
-    parameter, aligned with `[p for g in optimizer.param_groups for p in g["params"]]`.
+    and ε = 1e-12 are levanter's γ and ε for its Sophia-H. `probe` is the distribution of the Hutchinson
+    probe u the trainer draws: "gaussian" (the paper's and levanter's) or "rademacher" (lower variance).
+    `update_hessian(estimates)` takes one tensor per parameter, aligned with
+    `[p for g in optimizer.param_groups for p in g["params"]]`.
     """
 
     curvature = "hutchinson"
@@ -187,10 +191,14 @@ class SophiaH(_Sophia):
         *,
         eps: float = 1e-12,
         fused: bool = True,
+        probe: str = "gaussian",
     ) -> None:
         check_hyperparameters(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps)
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
         defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps, fused=fused)
         super().__init__(params, defaults)
+        self.probe = probe
 
     def _scale(self, group: dict[str, Any], bs: int | None) -> float:
         return group["rho"]

@@ -102,6 +102,36 @@ def test_attention_matches_explicit_softmax_and_math_kernel():
         torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_inverse_layer_idx_scaling_matches_explicit_attention_per_layer():
+    """With `scale_attn_by_inverse_layer_idx`, layer l's attention is softmax(QKᵀ/(√d·(l+1)))V, written out
+    by hand here for each of 3 layers: wrong if the flag is ignored, uses 0-based l without the +1, or
+    reaches only one layer. The flag off gives plain 1/√d, so the hand-written form is no tautology."""
+    model = tiny(n_layer=3, scale_attn_by_inverse_layer_idx=True).eval()
+    with torch.no_grad():  # scores of order 1, so that their scale visibly changes the softmax
+        for block in model.transformer.h:
+            block.attn.c_attn.weight.normal_(0.0, 0.3)
+    plain = tiny(n_layer=3).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 16, 32)
+    mask = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
+    layers = zip(model.transformer.h, plain.transformer.h, strict=True)
+    for layer_idx, (block, plain_block) in enumerate(layers):
+        attn = block.attn
+        q, k, v = attn.c_attn(x).split(32, dim=2)
+        q, k, v = (t.view(2, 16, 2, 16).transpose(1, 2) for t in (q, k, v))
+        scores = (q @ k.transpose(-2, -1)) / (math.sqrt(16) * (layer_idx + 1))
+        weights = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        expected = attn.c_proj((weights @ v).transpose(1, 2).reshape(2, 16, 32))
+        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+        with math_attention():
+            torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+        if layer_idx > 0:
+            assert not torch.allclose(plain_block.attn(x), expected, rtol=1e-3, atol=1e-4)
+    # the whole model sees the scaling: logits differ from the plain model's with the same weights
+    tokens = torch.randint(0, 64, (2, 16))
+    assert not torch.allclose(model(tokens)[0], plain(tokens)[0])
+
+
 def test_generate_greedy_and_top_k():
     model = tiny().eval()
     prompt = torch.zeros(1, 3, dtype=torch.long)

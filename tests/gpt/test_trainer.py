@@ -48,10 +48,14 @@ def test_run_directory_contract(tmp_path, byte_data):
     assert read_manifest(out / "checkpoints" / "step_00000008")["step"] == 8
 
 
-def test_resume_is_exact(tmp_path, byte_data):
-    """N steps straight and N/2 + restart: bit-identical losses (data order and RNG are pure functions)."""
+@pytest.mark.parametrize("model", [[], ["model.scale_attn_by_inverse_layer_idx=true"]],
+                         ids=["plain", "official"])
+def test_resume_is_exact(tmp_path, byte_data, model):
+    """N steps straight and N/2 + restart: bit-identical losses (data order and RNG are pure functions), with
+    plain attention and with the official runs' per-layer attention scaling."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["model.dropout=0.1", "schedule.decay_steps=8"]  # the schedule's length apart from the budget
+    # the schedule's length apart from the budget
+    extra = ["model.dropout=0.1", "schedule.decay_steps=8", *model]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
     train(compose_train(tiny_run(resumed, byte_data, *extra)))

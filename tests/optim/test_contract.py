@@ -1,5 +1,6 @@
-"""The optimizer contract (DESIGN.md) for every registered optimizer: exact resume from a state_dict, a
-closure called once, parameters without gradients left alone, and the trainer-facing attributes."""
+"""The optimizer contract (docs/optimizers.md) for every registered optimizer: exact resume from a
+state_dict, a closure called once, parameters without gradients left alone, and the trainer-facing
+attributes."""
 
 import copy
 import io

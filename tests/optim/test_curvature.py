@@ -12,7 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 from gpt.model import math_attention
-from optim.curvature import gnb_loss, hessian_vector_products, rademacher_like
+from optim import build_optimizer
+from optim.curvature import PROBES, gaussian_like, gnb_loss, hessian_vector_products, rademacher_like
 from tests.tiny_model import tiny_gpt
 
 Z = 5.0
@@ -114,6 +115,34 @@ def test_gnb_is_unbiased_for_the_gauss_newton_diagonal(make):
     assert sample_z_max(samples, logits.shape[0] * training_grad ** 2) > 10 * Z
 
 
+def test_halving_the_hessian_batch_leaves_bs_times_gnb_unchanged():
+    """bs·ĝ⊙ĝ estimates the Gauss-Newton diagonal whatever `optim.hessian_batch_size` is, because the
+    registry's bs counts the curvature pass's predictions. A pass over 4 sequences and one over 2 (the same
+    2 twice in the 4, so that both have the same average Gauss-Newton diagonal) agree within 5 SE of the
+    difference of their means, and each equals the exact diagonal. With bs fixed at the training batch's
+    tokens (the former rule), the half batch's estimate is twice the full one's, and the test rejects it."""
+    model, half, _ = gpt_classifier()
+    full = torch.cat([half, half])
+    exact = gauss_newton_diagonal(*logit_jacobian(model, half))
+    estimates: dict[str, dict[int, torch.Tensor]] = {"registry": {}, "fixed": {}}
+    for sequences, x in ((4, full), (2, half)):
+        cfg = {"name": "sophia_g", "hessian_interval": 10, "hessian_batch_size": sequences}
+        bs = build_optimizer(cfg, model, tokens_per_step=8 * 4).param_groups[0]["bs"]
+        assert bs == sequences * 4  # sequences × block_size
+        logits, jacobian = logit_jacobian(model, x)
+        squares = gnb_samples(logits, jacobian, 20_000, seed=sequences) / logits.shape[0]  # ĝ⊙ĝ
+        estimates["registry"][sequences] = bs * squares
+        estimates["fixed"][sequences] = 8 * 4 * squares  # bs = the training batch's 8 × 4 tokens
+        assert sample_z_max(bs * squares, exact) < Z
+
+    def z_of_difference(samples):
+        se = (samples[2].var(0) / len(samples[2]) + samples[4].var(0) / len(samples[4])).sqrt()
+        return z_max(samples[2].mean(0) - samples[4].mean(0), torch.zeros_like(se), se)
+
+    assert z_of_difference(estimates["registry"]) < Z
+    assert z_of_difference(estimates["fixed"]) > Z
+
+
 def test_hessian_vector_products_are_exact_on_an_mlp():
     model, x, y = mlp_classifier()
     theta, call = flat(model)
@@ -170,6 +199,68 @@ def test_hutchinson_is_unbiased_for_the_hessian_diagonal():
     # different target here, and the same criterion rejects it.
     logits, jacobian = logit_jacobian(model, x)
     assert z_max(total / count, gauss_newton_diagonal(logits, jacobian), se) > Z
+
+
+def mlp_hessian():
+    """The MLP classifier's parameters, its loss and the exact Hessian of that loss (float64)."""
+    model, x, y = mlp_classifier()
+    theta, call = flat(model)
+    hessian = torch.autograd.functional.hessian(lambda t: nn.functional.cross_entropy(call(t, x), y), theta)
+    return list(model.parameters()), lambda: nn.functional.cross_entropy(model(x), y), hessian
+
+
+# Per-coordinate variance of u_i (Hu)_i: E[u_i² u_j u_k] is 1 for j = k ≠ i, and E[u_i⁴] is 3 for a Gaussian,
+# 1 for a Rademacher u.
+PROBE_VARIANCE = {
+    "gaussian": lambda h: (h ** 2).sum(1) + h.diagonal() ** 2,
+    "rademacher": lambda h: (h ** 2).sum(1) - h.diagonal() ** 2,
+}
+
+
+def test_gaussian_hutchinson_is_unbiased_for_the_hessian_diagonal():
+    """The paper's estimator: real double-backward products with gaussian_like probes average to the exact
+    Hessian diagonal within 5 SE, the SE from theory (Σ_j H_ij² + H_ii²)/count. Wrong if the probe were not
+    unit-variance (a scaled diagonal) or not centred."""
+    params, loss, hessian = mlp_hessian()
+    diagonal, generator, count = hessian.diagonal(), torch.Generator().manual_seed(4), 500
+    total = torch.zeros_like(diagonal)
+    for _ in range(count):
+        probes = gaussian_like(params, generator)
+        products = hessian_vector_products(loss(), params, probes)
+        total += torch.cat([(u * hu).reshape(-1) for u, hu in zip(probes, products, strict=True)])
+    se = (PROBE_VARIANCE["gaussian"](hessian) / count).sqrt()
+    assert z_max(total / count, diagonal, se) < Z
+    assert z_max(total / count, 2 * diagonal, se) > Z  # power: a probe of variance 2 is caught
+
+
+@pytest.mark.parametrize("probe", ["gaussian", "rademacher"])
+def test_probe_variance_matches_theory(probe):
+    """200,000 probes from PROBES[probe] against the exact Hessian: the per-coordinate sample mean of
+    u⊙Hu is diag(H) and its sample variance is Σ_j H_ij² + H_ii² (Gaussian) or Σ_{j≠i} H_ij² (Rademacher),
+    each within 5 SE (the SE of a sample variance from the sample's fourth central moment). The other
+    probe's variance formula is rejected, so the test tells the two distributions apart."""
+    _, _, hessian = mlp_hessian()
+    count = 200_000
+    probes = PROBES[probe]([torch.zeros(count, hessian.shape[0], dtype=torch.float64)],
+                           torch.Generator().manual_seed(5))[0]
+    samples = probes * (probes @ hessian)  # row n: u_n ⊙ H u_n (H is symmetric)
+    assert sample_z_max(samples, hessian.diagonal()) < Z
+    centred = samples - samples.mean(0)
+    variance = centred.pow(2).mean(0)
+    se = ((centred.pow(4).mean(0) - variance ** 2) / count).clamp(min=0).sqrt()
+    assert z_max(variance, PROBE_VARIANCE[probe](hessian), se) < Z
+    other = "rademacher" if probe == "gaussian" else "gaussian"
+    assert z_max(variance, PROBE_VARIANCE[other](hessian), se) > Z
+
+
+def test_gaussian_probes_are_standard_normal_and_shaped_like_the_parameters():
+    """Wrong if the probe is not N(0, 1) per entry (a biased Hutchinson estimate) or mis-shaped."""
+    params = [torch.zeros(300, 400, dtype=torch.float64), torch.zeros(5)]
+    probes = gaussian_like(params, torch.Generator().manual_seed(0))
+    assert [(u.shape, u.dtype) for u in probes] == [(p.shape, p.dtype) for p in params]
+    # 120,000 draws: mean 0 ± 5·(1/√n), variance 1 ± 5·√(2/n)
+    assert abs(probes[0].mean().item()) < 5 / 120_000 ** 0.5
+    assert abs(probes[0].var().item() - 1) < 5 * (2 / 120_000) ** 0.5
 
 
 def test_parameters_without_a_path_to_the_loss_get_zero_products():

@@ -21,12 +21,40 @@ def test_a_misspelt_key_fails_naming_it_and_the_accepted_ones():
 
 
 def test_bs_is_injected_and_never_configured():
-    # Wrong here: PAPER.md §4 — bs hand-computed or hard-coded independently of the real batch.
+    # Wrong here: bs hand-computed or hard-coded independently of the real batch (the official script's
+    # total_bs = 480, docs/fidelity.md).
     optimizer = build_optimizer({"name": "sophia_g", "hessian_interval": 10}, tiny_gpt(), 491_520)
     assert isinstance(optimizer, SophiaG)
     assert all(group["bs"] == 491_520 for group in optimizer.param_groups)
     with pytest.raises(UserError, match=r"optim\.bs must not be set: it is computed"):
         build_optimizer({"name": "sophia_g", "hessian_interval": 10, "bs": 480}, tiny_gpt(), 491_520)
+
+
+def test_bs_counts_the_curvature_pass_predictions():
+    """With optim.hessian_batch_size = H sequences, the GNB gradient is a mean over H × block_size
+    predictions, so bs is that, not the training batch's tokens: otherwise the effective ρ would silently be
+    ρ × global batch / H."""
+    cfg = {"name": "sophia_g", "hessian_interval": 10, "hessian_batch_size": 3}
+    optimizer = build_optimizer(cfg, tiny_gpt(), 491_520)
+    assert all(group["bs"] == 3 * 4 for group in optimizer.param_groups)  # block_size 4
+
+
+@pytest.mark.parametrize("name, cfg, probe", [("sophia_h", {}, "gaussian"),
+                                               ("sophia_h", {"probe": "rademacher"}, "rademacher"),
+                                               ("adahessian", {}, "rademacher")])
+def test_hutchinson_probe_per_optimizer(name, cfg, probe):
+    """Sophia-H draws the paper's Gaussian probe unless optim.probe asks for Rademacher; AdaHessian keeps its
+    own paper's Rademacher probe."""
+    optimizer = build_optimizer({"name": name, "hessian_interval": 1, **cfg}, tiny_gpt(), 16)
+    assert optimizer.probe == probe
+
+
+def test_bad_probe_settings_are_user_errors():
+    """An unknown probe, or a probe for AdaHessian (which keeps its paper's Rademacher), is one clear line."""
+    with pytest.raises(UserError, match="probe must be one of gaussian, rademacher, got 'uniform'"):
+        build_optimizer({"name": "sophia_h", "hessian_interval": 1, "probe": "uniform"}, tiny_gpt(), 16)
+    with pytest.raises(UserError, match=r"optim\.probe is not a adahessian setting"):
+        build_optimizer({"name": "adahessian", "hessian_interval": 1, "probe": "gaussian"}, tiny_gpt(), 16)
 
 
 def test_adam_mini_gets_n_head_from_the_model():

@@ -49,3 +49,27 @@ def test_unknown_schedule_lists_the_valid_ones():
     with pytest.raises(UserError, match="unknown schedule 'linear'; valid: cosine, constant"):
         lr_at("linear", 0, **PAPER)
     assert set(SCHEDULES) == {"cosine", "constant"}
+
+
+@pytest.mark.parametrize(
+    ("step", "expected"),
+    [
+        (0, 0.0),  # the official scripts' warm-up starts at exactly 0
+        (1, 6e-4 / 2000),
+        (1000, 6e-4 / 2),
+        (1999, 6e-4 * 1999 / 2000),
+        (2000, 6e-4),  # the cosine part is the same as nanoGPT's
+        (51_000, 1.5e-5 + 0.5 * (6e-4 - 1.5e-5)),
+        (100_000, 1.5e-5),  # the official loop's last iteration (max_iters) is at min_lr
+    ],
+)
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_official_warmup_from_zero(schedule, step, expected):
+    """The official protocol's warm-up lr·s/W (0 at step 0): wrong if the flag is ignored (step 0 would be
+    lr/2001) or if it changes the schedule after the warm-up."""
+    if schedule == "constant" and step >= 2000:
+        expected = 6e-4
+    value = lr_at(schedule, step, **PAPER, warmup_from_zero=True)
+    assert value == pytest.approx(expected, rel=1e-12, abs=0.0)
+    if step >= 2000:
+        assert value == lr_at(schedule, step, **PAPER)

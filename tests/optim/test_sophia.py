@@ -1,5 +1,5 @@
-"""Sophia-G and Sophia-H against a float64 NumPy transcription of the update (PAPER.md §2), the fused path
-against the eager reference loop, and the diagnostics against hand computations."""
+"""Sophia-G and Sophia-H against a float64 NumPy transcription of the update (docs/optimizers.md), the fused
+path against the eager reference loop, and the diagnostics against hand computations."""
 
 import numpy as np
 import pytest
@@ -139,7 +139,7 @@ def test_fused_path_is_bit_identical_to_the_reference_loop(variant, caplog):
 
 
 def test_win_rate_and_hessian_norm_by_hand():
-    # Wrong here: the trainer logs a misleading health signal (PAPER.md §2: |m| < ρ·bs·h counts as a win).
+    # Wrong here: the trainer logs a misleading health signal (the official code's win: |m| < ρ·bs·h).
     a = torch.zeros(4, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
     optimizer = SophiaG([dict(params=[a]), dict(params=[b], rho=0.5)], rho=0.25, bs=4, weight_decay=0.0)

@@ -49,3 +49,18 @@ def test_a_run_is_finished_when_its_last_evaluation_is_at_the_step_budget(tmp_pa
     with (run / "metrics.jsonl").open("a") as file:
         file.write(json.dumps({"step": 300, "val_loss": 2.4}) + "\n")
     assert cpu_study.finished(run, 300)
+
+
+def test_the_study_trains_on_the_shipped_corpus():
+    """A user has the study's corpus: experiment=cpu_study reads the 42 works shipped in data/samples/, not a
+    file outside the package."""
+    import gzip
+
+    from tests.hydra_compose import compose_train
+
+    data = compose_train(["experiment=cpu_study"]).data
+    assert data.source == "sample"
+    path = Path(__file__).resolve().parents[2] / "data" / "samples" / data.files
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        documents = [json.loads(line) for line in f]
+    assert len(documents) == 42 and sum(len(d["text"]) for d in documents) == 5_057_197

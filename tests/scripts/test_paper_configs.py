@@ -47,7 +47,7 @@ RUNS: dict[str, list[Run]] = {
     "fig1c": [_run(s, o) for s in ("small", "medium", "540m", "large") for o in ("adamw", "sophia_h")],
     "fig7c": [_fig7c_cell(b, r) for b in (0.95, 0.99, 0.995) for r in (0.03, 0.05, 0.1, 0.2)],
 }
-# The paper's (lr, min_lr, rho) of its official runs.
+# The official configs (docs/fidelity.md): (lr, min_lr, rho) of the official runs.
 TABLE = {("gpt2_small", "adamw"): (6e-4, 3e-5, None), ("gpt2_medium", "adamw"): (3e-4, 6e-5, None),
          ("gpt2_large", "adamw"): (2e-4, 1e-5, None), ("gpt2_small", "sophia_g"): (6e-4, 1.5e-5, 0.05),
          ("gpt2_medium", "sophia_g"): (7e-4, 1e-5, 0.08), ("gpt2_large", "sophia_g"): (3e-4, 1e-5, 0.05)}

@@ -1,0 +1,157 @@
+"""The `protocol` switch: each difference `protocol=official` makes, pinned against a fair run of the same
+tiny model, and the switch recorded like every other experiment-defining key.
+
+Gradients are captured at AdamW's step (after clipping, what the optimizer really uses) by wrapping
+`torch.optim.AdamW.step`; 2 micro-steps of 4 sequences make a global batch of 8.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+import yaml
+
+from common.errors import UserError
+from gpt.checkpoint import CheckpointDir, read_manifest
+from gpt.run_dir import identity_differences
+from gpt.trainer import train
+from tests.gpt.test_trainer import byte_data, losses, read_records  # noqa: F401 (byte_data: a fixture)
+from tests.hydra_compose import compose_train, tiny_run
+
+
+@pytest.fixture
+def adamw_gradients(monkeypatch):
+    """The flat gradient AdamW receives at each of its steps, in order."""
+    seen: list[torch.Tensor] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append(torch.cat([p.grad.reshape(-1).clone() for g in self.param_groups for p in g["params"]]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+def first_step_gradient(tmp_path, byte_data, seen, name, *extra):  # noqa: F811
+    seen.clear()
+    train(compose_train(tiny_run(tmp_path / name, byte_data, "train.max_steps=1", *extra)))
+    return seen[0]
+
+
+def test_official_adamw_clips_the_sum_of_the_micro_step_gradients(tmp_path, byte_data, adamw_gradients):  # noqa: F811
+    """With 2 micro-steps, the official protocol's AdamW gradient is exactly the sum of the micro-step
+    gradients (2× the fair mean, bit for bit: halving is exact in floating point), and the clip at c acts on
+    that sum, i.e. at c/2 on the mean gradient's scale. Wrong if the losses are averaged under the official
+    protocol, summed under the fair one, or clipped before they are summed."""
+    mean = first_step_gradient(tmp_path, byte_data, adamw_gradients, "fair", "train.grad_clip=0")
+    summed = first_step_gradient(tmp_path, byte_data, adamw_gradients, "official", "train.grad_clip=0",
+                                 "protocol=official")
+    assert torch.equal(summed, 2 * mean)
+    norm = mean.norm().item()
+    threshold = 1.5 * norm  # above the mean gradient's norm, below the sum's
+    fair = first_step_gradient(tmp_path, byte_data, adamw_gradients, "fair_clip",
+                               f"train.grad_clip={threshold}")
+    official = first_step_gradient(tmp_path, byte_data, adamw_gradients, "official_clip",
+                                   f"train.grad_clip={threshold}", "protocol=official")
+    assert torch.equal(fair, mean)  # not clipped
+    assert official.norm().item() == pytest.approx(threshold, rel=1e-5)  # clipped from 2·norm to c
+    torch.testing.assert_close(official, summed * threshold / (2 * norm), rtol=1e-5, atol=1e-9)
+    records = {name: read_records(tmp_path / name)[1] for name in ("fair_clip", "official_clip")}
+    assert records["official_clip"]["grad_norm"] == pytest.approx(2 * norm, rel=1e-5)
+    assert not records["fair_clip"]["clipped"] and records["official_clip"]["clipped"]
+    # without accumulation there is nothing to sum: the official gradient is the fair one
+    one = first_step_gradient(tmp_path, byte_data, adamw_gradients, "one", "train.micro_batch_size=8",
+                              "train.grad_clip=0", "protocol=official")
+    torch.testing.assert_close(one, mean, rtol=1e-5, atol=1e-8)
+
+
+def test_official_protocol_leaves_sophia_g_accumulation_unchanged(tmp_path, byte_data):  # noqa: F811
+    """The official Sophia-G script averages its micro-steps like the fair protocol: with the warm-up form
+    and the extra step set back to the fair ones, the official protocol trains Sophia-G (curvature passes
+    included) bit for bit like the fair one. Wrong if the summing reaches optimizers it does not name."""
+    extra = ["optim=sophia_g", "optim.hessian_interval=2", "train.max_steps=4"]
+    train(compose_train(tiny_run(tmp_path / "fair", byte_data, *extra)))
+    train(compose_train(tiny_run(tmp_path / "official", byte_data, *extra, "protocol=official",
+                                 "protocol.warmup_from_zero=false", "protocol.extra_final_step=false")))
+    assert losses(tmp_path / "fair") == losses(tmp_path / "official")
+    grad_norms = {name: [r["grad_norm"] for r in read_records(tmp_path / name)[1:]]
+                  for name in ("fair", "official")}
+    assert grad_norms["fair"] == grad_norms["official"]
+
+
+def test_official_warmup_and_iteration_count(tmp_path, byte_data):  # noqa: F811
+    """protocol=official with max_steps 4 trains 5 steps (the official loop's iterations 0..max_iters) whose
+    learning rates are lr·s/W during the warm-up (0 at step 0) and the cosine over the 4 steps after it, the
+    last at min_lr; config.yaml records the 5 steps trained and the 4-step schedule."""
+    out = tmp_path / "official"
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=2",
+                                 "protocol=official")))
+    records = [r for r in read_records(out) if "lr" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    lr, min_lr = config["optim"]["lr"], config["schedule"]["min_lr"]
+    expected = [0.0, lr / 2, lr, min_lr + 0.5 * (1 + math.cos(math.pi / 2)) * (lr - min_lr), min_lr]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0.0)
+    assert config["train"]["max_steps"] == 5 and config["schedule"]["decay_steps"] == 4
+    assert config["protocol"] == {"name": "official", "summed_accumulation": ["adamw"],
+                                  "warmup_from_zero": True, "extra_final_step": True, "summed_micro_steps": 2}
+
+
+def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):  # noqa: F811
+    """The protocol is recorded in config.yaml and in every checkpoint, and a resume under the other one is
+    refused like a change of optimizer: it would continue a run with different gradients."""
+    out = tmp_path / "run"
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "train.ckpt_interval=2")))
+    manifest = read_manifest(CheckpointDir(out / "checkpoints").resume_point())
+    assert manifest["config"]["protocol"]["name"] == "fair"
+    with pytest.raises(UserError, match=re.escape("protocol.name: 'fair' -> 'official'")):
+        train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "protocol=official")))
+
+
+def test_official_adamw_resumed_with_another_accumulation_is_refused(tmp_path, byte_data):  # noqa: F811
+    """Under the official protocol AdamW's clip threshold on the mean gradient is grad_clip / micro-steps, so
+    the micro-steps summed are recorded and a resume with another micro-batch is refused. Under the fair
+    protocol the micro-batch is a hardware setting and may change."""
+    official = tmp_path / "official"
+    train(compose_train(tiny_run(official, byte_data, "train.max_steps=2", "train.ckpt_interval=2",
+                                 "protocol=official", "protocol.extra_final_step=false")))
+    with pytest.raises(UserError, match=re.escape("protocol.summed_micro_steps: 2 -> 1")):
+        train(compose_train(tiny_run(official, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
+                                     "protocol=official", "protocol.extra_final_step=false",
+                                     "schedule.decay_steps=2")))
+    fair = tmp_path / "fair"
+    train(compose_train(tiny_run(fair, byte_data, "train.max_steps=2", "train.ckpt_interval=2")))
+    record = train(compose_train(tiny_run(fair, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
+                                          "schedule.decay_steps=2")))
+    assert record["step"] == 4
+
+
+def test_a_run_older_than_the_new_keys_resumes_as_their_defaults():
+    """A config.yaml written before `protocol` and `model.scale_attn_by_inverse_layer_idx` existed was
+    trained with their defaults (the fair protocol, plain attention): resuming it under those is no change,
+    resuming it with the official model or protocol is."""
+    old = {"model": {"n_layer": 2}, "optim": {"name": "adamw"}}
+    new = {"model": {"n_layer": 2, "scale_attn_by_inverse_layer_idx": False}, "optim": {"name": "adamw"},
+           "protocol": {"name": "fair", "summed_accumulation": [], "warmup_from_zero": False,
+                        "extra_final_step": False, "summed_micro_steps": 0}}
+    assert identity_differences(old, new) == []
+    official = {**new, "model": {"n_layer": 2, "scale_attn_by_inverse_layer_idx": True},
+                "protocol": {**new["protocol"], "name": "official"}}
+    assert identity_differences(old, official) == [
+        "model.scale_attn_by_inverse_layer_idx: False -> True", "protocol.name: 'fair' -> 'official'"]
+
+
+def test_plan_shows_the_protocol_and_the_implied_clip_threshold(tmp_path, capsys):
+    """The plan names the protocol and, for the official AdamW, the clip threshold on the mean gradient."""
+    common = ["model=gpt2_small", "train.dry_run=true", f"out_dir={tmp_path}",
+              f"data.dir={tmp_path / 'absent'}", "train.device=cpu", "train.micro_batch_size=96"]
+    train(compose_train([*common, "optim=adamw", "protocol=official"]))
+    assert ("protocol: official (adamw's 5 micro-step losses summed, so the clip at 1 is 0.2 on the mean "
+            "gradient; warm-up lr·s/W from 0; one extra final step at min_lr)") in capsys.readouterr().out
+    train(compose_train([*common, "optim=sophia_g", "protocol=official"]))
+    sophia_g = "protocol: official (warm-up lr·s/W from 0; one extra final step at min_lr)"
+    assert sophia_g in capsys.readouterr().out
+    train(compose_train([*common, "optim=adamw"]))
+    assert "  protocol: fair\n" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from gpt.checkpoint import load_training_state, save_training_state
+from gpt.distributed import shutdown
 from gpt.model import GPT, GPTConfig
 from optim import OPTIMIZERS, build_optimizer
 
@@ -121,7 +122,15 @@ def train(name: str, sharded: bool, rank: int, checkpoint: Path | None = None
 
 def main() -> None:
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    try:
+        compare(dist.get_rank())
+    except BaseException:  # exiting with gloo's threads alive aborts, hiding the exception that ended the run
+        dist.destroy_process_group()
+        raise
+    shutdown()  # together: a rank that leaves while its peer is still in a collective can abort the peer
+
+
+def compare(rank: int) -> None:
     report = {}
     for name in SHARDED:
         reference, reference_diagnostics = train(name, sharded=False, rank=rank)
@@ -138,7 +147,6 @@ def main() -> None:
     if rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f, indent=1)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -73,6 +73,14 @@ def environment() -> dict[str, str]:
     return env
 
 
+def failure(output: str) -> str:
+    """What a failed launch printed, for an assertion message: the first traceback (a worker's; torchrun's own
+    summary comes after it and would push it out of a plain tail) and the last lines."""
+    first = output.find("Traceback (most recent call last)")
+    head = output[first:first + 3000] + "\n...\n" if 0 <= first < len(output) - 2000 else ""
+    return head + output[-2000:]
+
+
 def torchrun(script: Path, *args: str, restarts: int = 0) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             f"--max-restarts={restarts}", str(script), *args]
@@ -122,7 +130,7 @@ class Runs:
     def run(self, name: str, ranks: int, args: list[str]) -> str:
         process = self.launch(name, ranks, args)
         output, _ = process.communicate(timeout=600)
-        assert process.returncode == 0, output[-3000:]
+        assert process.returncode == 0, failure(output)
         return output
 
     def __call__(self, name: str) -> Path:
@@ -287,13 +295,13 @@ def test_killed_worker_restarts_from_the_last_checkpoint(runs):
     run = runs.root / "sophia_g-ddp-killed" / "run"
     deadline = time.monotonic() + 300
     while not list((run / "checkpoints").glob("step_[0-9]*[0-9]/manifest.json")):  # renamed: complete
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+        assert process.poll() is None and time.monotonic() < deadline, failure(process.communicate()[0])
         time.sleep(0.01)
     workers = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGKILL)
     output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == 0, failure(output)
     assert "resumed from" in output, "the restarted workers did not resume from a checkpoint"
     for key in ("train_loss", "val_loss", "win_rate"):
         assert_same_numbers(series(run, key), series(straight, key), key)
@@ -377,7 +385,7 @@ def test_multirun_under_torchrun_runs_every_job_like_a_fresh_launch(runs):
     result = subprocess.run(torchrun(REPO / "train.py", "-m", *args, "train.max_steps=4,8",
                                      "out_dir=run${train.max_steps}"),
                             cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 0, result.stdout[-2000:] + failure(result.stderr)
     straight = series(runs("adamw-ddp"), "train_loss")
     assert series(cwd / "run8", "train_loss") == straight
     assert series(cwd / "run4", "train_loss") == {step: straight[step] for step in range(1, 5)}
@@ -394,7 +402,7 @@ def test_every_optimizer_matches_the_unsharded_one(tmp_path):
     script = REPO / "tests" / "gpt" / "fsdp_optimizers_check.py"
     result = subprocess.run(torchrun(script, str(report_path), str(checkpoints)), env=environment(),
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result.stderr)
     report = json.loads(report_path.read_text())
     assert sorted(report) == sorted(name for name, entry in OPTIMIZERS.items() if entry.shards)
     for name, numbers in report.items():

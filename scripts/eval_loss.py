@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError
-from data.loader import BatchLoader, TokenData
+from data.loader import BatchLoader, BatchPlan, TokenData
 from gpt.config import TrainSettings
 from gpt.pretrained import is_project_checkpoint, load_pretrained, pick_device
 from gpt.trainer import autocast_factory
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if data.vocab_size > loaded.model.config.vocab_size:
         raise UserError(f"{data_dir} has {data.vocab_size} token ids, more than the model's "
                         f"{loaded.model.config.vocab_size}")
-    loader = BatchLoader(data, block_size=block_size, global_batch_size=batch_size,
-                         micro_batch_size=batch_size, seed=0, device=device,
+    loader = BatchLoader(data, BatchPlan(batch_size, batch_size, block_size), seed=0, device=device,
                          vocab_limit=loaded.model.config.vocab_size)
     autocast = autocast_factory(device, args.dtype or train.get("dtype", "float32"))
     loss = validation_loss(loaded.model, loader, sequences, autocast)

@@ -116,6 +116,14 @@ def test_a_run_in_several_figures_is_one_run(sweeps) -> None:
     assert all(shared in by_dir(sweeps[f]) for f in ("fig1c", "fig4", "fig5"))
 
 
+def test_every_job_trains_the_official_model_under_the_fair_protocol(sweeps) -> None:
+    """Wrong if any job of a paper sweep (not only the one a plain compose gives) trains plain GPT-2
+    attention, or another protocol than the default."""
+    for job in itertools.chain.from_iterable(sweeps.values()):
+        assert job["model"]["scale_attn_by_inverse_layer_idx"] is True, job["out_dir"]
+        assert job["protocol"]["name"] == "fair", job["out_dir"]
+
+
 def test_fig4_has_the_paper_values(sweeps) -> None:
     for job in sweeps["fig4"]:
         assert job["data"]["name"] == "openwebtext" and job["data"]["tokenizer"] == "gpt2"

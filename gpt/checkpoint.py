@@ -311,12 +311,11 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
     unwrapped module). A single-file checkpoint loads into one process or DDP on any number of ranks, not
     into FSDP."""
     if (directory / SHARDED_DIR).is_dir():
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from gpt.sharded_checkpoint import load_into
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state, **extra}
+        state = _sharded_state(model, optimizer, extra)
         load_into(state, directory / SHARDED_DIR)  # never unpickles code
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}

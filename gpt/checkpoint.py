@@ -1,14 +1,16 @@
 """Checkpoints that cannot be half-read: written aside, verified by a manifest, renamed into place.
 
 A checkpoint is a directory `checkpoints/step_XXXXXXXX/` holding the state file(s) and `manifest.json`, which
-lists every file's size and SHA-256 and is written last. It is built under `step_XXXXXXXX.tmp/` and renamed
-only when complete, so a kill or a full disk at any moment leaves the previous checkpoints untouched. Loading
-verifies the manifest and falls back to the next newest checkpoint, with a warning, when it does not match.
-Old checkpoints are pruned only after a new one is complete, and only those older than it: a newer one that
-failed verification is replaced when the run reaches its step again, so the run directory always keeps the
-checkpoint it just wrote. Removal renames to a `.tmp` name first, so an interrupted prune leaves no
-half-deleted directory that looks complete. Files are loaded with `weights_only=True`, sharded ones through an
-allow-list (gpt/sharded_checkpoint.py): a checkpoint is data, never code.
+lists every file's size and SHA-256 and is written last. The digests are taken by the ranks that wrote the
+files, a single file's while it is written, so no rank reads the whole checkpoint back. It is built under
+`step_XXXXXXXX.tmp/` and renamed only when complete, so a kill or a full disk at any moment leaves the
+previous checkpoints untouched. Loading verifies the manifest and falls back to the next newest checkpoint,
+with a warning, when it does not match. Old checkpoints are pruned only after a new one is complete, and only
+those older than it: a newer one that failed verification is replaced when the run reaches its step again, so
+the run directory always keeps the checkpoint it just wrote. Removal renames to a `.tmp` name first, so an
+interrupted prune leaves no half-deleted directory that looks complete. Files are loaded with
+`weights_only=True`, sharded ones through an allow-list (gpt/sharded_checkpoint.py): a checkpoint is data,
+never code.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,27 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """The manifest entry of a complete file (made durable first): its size and SHA-256."""
+    fsync_path(path)
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it, so that a file's digest costs no second read."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.digest, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 class CheckpointDir:
@@ -74,14 +99,24 @@ class CheckpointDir:
         tmp.mkdir(parents=True)
         return tmp
 
-    def commit(self, step: int, meta: dict[str, Any]) -> Path:
-        """Seal the staged checkpoint with its manifest, rename it into place, then prune old ones."""
+    def commit(self, step: int, meta: dict[str, Any], files: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Seal the staged checkpoint with its manifest, rename it into place, then prune old ones.
+
+        `files` are the entries the writers took (`file_entry`, `write_state_file`), which must name every
+        staged file with its size; None hashes them here."""
         final, tmp = self._final(step), self.staging(step)
         try:
-            files = {}
-            for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                fsync_path(path)
-                files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            staged = {str(p.relative_to(tmp)): p for p in sorted(tmp.rglob("*")) if p.is_file()}
+            if files is None:
+                files = {name: file_entry(path) for name, path in staged.items()}
+            if staged.keys() != files.keys():
+                raise OSError(f"the files staged in {tmp} ({', '.join(staged) or 'none'}) are not those "
+                              f"written and hashed ({', '.join(files) or 'none'})")
+            for name, path in staged.items():
+                if path.stat().st_size != files[name]["bytes"]:
+                    raise OSError(f"{path} has {path.stat().st_size} bytes, its writer wrote "
+                                  f"{files[name]['bytes']}")
+            files = dict(sorted(files.items()))
             manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **meta}
             write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             if final.exists():  # one that failed verification, reached again after the fallback
@@ -182,32 +217,89 @@ def first_nonfinite(model: nn.Module, optimizer: Optimizer) -> str | None:
         named += [(f"optimizer state {key} of {names.get(id(param), '?')}", value)
                   for key, value in state.items()]
     named = [(name, t.to_local() if hasattr(t, "to_local") else t) for name, t in named
-             if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    # The largest magnitude is finite iff every element is (NaN propagates): one pass, no mask allocated.
+    largest = [torch.linalg.vector_norm(t, float("inf")).float() for _, t in named]
+    if not named or bool(torch.isfinite(torch.stack(largest)).all()):
         return None
-    return next(name for name, t in named if not torch.isfinite(t).all())
+    return next(name for (name, _), value in zip(named, largest, strict=True) if not torch.isfinite(value))
+
+
+def write_state_file(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """torch.save `state` to `path`, durably; returns its manifest entry, hashed while it was written."""
+    with open(path, "wb") as f:
+        hashing = _HashingFile(f)
+        try:
+            torch.save(state, hashing)
+        except RuntimeError as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from e
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": hashing.bytes, "sha256": hashing.digest.hexdigest()}
+
+
+def hash_own_files(directory: Path, rank: int, world_size: int) -> dict[str, dict[str, Any]]:
+    """Manifest entries of this rank's files under `directory` (names relative to its parent), once every
+    rank's writes are complete: the shards it wrote itself (DCP names them `__<rank>_<n>`) and, on rank 0
+    (DCP's coordinator), every other file (`.metadata`). Every file is hashed by exactly one rank, and each
+    hashes only files it wrote, which a shared filesystem shows it without delay."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    writers = [int(m.group(1)) if (m := re.match(r"__(\d+)_", p.name)) else None for p in files]
+    mine = [p for p, writer in zip(files, writers, strict=True)
+            if writer == rank or (rank == 0 and (writer is None or writer >= world_size))]
+    return {str(p.relative_to(directory.parent)): file_entry(p) for p in mine}
+
+
+def _sharded_state(model: nn.Module, optimizer: Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state, **extra}
 
 
 def save_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
-                        sharded: bool, is_main: bool) -> None:
+                        sharded: bool, is_main: bool) -> dict[str, dict[str, Any]]:
     """Model and optimizer state into `directory`: one `state.pt` written by rank 0, or (FSDP) one shard per
-    rank through torch.distributed.checkpoint, which `scripts/export_checkpoint.py` merges into one file."""
+    rank through torch.distributed.checkpoint, which `scripts/export_checkpoint.py` merges into one file.
+    Returns the manifest entries of the files this rank hashed (gather every rank's for the manifest)."""
+    return start_training_state_save(directory, model, optimizer, extra, sharded, is_main, background=False)()
+
+
+def start_training_state_save(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
+                              sharded: bool, is_main: bool, background: bool = True,
+                              group: Any = None) -> Callable[[], dict[str, dict[str, Any]]]:
+    """Begin `save_training_state`; the function returned completes it and returns what it returns.
+
+    With `background`, the state is first copied to CPU memory (what DCP's `async_save` and its stager do),
+    so the training may change it while the returned function writes the copy, in another thread; under FSDP
+    that write's own collectives run on `group`, a process group apart from the training's (a CPU one)."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if sharded:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state, **extra}
-        dcp.save(state, checkpoint_id=directory / SHARDED_DIR)
-    elif is_main:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
-        with open(directory / STATE_FILE, "wb") as f:
-            try:
-                torch.save(state, f)
-            except RuntimeError as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
-                if isinstance(e.__context__, OSError):
-                    raise e.__context__ from e
-                raise
+        target = directory / SHARDED_DIR
+        state = _sharded_state(model, optimizer, extra)
+        if not background:
+            return lambda: (dcp.save(state, checkpoint_id=target), hash_own_files(target, rank, world))[1]
+        written = dcp.async_save(state, checkpoint_id=target, process_group=group)  # stages, then returns
+        return lambda: (written.result(), hash_own_files(target, rank, world))[1]
+    if not is_main:
+        return dict
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}
+    if background:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                              use_async_staging=False, use_non_blocking_copy=False))
+        try:
+            state = stager.stage(state)  # a deep copy on CPU that keeps shared storages shared (tied weights)
+        finally:
+            stager.close()
+    return lambda: {STATE_FILE: write_state_file(state, directory / STATE_FILE)}
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer, extra: dict[str, Any],
@@ -219,12 +311,11 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
     unwrapped module). A single-file checkpoint loads into one process or DDP on any number of ranks, not
     into FSDP."""
     if (directory / SHARDED_DIR).is_dir():
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
         from gpt.sharded_checkpoint import load_into
 
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optim_state, **extra}
+        state = _sharded_state(model, optimizer, extra)
         load_into(state, directory / SHARDED_DIR)  # never unpickles code
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         return {k: state[k] for k in extra}

@@ -5,12 +5,18 @@ under FSDP) at the optimizer's evaluation weights (schedule-free: the average), 
 loop's own state (step, elapsed time, recent losses, skip streak, wandb id), which is small and the same on
 every rank and so goes into the manifest next to the config and the identity of the data trained on. The
 on-disk format, its verification and pruning are `gpt.checkpoint`'s.
+
+With `async_saves`, a periodic save copies the state to CPU memory and returns; a background thread writes
+the copy, hashes it (each rank its own files) and commits it, so a checkpoint becomes complete only once
+written. The next save, and the end of the run, wait for it and raise its failure. A save for a stop signal
+and the final one are written before the run goes on or ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +31,7 @@ from gpt.checkpoint import (
     first_nonfinite,
     load_training_state,
     read_manifest,
-    save_training_state,
+    start_training_state_save,
 )
 from gpt.distributed import Runtime
 from gpt.run_dir import check_compatible, check_same_data
@@ -44,11 +50,13 @@ class Checkpointer:
     checkpoint that verifies and was written by the same experiment (`config`) on the same data.
 
     `evaluation_weights` is a context in which the model holds the weights a checkpoint stores (leaving it
-    switches back to the training weights); `data_identity` says what data the run trains on."""
+    switches back to the training weights); `data_identity` says what data the run trains on; `async_saves`
+    writes periodic saves in the background."""
 
     def __init__(self, root: Path, runtime: Runtime, config: dict[str, Any], *, interval: int, keep: int,
                  max_steps: int, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
-                 loop: Stateful, evaluation_weights: Callable[[], contextlib.AbstractContextManager]) -> None:
+                 loop: Stateful, evaluation_weights: Callable[[], contextlib.AbstractContextManager],
+                 async_saves: bool = False) -> None:
         self.dir = CheckpointDir(root, keep=keep)
         self.rt, self.config = runtime, config
         self.interval, self.max_steps = interval, max_steps
@@ -56,12 +64,18 @@ class Checkpointer:
         self.evaluation_weights = evaluation_weights
         self.sharded = runtime.strategy == "fsdp"
         self.data_identity: dict[str, Any] | None = None  # set once the data is open
+        self.async_saves = async_saves
+        self._group: Any = None  # the CPU process group of background sharded writes, made at the first
+        self._pending: _BackgroundSave | None = None
 
     def due(self, step: int, stopping: bool) -> bool:
         """Whether the state after `step` optimizer steps is to be saved."""
         return step % self.interval == 0 or step == self.max_steps or stopping
 
     def last_complete(self) -> str:
+        """The newest complete checkpoint, once a save in the background has ended (this rank only)."""
+        if self._pending is not None:
+            self._pending.join()
         return self.dir.last_complete()
 
     # ------------------------------------------------------------------------------------------ resume
@@ -97,9 +111,11 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------------------- save
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, stopping: bool = False) -> None:
         """Save the state after `step` steps at the evaluation weights. Every rank takes part (FSDP writes a
-        shard per rank); rank 0 seals and renames.
+        shard per rank, each rank hashes its own files); rank 0 seals and renames. A save in the background
+        is waited for first. With `async_saves`, this one is written in the background too, unless it is for
+        a stop (`stopping`) or the last step.
 
         State that is not finite is never written: the run stops, naming the tensor, and the last good
         checkpoint stays the newest. A write that fails (a full disk, a quota) stops the run on every rank:
@@ -107,10 +123,24 @@ class Checkpointer:
         that cannot be saved, and a full disk rarely empties itself; the lost work is bounded by
         train.ckpt_interval.
         """
+        self.wait()
+        background = self.async_saves and not stopping and step != self.max_steps
         with self.evaluation_weights():
-            self._save(step)
+            self._save(step, background)
 
-    def _save(self, step: int) -> None:
+    def wait(self) -> None:
+        """Let a save in the background end; every rank calls this, and each raises its failure."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        pending.join()
+        if self.rt.all_ranks(pending.error is None):
+            return
+        if self.rt.is_main:
+            self.dir.discard(pending.step)
+        self._failed(pending.step, pending.error)
+
+    def _save(self, step: int, background: bool) -> None:
         is_main = self.rt.is_main
         problem = first_nonfinite(self.model, self.optimizer)
         if not self.rt.all_ranks(problem is None):
@@ -118,13 +148,22 @@ class Checkpointer:
                             f"checkpoint was not written. Last good checkpoint: {self.last_complete()}. A "
                             "lower optim.lr is another experiment: give it a new out_dir", echo=is_main)
         meta = {"config": self.config, "loop": self.loop.state_dict(), "data": self.data_identity}
+        if background and self.sharded and self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # every rank, at the same save
+        finish: list[Callable[[], dict[str, Any]]] = []
+        files: dict[str, Any] = {}
         phases: list[Callable[[], object]] = [
             lambda: self.dir.begin(step) if is_main else None,
-            lambda: save_training_state(self.dir.staging(step), self.model, self.optimizer,
-                                        {"scaler": self.scaler.state_dict()}, self.sharded, is_main),
-            lambda: log.info("saved %s", self.dir.commit(step, meta)) if is_main else None,
+            lambda: finish.append(start_training_state_save(
+                self.dir.staging(step), self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
+                self.sharded, is_main, background=background, group=self._group)),
         ]
-        error: OSError | None = None
+        if not background:
+            phases += [lambda: files.update(finish[0]()),
+                       lambda: self._commit(step, meta, self._gathered(files, None))]
+        error: Exception | None = None
         for phase in phases:
             try:
                 phase()
@@ -133,10 +172,63 @@ class Checkpointer:
             if not self.rt.all_ranks(error is None):  # also the barrier between the phases
                 break
         else:
+            if background:
+                self._pending = _BackgroundSave(step, lambda: self._finish(step, meta, finish[0]))
             return
         if is_main:
             self.dir.discard(step)
+        self._failed(step, error)
+
+    def _gathered(self, files: dict[str, Any] | None, group: Any) -> dict[str, Any]:
+        """Every rank's manifest entries on rank 0 (under FSDP each rank hashed its own files)."""
+        if not self.sharded:
+            return files or {}
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, files, group=group)
+        if any(entries is None for entries in everyone):
+            raise OSError("the write failed on another rank")
+        return {name: entry for entries in everyone for name, entry in entries.items()}
+
+    def _finish(self, step: int, meta: dict[str, Any], write: Callable[[], dict[str, Any]]) -> None:
+        """A background save's end: write, hash, then (every rank's files written) commit. Under FSDP the
+        ranks meet in one gather on the save's own process group even when a write failed on some."""
+        try:
+            files = write()
+        except Exception:
+            if self.sharded:
+                with contextlib.suppress(Exception):
+                    self._gathered(None, self._group)  # tells the others
+            raise
+        self._commit(step, meta, self._gathered(files, self._group))
+
+    def _commit(self, step: int, meta: dict[str, Any], files: dict[str, Any]) -> None:
+        if self.rt.is_main:
+            log.info("saved %s", self.dir.commit(step, meta, files))
+
+    def _failed(self, step: int, error: BaseException | None) -> None:
         cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
         raise UserError(f"could not write the checkpoint of step {step} ({cause}); its partial files were "
                         f"removed. Last good checkpoint: {self.last_complete()}. Free disk space and "
                         "rerun to resume from it")
+
+
+class _BackgroundSave:
+    """A save's write, hashing and commit in a daemon thread: a run that fails elsewhere exits without
+    waiting for it (its staging directory is removed at the next start)."""
+
+    def __init__(self, step: int, work: Callable[[], None]) -> None:
+        self.step, self.error = step, None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-{step}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as e:  # any failure means no checkpoint; `Checkpointer.wait` reports it
+            self.error = e
+
+    def join(self) -> None:
+        self._thread.join()

@@ -50,6 +50,7 @@ class TrainSettings:
     log_interval: int
     ckpt_interval: int
     keep_checkpoints: int
+    async_checkpoint: bool | None  # None: on for CUDA, off elsewhere (gpt/device_defaults.py)
     seed: int
     grad_clip: float
     dtype: str

@@ -1,9 +1,10 @@
 """The settings a config may leave to the framework (`null`), filled in for the device the run is on.
 
-On CUDA: `torch.compile` on, and the largest micro-batches whose estimated peak memory fits the GPU (for
-training and, separately, for the curvature pass, whose double backward needs several times more). Off CUDA
-(CPU runs, dry runs on a login node): compile off, micro-batches at most the paper's 12. Resolved once, before
-the run's config is recorded, so `config.yaml` and the plan show the values used.
+On CUDA: `torch.compile` and background checkpoint writes on, and the largest micro-batches whose estimated
+peak memory fits the GPU (for training and, separately, for the curvature pass, whose double backward needs
+several times more). Off CUDA (CPU runs, dry runs on a login node): both off (the CPU's cores would both train
+and write), micro-batches at most the paper's 12. Resolved once, before the run's config is recorded, so
+`config.yaml` and the plan show the values used.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ def _compile_available(device: torch.device) -> bool:
 
 
 def resolve_device_defaults(settings: Settings, world_size: int, device: torch.device) -> None:
-    """Fill `train.compile`, `train.micro_batch_size` and `train.hessian_micro_batch_size` where they are
-    None (idempotent), and warn when an explicit micro-batch is estimated not to fit."""
+    """Fill `train.compile`, `train.async_checkpoint`, `train.micro_batch_size` and
+    `train.hessian_micro_batch_size` where they are None (idempotent), and warn when an explicit micro-batch
+    is estimated not to fit."""
     if settings.train.compile is None:
         settings.train.compile = _compile_available(device)
+    if settings.train.async_checkpoint is None:
+        settings.train.async_checkpoint = device.type == "cuda"
     resolve_micro_batches(settings, world_size, device_memory(device))
 
 

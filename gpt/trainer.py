@@ -265,7 +265,8 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.out_dir / "checkpoints", runtime, self.config, interval=t.ckpt_interval,
             keep=t.keep_checkpoints, max_steps=t.max_steps, model=self.model, optimizer=self.optimizer,
-            scaler=self.scaler, loop=self.state, evaluation_weights=self.evaluation_weights)
+            scaler=self.scaler, loop=self.state, evaluation_weights=self.evaluation_weights,
+            async_saves=bool(t.async_checkpoint))
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.flops_per_token = training_flops_per_token(self.model, settings.optim, t.global_batch_size)
         self.peak = peak_flops(runtime.device, t.dtype, t.gpu)
@@ -420,7 +421,7 @@ class Trainer:
                 _write(metrics, record)
                 window = LogWindow()
             if self.checkpoints.due(state.step, stopping):
-                self.checkpoints.save(state.step)
+                self.checkpoints.save(state.step, stopping)
             if stopping:
                 stop.hand_over(f"after step {state.step}, checkpoint saved: rerun to resume")
                 break

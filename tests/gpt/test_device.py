@@ -101,14 +101,16 @@ def test_a_model_that_cannot_fit_is_a_user_error():
 
 def test_null_settings_off_cuda(tmp_path):
     """Off CUDA the paper's micro-batch of 12 where it divides the per-rank batch (else the largest divisor
-    below it: 10 for 480 over 16 ranks), the curvature pass's the same, and compile off."""
+    below it: 10 for 480 over 16 ranks), the curvature pass's the same, compile off and checkpoints written
+    in the foreground (a CPU's cores would both train and write)."""
     for world_size, expected in ((1, 12), (16, 10)):
         settings = load_settings(compose_train(["optim=sophia_h", f"out_dir={tmp_path}"]))
         assert settings.train.micro_batch_size is None and settings.train.compile is None
+        assert settings.train.async_checkpoint is None
         resolve_device_defaults(settings, world_size, torch.device("cpu"))
         assert settings.train.micro_batch_size == expected
         assert settings.train.hessian_micro_batch_size == expected
-        assert settings.train.compile is False
+        assert settings.train.compile is False and settings.train.async_checkpoint is False
 
 
 def test_explicit_micro_batches_are_kept(tmp_path):

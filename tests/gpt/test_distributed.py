@@ -17,9 +17,11 @@ the same number of ranks, so it must match its straight run exactly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +65,8 @@ RUNS = {f"{optimizer}-{kind}": (1 if kind == "single" else 2, kind, optimizer)
 RUNS |= {f"{optimizer}-{kind}": (1 if kind == "single" else 2, kind, optimizer)
          for optimizer in BASELINE_OVERRIDES for kind in ("single", "ddp")}
 RUNS["adamw_schedulefree-fsdp"] = (2, "fsdp", "adamw_schedulefree")
+# Runs whose periodic (step-4) checkpoint is written in the background; the final one never is.
+BACKGROUND_SAVES = {"adamw-fsdp": ["train.async_checkpoint=true"]}
 
 
 def environment() -> dict[str, str]:
@@ -136,7 +140,8 @@ class Runs:
     def __call__(self, name: str) -> Path:
         if name not in self.done:
             ranks, strategy, optimizer = RUNS[name]
-            self.run(name, ranks, overrides(self.data_dir, optimizer, strategy))
+            extra = BACKGROUND_SAVES.get(name, [])
+            self.run(name, ranks, overrides(self.data_dir, optimizer, strategy, *extra))
             self.done[name] = self.root / name / "run"
         return self.done[name]
 
@@ -255,6 +260,17 @@ def test_fsdp_checkpoint_resumes_and_exports_to_one_file(runs, tmp_path):
     assert_same_numbers(series(resumed, "train_loss"), series(straight, "train_loss"))
     assert [p.name for p in (straight / "checkpoints" / f"step_{STEPS:08d}" / "sharded").iterdir()
             if p.suffix == ".distcp"], "no shard files"
+    # Each rank hashed its own files (step 4 in the background, step 8 not): the manifest must still list
+    # every file with its size and a SHA-256 equal to one computed here.
+    for step in (STEPS // 2, STEPS):
+        directory = straight / "checkpoints" / f"step_{step:08d}"
+        listed = json.loads((directory / "manifest.json").read_text())["files"]
+        files = {str(p.relative_to(directory)): p for p in directory.rglob("*")
+                 if p.is_file() and p.name != "manifest.json"}
+        assert listed.keys() == files.keys(), step
+        for name, path in files.items():
+            assert listed[name] == {"bytes": path.stat().st_size,
+                                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}, name
 
     exported = tmp_path / "model.pt"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), str(straight),
@@ -273,24 +289,29 @@ def test_fsdp_checkpoint_resumes_and_exports_to_one_file(runs, tmp_path):
 
 @pytest.mark.parametrize("target", ["single", "ddp"])
 def test_fsdp_checkpoint_resumes_resharded_as_one_process_or_ddp(runs, target):
-    """An FSDP run on 2 ranks stopped at step 4 and resumed as one process (e.g. a smaller allocation) or as
-    DDP: torch.distributed.checkpoint reshards the saved shards to the new layout, and steps 5-8 match the
+    """The straight FSDP run on 2 ranks, its step-8 checkpoint removed, resumed as one process (e.g. a
+    smaller allocation) or as DDP from its step-4 checkpoint (written in the background while step 5 trained):
+    torch.distributed.checkpoint reshards the saved shards to the new layout, and steps 5-8 match the
     straight FSDP run within the FSDP tolerance. Wrong if the resume is refused, loses a shard or the
-    optimizer state (the losses after step 4 would drift far beyond 1e-5)."""
+    optimizer state (the losses after step 4 would drift far beyond 1e-5), or the background save wrote
+    state of a later step than its own."""
     key = f"adamw-fsdp-then-{target}"
-    runs.run(key, 2, overrides(runs.data_dir, "adamw", "fsdp", "train.max_steps=4"))
+    straight = runs("adamw-fsdp")
+    shutil.copytree(straight, runs.root / key / "run")
+    shutil.rmtree(runs.root / key / "run" / "checkpoints" / f"step_{STEPS:08d}")
     output = runs.run(key, 1 if target == "single" else 2, overrides(runs.data_dir, "adamw", target))
     assert "(step 4)" in output and "resumed from" in output, output[-3000:]
-    run, straight = runs.root / key / "run", runs("adamw-fsdp")
+    run = runs.root / key / "run"
     for key_name in ("train_loss", "val_loss", "grad_norm"):
         assert_close_series(series(run, key_name), series(straight, key_name), f"{target} {key_name}")
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(runs):
-    """SIGKILL one worker after the first checkpoint: torchrun (--max-restarts=1) restarts both, they resume
-    from that checkpoint, and the finished job's losses equal the straight run's exactly."""
+    """SIGKILL one worker after the first checkpoint (written in the background, `train.async_checkpoint`):
+    torchrun (--max-restarts=1) restarts both, they resume from that checkpoint, and the finished job's
+    losses equal the straight run's (synchronous saves) exactly."""
     straight = runs("sophia_g-ddp")
-    args = overrides(runs.data_dir, "sophia_g", "ddp", "train.ckpt_interval=2")
+    args = overrides(runs.data_dir, "sophia_g", "ddp", "train.ckpt_interval=2", "train.async_checkpoint=true")
     process = runs.launch("sophia_g-ddp-killed", 2, args, restarts=1)
     run = runs.root / "sophia_g-ddp-killed" / "run"
     deadline = time.monotonic() + 300

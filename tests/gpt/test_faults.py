@@ -220,21 +220,37 @@ def during_checkpoint(step: int) -> Callable[[Path], Callable[[], bool]]:
     return lambda out: lambda: (out / "checkpoints" / f"step_{step:08d}.tmp" / "state.pt").exists()
 
 
+def after_checkpoint(step: int, record: int) -> Callable[[Path], Callable[[], bool]]:
+    """Once the checkpoint of `step` is complete (renamed, with its manifest) and the record of `record` is
+    written: with background saves, the run has trained on while that checkpoint was written."""
+    return lambda out: lambda: (checkpoint(out, step) / "manifest.json").exists() and record in logged(out)
+
+
+BACKGROUND = ["train.async_checkpoint=true"]  # the step-4 checkpoint is written in the background
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("window", "resumes_from", "check"), [
+@pytest.mark.parametrize(("window", "resumes_from", "check", "extra"), [
     # half-way through step 3 or 6; during the evaluation of step 8 (1 step to finish step 8, then ~10);
     # while the staged state.pt of step 8 is being written
-    pytest.param(step_times_after(2, 0.5), None, "no checkpoint", id="mid-step-before-first-checkpoint"),
-    pytest.param(step_times_after(5, 0.5), 4, "mid-step", id="mid-step"),
-    pytest.param(step_times_after(7, 2), 4, "mid-evaluation", id="mid-evaluation"),
-    pytest.param(during_checkpoint(8), 4, "mid-checkpoint", id="mid-checkpoint"),
+    pytest.param(step_times_after(2, 0.5), None, "no checkpoint", [], id="mid-step-before-first-checkpoint"),
+    pytest.param(step_times_after(5, 0.5), 4, "mid-step", [], id="mid-step"),
+    pytest.param(step_times_after(7, 2), 4, "mid-evaluation", [], id="mid-evaluation"),
+    pytest.param(during_checkpoint(8), 4, "mid-checkpoint", [], id="mid-checkpoint"),
+    # background saves: while the state.pt of step 4 is written behind the training; after it is complete
+    pytest.param(during_checkpoint(4), None, "mid-background-checkpoint", BACKGROUND,
+                 id="mid-background-checkpoint"),
+    pytest.param(after_checkpoint(4, 5), 4, "after-background-checkpoint", BACKGROUND,
+                 id="after-background-checkpoint"),
 ])
-def test_sigkill_then_rerun_reproduces_the_straight_run(window, resumes_from, check, tmp_path, data_dir,
-                                                        kill_straight):
+def test_sigkill_then_rerun_reproduces_the_straight_run(window, resumes_from, check, extra, tmp_path,
+                                                        data_dir, kill_straight):
     """Wrong if a SIGKILL at any moment corrupts the last checkpoint, changes any later loss (resume is not
-    exact), or leaves duplicated or torn lines in metrics.jsonl."""
+    exact), or leaves duplicated or torn lines in metrics.jsonl. With background saves
+    (`train.async_checkpoint`) also wrong if a checkpoint killed while written behind the training loads as
+    complete, or one written so differs from what a synchronous save holds (the reference run's are)."""
     out = tmp_path / "run"
-    command = train_command(out, data_dir, KILL)
+    command = train_command(out, data_dir, KILL, *extra)
     process = start(command, tmp_path)
     signal_when(process, window(out), signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
@@ -248,8 +264,13 @@ def test_sigkill_then_rerun_reproduces_the_straight_run(window, resumes_from, ch
     elif check == "mid-evaluation":
         assert complete_steps(out) == [4] and max(steps) == 7, "killed after the evaluation of step 8"
         assert not (out / "checkpoints" / "step_00000008.tmp").exists()
-    else:
+    elif check == "mid-checkpoint":
         assert complete_steps(out) == [4] and (out / "checkpoints" / "step_00000008.tmp").is_dir()
+    elif check == "mid-background-checkpoint":
+        staged = out / "checkpoints" / "step_00000004.tmp"
+        assert complete_steps(out) == [] and staged.is_dir() and not (staged / "manifest.json").exists()
+    else:
+        assert complete_steps(out) == [4] and max(steps) >= 5
 
     result = run(command, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,12 +10,12 @@ state_dict) plus `n_head`:
 - every other ≥2-D tensor (attention and MLP projections, wte and wpe): one block per output row (dim 0), so
   per output neuron, and per token / per position for the embeddings;
 - 0-D and 1-D tensors (LayerNorm weights, biases): one block for the whole tensor.
-Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. Per
-tensor, the step makes two passes over memory, as fused AdamW makes one: a compiled row reduction of g²
-(`optim.fused.LargeInputKernel`), then, after the small per-block arithmetic, one compiled elementwise kernel
-on (rows, width) views updating m and θ with each row's denominator. `fused=False` runs the same functions
-eagerly: the reference loop. FSDP2-sharded tensors take the eager DTensor operations, whose row reduction
-gathers one value per row.
+Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. The
+step sees each block kind of a tensor (q heads, k heads, rows) as a (blocks, block size) view, whose rows
+are the blocks, and updates it in one compiled call (`optim.fused.LargeInputKernel`): each block's mean of
+g², v and its denominator, then m and θ elementwise, in one parallel region. `fused=False` runs the same
+function eagerly: the reference loop. FSDP2 shards of the rows (DTensors) and non-contiguous tensors take
+eager per-row operations instead (for a shard, the row means are gathered: one value per row).
 """
 
 from __future__ import annotations
@@ -54,21 +54,48 @@ def _row_mean_squares(rows: Tensor) -> Tensor:
     return (rows * rows).mean(dim=1)
 
 
-# Compiled with symbolic sizes: one graph for every (rows, width) of a model.
-ROW_MEAN_SQUARES = LargeInputKernel(_row_mean_squares, MIN_COMPILED_NUMEL, dynamic=True,
-                                    options={"cpp.dynamic_threads": True})
+def _block_denominators_(grad: Tensor, exp_avg_sq: Tensor, beta2: float, one_minus_beta2: float,
+                          bias_correction2: float, eps: float) -> Tensor:
+    """On a (blocks, block size) view of g and its `exp_avg_sq` (blocks,): v ← β2·v + (1−β2)·mean(g²) per
+    block, then returns each block's denominator √(v / bc2) + ε as a (blocks, 1) column."""
+    exp_avg_sq.mul_(beta2).add_(_row_mean_squares(grad) * one_minus_beta2)
+    return ((exp_avg_sq / bias_correction2).sqrt() + eps).unsqueeze(1)
 
 
 def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denominator: Tensor, beta1: float,
                        one_minus_beta1: float, decay: float, step_size: float) -> None:
-    """On (rows, width) views, `denominator` (rows, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay − step_size·m / d.
-    Rows stay a dimension so the compiled loop broadcasts d per row without an index division."""
+    """On (blocks, block size) views, `denominator` (blocks, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay −
+    step_size·m / d."""
     exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
     param.mul_(decay).add_(exp_avg / denominator * -step_size)
 
 
-ADAM_MINI_UPDATE = LargeInputKernel(_adam_mini_update_, MIN_COMPILED_NUMEL, dynamic=True,
-                                    options={"cpp.dynamic_threads": True})
+def _adam_mini_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float,
+                     one_minus_beta1: float, beta2: float, one_minus_beta2: float, bias_correction2: float,
+                     eps: float, decay: float, step_size: float) -> None:
+    """One block kind's whole update on (blocks, block size) views and its `exp_avg_sq` (blocks,)."""
+    denominator = _block_denominators_(grad, exp_avg_sq, beta2, one_minus_beta2, bias_correction2, eps)
+    _adam_mini_update_(param, grad, exp_avg, denominator, beta1, one_minus_beta1, decay, step_size)
+
+
+# Compiled with symbolic sizes: one graph for every (blocks, block size) of a model, three loops in one
+# parallel region (the blocks' sums of g², their denominators, the elementwise update). Left to itself,
+# Inductor would inline the few scalar operations of a block's denominator (a division, a square root)
+# into the elementwise loop and redo them for every vector of the block's elements;
+# realize_opcount_threshold makes it store them once per block instead.
+ADAM_MINI_STEP = LargeInputKernel(_adam_mini_step_, MIN_COMPILED_NUMEL, dynamic=True,
+                                  options={"cpp.dynamic_threads": True, "realize_opcount_threshold": 2})
+
+
+def _block_views(tensor: Tensor, segments: list[Segment]) -> list[Tensor]:
+    """A contiguous tensor as one (blocks, block size) view per segment: each row of a view is a block.
+    Detached: views of a parameter that several outputs share would otherwise count as autograd views."""
+    rows = tensor.detach().view(sum(height for height, _ in segments), -1)
+    if len(segments) == 1:
+        return [rows.view(segments[0][0] // segments[0][1], -1)]
+    parts = rows.split([height for height, _ in segments])
+    return [part.view(height // block_rows, -1)
+            for part, (height, block_rows) in zip(parts, segments, strict=True)]
 
 
 def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
@@ -80,17 +107,6 @@ def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
                       for part, (_, block_rows) in zip(row_means.split(heights), segments, strict=True)])
 
 
-def _block_mean_squares(grad: Tensor, segments: list[Segment], fused: bool = True) -> Tensor:
-    """mean(g²) per block, as the mean of its rows' means."""
-    rows = grad.reshape(sum(height for height, _ in segments), -1)
-    if isinstance(rows, DTensor):  # FSDP shards rows: gather one value per row, never the gradient
-        row_means = _row_mean_squares(rows)
-        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
-    else:
-        row_means = (ROW_MEAN_SQUARES if fused else _row_mean_squares)(rows)
-    return _block_means(row_means, segments)
-
-
 def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
     """Per-block values repeated to one per row (dim 0), as a vector."""
     if all(block_rows == 1 for _, block_rows in segments):
@@ -98,6 +114,21 @@ def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
     counts = [height // block_rows for height, block_rows in segments]
     return torch.cat([values.repeat_interleave(block_rows)
                       for values, (_, block_rows) in zip(per_block.split(counts), segments, strict=True)])
+
+
+def _per_row_step_(param: Tensor, grad: Tensor, state: dict[str, Any], segments: list[Segment], beta1: float,
+                   beta2: float, bias_correction2: float, eps: float, decay: float, step_size: float) -> None:
+    """The same update through per-row means, for tensors that have no block views: FSDP2 shards of the
+    rows (DTensors, whose row means are gathered: one value per row, never the gradient) and
+    non-contiguous parameters."""
+    row_means = _row_mean_squares(grad.reshape(sum(height for height, _ in segments), -1))
+    if isinstance(row_means, DTensor):
+        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
+    state["exp_avg_sq"].mul_(beta2).add_(_block_means(row_means, segments), alpha=1.0 - beta2)
+    denominator = _rows((state["exp_avg_sq"] / bias_correction2).sqrt_().add_(eps), segments)
+    state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    param.mul_(decay)
+    param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))), value=-step_size)
 
 
 class AdamMini(BaseOptimizer):
@@ -142,21 +173,18 @@ class AdamMini(BaseOptimizer):
                 state["step"] += 1
                 bias_correction1 = 1.0 - beta1 ** state["step"]
                 bias_correction2 = 1.0 - beta2 ** state["step"]
-                block_means = _block_mean_squares(grad, segments, group["fused"])
-                state["exp_avg_sq"].mul_(beta2).add_(block_means, alpha=1.0 - beta2)
-                denominator = _rows((state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"]),
-                                    segments)
                 decay, step_size = 1.0 - lr * group["weight_decay"], lr / bias_correction1
-                if isinstance(param, DTensor):  # a shard of the rows: DTensor operations
-                    state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                    param.mul_(decay)
-                    param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))),
-                                   value=-step_size)
-                else:
-                    rows = denominator.numel()
-                    update = ADAM_MINI_UPDATE if group["fused"] else _adam_mini_update_
-                    update(param.view(rows, -1), grad.reshape(rows, -1), state["exp_avg"].view(rows, -1),
-                           denominator.view(rows, 1), beta1, 1.0 - beta1, decay, step_size)
+                if isinstance(param, DTensor) or not param.is_contiguous():
+                    _per_row_step_(param, grad, state, segments, beta1, beta2, bias_correction2, group["eps"],
+                                   decay, step_size)
+                    continue
+                update = ADAM_MINI_STEP if group["fused"] else _adam_mini_step_
+                tensors = (param, grad.contiguous(), state["exp_avg"])
+                views = zip(*(_block_views(t, segments) for t in tensors),
+                            state["exp_avg_sq"].split([h // rows for h, rows in segments]), strict=True)
+                for param_blocks, grad_blocks, exp_avg_blocks, exp_avg_sq_blocks in views:
+                    update(param_blocks, grad_blocks, exp_avg_blocks, exp_avg_sq_blocks, beta1, 1.0 - beta1,
+                           beta2, 1.0 - beta2, bias_correction2, group["eps"], decay, step_size)
         return loss
 
 

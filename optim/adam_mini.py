@@ -11,11 +11,11 @@ state_dict) plus `n_head`:
   per output neuron, and per token / per position for the embeddings;
 - 0-D and 1-D tensors (LayerNorm weights, biases): one block for the whole tensor.
 Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. The
-step sees each block kind of a tensor (q heads, k heads, rows) as a (blocks, block size) view, whose rows
-are the blocks, and updates it in one compiled call (`optim.fused.LargeInputKernel`): each block's mean of
-g², v and its denominator, then m and θ elementwise, in one parallel region. `fused=False` runs the same
-function eagerly: the reference loop. FSDP2 shards of the rows (DTensors) and non-contiguous tensors take
-eager per-row operations instead (for a shard, the row means are gathered: one value per row).
+step updates all tensors of a param group in one compiled call (`optim.fused.MultiTensorKernel`): per
+tensor, on a (rows, width) view, each row's mean of g², each block's v and denominator, then m and θ
+elementwise. `fused=False` runs the same per-tensor function eagerly: the reference loop. FSDP2 shards of the
+rows (DTensors) and non-contiguous tensors take eager per-row operations instead (for a shard, the row means
+are gathered: one value per row, never the gradient).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
-from optim.fused import MIN_COMPILED_NUMEL, LargeInputKernel
+from optim.fused import MultiTensorKernel
 from optim.registry import OptimizerEntry, full_size_state, register
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
@@ -54,50 +54,6 @@ def _row_mean_squares(rows: Tensor) -> Tensor:
     return (rows * rows).mean(dim=1)
 
 
-def _block_denominators_(grad: Tensor, exp_avg_sq: Tensor, beta2: float, one_minus_beta2: float,
-                          bias_correction2: float, eps: float) -> Tensor:
-    """On a (blocks, block size) view of g and its `exp_avg_sq` (blocks,): v ← β2·v + (1−β2)·mean(g²) per
-    block, then returns each block's denominator √(v / bc2) + ε as a (blocks, 1) column."""
-    exp_avg_sq.mul_(beta2).add_(_row_mean_squares(grad) * one_minus_beta2)
-    return ((exp_avg_sq / bias_correction2).sqrt() + eps).unsqueeze(1)
-
-
-def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denominator: Tensor, beta1: float,
-                       one_minus_beta1: float, decay: float, step_size: float) -> None:
-    """On (blocks, block size) views, `denominator` (blocks, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay −
-    step_size·m / d."""
-    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    param.mul_(decay).add_(exp_avg / denominator * -step_size)
-
-
-def _adam_mini_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1: float,
-                     one_minus_beta1: float, beta2: float, one_minus_beta2: float, bias_correction2: float,
-                     eps: float, decay: float, step_size: float) -> None:
-    """One block kind's whole update on (blocks, block size) views and its `exp_avg_sq` (blocks,)."""
-    denominator = _block_denominators_(grad, exp_avg_sq, beta2, one_minus_beta2, bias_correction2, eps)
-    _adam_mini_update_(param, grad, exp_avg, denominator, beta1, one_minus_beta1, decay, step_size)
-
-
-# Compiled with symbolic sizes: one graph for every (blocks, block size) of a model, three loops in one
-# parallel region (the blocks' sums of g², their denominators, the elementwise update). Left to itself,
-# Inductor would inline the few scalar operations of a block's denominator (a division, a square root)
-# into the elementwise loop and redo them for every vector of the block's elements;
-# realize_opcount_threshold makes it store them once per block instead.
-ADAM_MINI_STEP = LargeInputKernel(_adam_mini_step_, MIN_COMPILED_NUMEL, dynamic=True,
-                                  options={"cpp.dynamic_threads": True, "realize_opcount_threshold": 2})
-
-
-def _block_views(tensor: Tensor, segments: list[Segment]) -> list[Tensor]:
-    """A contiguous tensor as one (blocks, block size) view per segment: each row of a view is a block.
-    Detached: views of a parameter that several outputs share would otherwise count as autograd views."""
-    rows = tensor.detach().view(sum(height for height, _ in segments), -1)
-    if len(segments) == 1:
-        return [rows.view(segments[0][0] // segments[0][1], -1)]
-    parts = rows.split([height for height, _ in segments])
-    return [part.view(height // block_rows, -1)
-            for part, (height, block_rows) in zip(parts, segments, strict=True)]
-
-
 def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
     """Per-block means of per-row means (the rows of a block have equal width)."""
     if all(block_rows == 1 for _, block_rows in segments):
@@ -116,11 +72,32 @@ def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
                       for values, (_, block_rows) in zip(per_block.split(counts), segments, strict=True)])
 
 
+def _adam_mini_tensor_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                       segments: list[Segment], beta1: float, one_minus_beta1: float, beta2: float,
+                       one_minus_beta2: float, bias_correction2: float, eps: float, decay: float,
+                       step_size: float) -> None:
+    """One tensor's update on (rows, width) views, `exp_avg_sq` one value per block: v ← β2·v +
+    (1−β2)·mean(g²) per block (the mean of its rows' means); m ← β1·m + (1−β1)·g; θ ← θ·decay −
+    step_size·m / (√(v/bc2) + ε), each row divided by its block's denominator."""
+    exp_avg_sq.mul_(beta2).add_(_block_means(_row_mean_squares(grad), segments) * one_minus_beta2)
+    denominator = _rows((exp_avg_sq / bias_correction2).sqrt() + eps, segments).unsqueeze(1)
+    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
+    param.mul_(decay).add_(exp_avg / denominator * -step_size)
+
+
+# All tensors of a param group in one compiled call (the row sums of g², the blocks' denominators and the
+# elementwise update, in one C++ function). Left to itself, Inductor would inline the few scalar operations
+# of a row's denominator (a division, a square root) into the elementwise loop and redo them for every
+# vector of the row; realize_opcount_threshold makes it store them once per row instead.
+ADAM_MINI_STEP = MultiTensorKernel(_adam_mini_tensor_, per_tensor=_adam_mini_tensor_,
+                                   options={"realize_opcount_threshold": 2})
+
+
 def _per_row_step_(param: Tensor, grad: Tensor, state: dict[str, Any], segments: list[Segment], beta1: float,
                    beta2: float, bias_correction2: float, eps: float, decay: float, step_size: float) -> None:
-    """The same update through per-row means, for tensors that have no block views: FSDP2 shards of the
-    rows (DTensors, whose row means are gathered: one value per row, never the gradient) and
-    non-contiguous parameters."""
+    """The same update in eager operations on the tensor itself, for tensors that have no (rows, width) view:
+    FSDP2 shards of the rows (DTensors, whose row means are gathered: one value per row, never the
+    gradient) and non-contiguous parameters."""
     row_means = _row_mean_squares(grad.reshape(sum(height for height, _ in segments), -1))
     if isinstance(row_means, DTensor):
         row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
@@ -160,7 +137,9 @@ class AdamMini(BaseOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = self._loss_of(closure)
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            decay = 1.0 - lr * group["weight_decay"]
+            batches: dict[int, tuple[list[Any], ...]] = {}  # step count → the lists one call updates
             for name, param in zip(group["param_names"], group["params"], strict=True):
                 if param.grad is None:
                     continue
@@ -171,20 +150,20 @@ class AdamMini(BaseOptimizer):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = param.new_zeros(sum(height // rows for height, rows in segments))
                 state["step"] += 1
-                bias_correction1 = 1.0 - beta1 ** state["step"]
-                bias_correction2 = 1.0 - beta2 ** state["step"]
-                decay, step_size = 1.0 - lr * group["weight_decay"], lr / bias_correction1
                 if isinstance(param, DTensor) or not param.is_contiguous():
-                    _per_row_step_(param, grad, state, segments, beta1, beta2, bias_correction2, group["eps"],
-                                   decay, step_size)
+                    _per_row_step_(param, grad, state, segments, beta1, beta2, 1.0 - beta2 ** state["step"],
+                                   eps, decay, lr / (1.0 - beta1 ** state["step"]))
                     continue
-                update = ADAM_MINI_STEP if group["fused"] else _adam_mini_step_
-                tensors = (param, grad.contiguous(), state["exp_avg"])
-                views = zip(*(_block_views(t, segments) for t in tensors),
-                            state["exp_avg_sq"].split([h // rows for h, rows in segments]), strict=True)
-                for param_blocks, grad_blocks, exp_avg_blocks, exp_avg_sq_blocks in views:
-                    update(param_blocks, grad_blocks, exp_avg_blocks, exp_avg_sq_blocks, beta1, 1.0 - beta1,
-                           beta2, 1.0 - beta2, bias_correction2, group["eps"], decay, step_size)
+                rows = sum(height for height, _ in segments)
+                lists = batches.setdefault(state["step"], ([], [], [], [], []))
+                views = (param.detach().view(rows, -1), grad.reshape(rows, -1),
+                         state["exp_avg"].view(rows, -1), state["exp_avg_sq"], segments)
+                for items, item in zip(lists, views, strict=True):
+                    items.append(item)
+            update = ADAM_MINI_STEP.select(group["fused"])
+            for step, lists in batches.items():
+                update(lists, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - beta2 ** step, eps, decay,
+                               lr / (1.0 - beta1 ** step)))
         return loss
 
 

@@ -109,13 +109,13 @@ class LargeInputKernel(CompiledOrEager):
 
 
 def _over_lists(fn: Callable[..., None]) -> Callable[..., None]:
-    """`fn(*tensors, *scalars)` for each aligned tuple of tensors in `lists`."""
+    """`fn(*items, *scalars)` for each aligned tuple of items (tensors or per-tensor constants) in `lists`."""
 
-    def apply(lists: tuple[list[Tensor], ...], scalars: tuple[Tensor | float, ...]) -> None:
-        for tensors in zip(*lists, strict=True):
-            fn(*tensors, *scalars)
+    def apply(lists: tuple[list[Any], ...], scalars: tuple[Tensor | float, ...]) -> None:
+        for items in zip(*lists, strict=True):
+            fn(*items, *scalars)
 
-    apply.__name__ = fn.__name__
+    apply.__name__ = getattr(fn, "__name__", type(fn).__name__)
     return apply
 
 
@@ -127,30 +127,33 @@ class MultiTensorKernel(CompiledOrEager):
     instead of one call and one OpenMP region or kernel launch per tensor, which is the fixed cost that
     dominates an optimizer step on GPUs and on busy CPUs. Shapes are static (a model's are fixed: one graph
     per parameter group); the floats travel as 0-d float64 CPU tensors, so a changing learning rate never
-    recompiles, and are rounded to float32 where they meet the tensors, as eager rounds Python floats. If
-    compilation fails, or more lists than `RECOMPILE_LIMIT` distinct ones are seen, the per-tensor
-    `FusedKernel` takes over for the rest of the process: same numbers.
+    recompiles, and are rounded to float32 where they meet the tensors, as eager rounds Python floats. Lists
+    of other values (per-tensor constants such as a partition) are baked into the graph. If compilation
+    fails, or more lists than `RECOMPILE_LIMIT` distinct ones are seen, `per_tensor` (by default a
+    `FusedKernel` of `fn`) takes over tensor by tensor for the rest of the process: same numbers.
     """
 
     RECOMPILE_LIMIT = 64  # distinct lists of shapes (param groups of different models) in one process
 
-    def __init__(self, fn: Callable[..., None]) -> None:
-        super().__init__(_over_lists(fn), dynamic=False)
-        self.per_tensor = FusedKernel(fn)
+    def __init__(self, fn: Callable[..., None], per_tensor: Callable[..., None] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(_over_lists(fn), dynamic=False, options=options)
+        self.reference = _over_lists(fn)
+        self.per_tensor = _over_lists(per_tensor or FusedKernel(fn))
 
     def select(self, fused: bool) -> Callable[..., None]:
         """This kernel, or the eager per-tensor reference loop when an optimizer's `fused` is False."""
-        return self if fused else _over_lists(self.per_tensor.eager)
+        return self if fused else self.reference
 
-    def __call__(self, lists: tuple[list[Tensor], ...], floats: tuple[float, ...]) -> None:
+    def __call__(self, lists: tuple[list[Any], ...], floats: tuple[float, ...]) -> None:
         if not lists[0]:
             return
-        local = tuple([t.to_local() if isinstance(t, DTensor) else t for t in tensors] for tensors in lists)
+        local = tuple([t.to_local() if isinstance(t, DTensor) else t for t in items] for items in lists)
         scalars = tuple(torch.tensor(floats, dtype=torch.float64).unbind())
         with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):  # fullgraph: a hit raises
             if self._try_compiled(local, scalars)[0]:
                 return
-        _over_lists(self.per_tensor)(lists, floats)
+        self.per_tensor(lists, floats)
 
 
 def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:

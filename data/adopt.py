@@ -22,8 +22,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from common.errors import UserError
+from common.files import write_atomic
 from data import blocks
-from data.prepare import DTYPE, _fingerprint, _settings, _write_atomic
+from data.prepare import DTYPE, _fingerprint, _settings
 from data.tokenizers import get_tokenizer
 
 log = logging.getLogger("data.adopt")
@@ -60,7 +61,7 @@ def adopt(data_cfg: Mapping[str, Any]) -> Path:
     meta = {**settings, "fingerprint": _fingerprint(settings), "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id, "dtype": "uint16", "splits": splits, "adopted": True,
             "blocks": blocks.record(out, list(splits))}
-    _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info("adopted %s: %s", out, splits)
     return out
 

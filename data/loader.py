@@ -11,6 +11,7 @@ independent of the training seed, the micro-batch size and the world size.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from common.errors import UserError
 from data import blocks
-from data.prepare import FORMAT_VERSION, read_meta
+from data.prepare import FORMAT_VERSION, damaged_split, read_meta
 
 TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
 VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
@@ -48,18 +49,12 @@ class TokenData:
                     f"{self.dir} was prepared with {key} {self._meta[key]!r} but {expected!r} is expected; "
                     "set data.tokenizer to match, or prepare the data for it"
                 )
+        damage = damaged_split(self.dir, self._meta)
+        if damage is not None:
+            raise UserError(f"{damage}; delete {self.dir} and prepare it again")
         dtype = np.dtype(self._meta["dtype"]).newbyteorder("<")
-        self._splits: dict[str, np.memmap] = {}
-        for name, counts in self._meta["splits"].items():
-            path = self.dir / f"{name}.bin"
-            expected_bytes = counts["tokens"] * dtype.itemsize
-            actual_bytes = path.stat().st_size if path.is_file() else None
-            if actual_bytes != expected_bytes:
-                raise UserError(
-                    f"{path} has {actual_bytes} bytes but meta.json promises {counts['tokens']} tokens = "
-                    f"{expected_bytes} bytes (truncated or replaced); delete {self.dir} and prepare it again"
-                )
-            self._splits[name] = np.memmap(path, dtype=dtype, mode="r")
+        self._splits = {name: np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r")
+                        for name in self._meta["splits"]}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -99,68 +94,86 @@ class TokenData:
         return self._splits[name]
 
 
-class BatchLoader:
-    """Deterministic (x, y) batches of `block_size` tokens for one rank; see the module docstring."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batch arithmetic of a run, computed once (and checked on creation) and handed to the loader:
+    `global_batch_size` sequences per optimizer step over all ranks, `micro_batch_size` per forward on one
+    rank, `world_size` ranks, hence `grad_accum_steps` micro-steps per optimizer step."""
 
-    def __init__(
-        self,
-        data: TokenData,
-        *,
-        block_size: int,
-        global_batch_size: int,
-        micro_batch_size: int,
-        world_size: int = 1,
-        rank: int = 0,
-        seed: int,
-        device: str | torch.device = "cpu",
-        vocab_limit: int | None = None,
-    ):
+    global_batch_size: int
+    micro_batch_size: int
+    block_size: int
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {"train.global_batch_size": self.global_batch_size,
+                 "train.micro_batch_size": self.micro_batch_size, "model.block_size": self.block_size}
+        for key, value in sizes.items():
+            if value < 1:
+                raise UserError(f"{key} must be at least 1 (got {value})")
+        self.micro_steps(self.global_batch_size, "train.global_batch_size")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.micro_steps(self.global_batch_size, "train.global_batch_size")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
+        optim.hessian_batch_size sets the curvature pass apart)."""
+        return self.global_batch_size * self.block_size
+
+    def micro_steps(self, global_batch_size: int, what: str, micro_batch_size: int | None = None) -> int:
+        """Micro-steps per pass over `global_batch_size` sequences (the training batch, or a curvature pass's
+        own batch, named `what`) in micro-batches of `micro_batch_size` (default: the training one); refused
+        unless micro-batch × world size divides it."""
+        micro_key = "train.micro_batch_size" if micro_batch_size is None else "train.hessian_micro_batch_size"
+        micro_batch_size = micro_batch_size or self.micro_batch_size
+        per_pass = micro_batch_size * self.world_size
+        if global_batch_size < 1 or global_batch_size % per_pass:
+            raise UserError(
+                f"{what}={global_batch_size} is not divisible by {micro_key}={micro_batch_size} × world size "
+                f"{self.world_size}; pick sizes whose product divides it"
+            )
+        return global_batch_size // per_pass
+
+
+class BatchLoader:
+    """Deterministic (x, y) batches of `plan.block_size` tokens for one rank; see the module docstring."""
+
+    def __init__(self, data: TokenData, plan: BatchPlan, *, rank: int = 0, seed: int,
+                 device: str | torch.device = "cpu", vocab_limit: int | None = None):
         """`vocab_limit`: token ids must be below it (the model's vocabulary); each batch is checked, so a
         damaged file is one clear error instead of an out-of-range embedding lookup."""
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        if block_size < 1 or micro_batch_size < 1 or seed < 0:
-            raise UserError(
-                f"need block_size >= 1, micro_batch_size >= 1 and seed >= 0; got {block_size}, "
-                f"{micro_batch_size} and {seed}"
-            )
-        self.data = data
-        self.block_size = block_size
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.world_size = world_size
+        if not 0 <= rank < plan.world_size:
+            raise ValueError(f"rank {rank} is outside world_size {plan.world_size}")
+        if seed < 0:
+            raise UserError(f"train.seed must be >= 0 (got {seed})")
+        self.data, self.plan = data, plan
+        self.block_size = plan.block_size
         self.rank = rank
         self.seed = seed
         self.device = torch.device(device)
         self.vocab_limit = vocab_limit
-        self.grad_accum_steps = self._accum_steps(global_batch_size, "global_batch_size")
         for name in ("train", "val"):
-            if len(data.split(name)) < block_size + 1:
+            if len(data.split(name)) < self.block_size + 1:
                 raise UserError(
                     f"the {name} split of {data.dir} has {len(data.split(name))} tokens, fewer than "
-                    f"block_size + 1 = {block_size + 1}; use a smaller block_size or a larger corpus"
+                    f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or a larger corpus"
                 )
 
-    def hessian_accum_steps(self, global_batch_size: int | None = None, micro_batch_size: int | None = None
-                            ) -> int:
-        """Micro-steps per Hessian estimate; its batch and micro-batch may differ from the training ones."""
-        if global_batch_size is None:
-            global_batch_size = self.global_batch_size
-        return self._accum_steps(global_batch_size, "hessian global batch size", micro_batch_size)
-
     def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._global_batch_rows(TRAIN_STREAM, step, micro_step, self.global_batch_size)
+        return self._global_batch_rows(TRAIN_STREAM, step, micro_step, self.plan.global_batch_size)
 
     def hessian_batch(
         self, step: int, micro_step: int, global_batch_size: int | None = None,
         micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences for Sophia's curvature estimate: their own stream over the train split, so they are not
-        the sequences of `step`'s training batch. The global batch's sequences do not depend on
-        `micro_batch_size` (default: the training one), only how they are split into micro-steps."""
-        if global_batch_size is None:
-            global_batch_size = self.global_batch_size
-        return self._global_batch_rows(HESSIAN_STREAM, step, micro_step, global_batch_size, micro_batch_size)
+        the sequences of `step`'s training batch. The global batch (default: the training one's size) does
+        not depend on `micro_batch_size` (default: the training one), only its split into micro-steps."""
+        return self._global_batch_rows(HESSIAN_STREAM, step, micro_step,
+                                       global_batch_size or self.plan.global_batch_size, micro_batch_size)
 
     def val_batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences first … first + count − 1 of the fixed validation set."""
@@ -175,36 +188,27 @@ class BatchLoader:
         """This rank's share of a `sequences`-long validation set: (first, count, weight) per micro-batch.
         Micro-batches of `micro_batch_size` go to the ranks in turn; every rank gets the same number (a rank
         past the end repeats the last one with weight 0), so that collective forwards stay matched."""
-        batches = math.ceil(sequences / self.micro_batch_size)
+        micro, world = self.plan.micro_batch_size, self.plan.world_size
+        batches = math.ceil(sequences / micro)
         schedule = []
-        rounds = math.ceil(batches / self.world_size)
-        for index in range(self.rank, rounds * self.world_size, self.world_size):
-            first = min(index, batches - 1) * self.micro_batch_size
-            count = min(self.micro_batch_size, sequences - first)
+        rounds = math.ceil(batches / world)
+        for index in range(self.rank, rounds * world, world):
+            first = min(index, batches - 1) * micro
+            count = min(micro, sequences - first)
             schedule.append((first, count, float(count) if index < batches else 0.0))
         return schedule
-
-    def _accum_steps(self, global_batch_size: int, what: str, micro_batch_size: int | None = None) -> int:
-        micro_batch_size = micro_batch_size or self.micro_batch_size
-        per_micro_step = micro_batch_size * self.world_size
-        if global_batch_size <= 0 or global_batch_size % per_micro_step:
-            raise UserError(
-                f"{what} {global_batch_size} is not a multiple of micro_batch_size × world_size = "
-                f"{micro_batch_size} × {self.world_size} = {per_micro_step}; change one so that it does"
-            )
-        return global_batch_size // per_micro_step
 
     def _global_batch_rows(
         self, stream: int, step: int, micro_step: int, global_batch_size: int,
         micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        micro_batch_size = micro_batch_size or self.micro_batch_size
-        accum_steps = self._accum_steps(global_batch_size, "global batch size", micro_batch_size)
+        micro_batch_size = micro_batch_size or self.plan.micro_batch_size
+        accum_steps = self.plan.micro_steps(global_batch_size, "the global batch size", micro_batch_size)
         if not 0 <= micro_step < accum_steps:
             raise ValueError(f"micro_step {micro_step} is outside 0..{accum_steps - 1}")
         high = len(self.data.split("train")) - self.block_size
         offsets = np.random.default_rng([self.seed, stream, step]).integers(0, high, size=global_batch_size)
-        first = (micro_step * self.world_size + self.rank) * micro_batch_size
+        first = (micro_step * self.plan.world_size + self.rank) * micro_batch_size
         return self._windows("train", offsets[first : first + micro_batch_size])
 
     def _windows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,10 +33,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from common.errors import UserError
+from common.files import commit_file, write_atomic
 from data import allocate, blocks
 from data.prepare_command import prepare_command
 from data.split_size import validation_warning
-from data.tokenizers import Tokenizer, get_tokenizer
+from data.tokenizers import Tokenizer, get_tokenizer, tokenizer_class
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
 
@@ -44,6 +45,7 @@ FORMAT_VERSION = 1
 DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SOURCES = ("hub", "files", "sample")
 WRITE_BATCH_DOCS = 256  # documents read from the dataset at a time
 TOKENIZE_BATCH_CHARS = 1 << 21  # text encoded at a time: its ids as Python ints take ~20× its size in memory
 # Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
@@ -51,11 +53,6 @@ CONFIG_KEYS = frozenset({
     "name", "source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "tokenizer",
     "val_fraction", "split_seed", "num_proc", "cache_dir", "dir", "auto_prepare",
 })
-
-
-def is_prepared(data_cfg: Mapping[str, Any]) -> bool:
-    """True when the data folder holds complete files made with exactly these settings."""
-    return unprepared_reason(data_cfg) is None
 
 
 def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
@@ -70,7 +67,7 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
         other = f"{out}-{_fingerprint(settings)[:8]}"
         return (f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}); "
                 f"set data.dir={other} and prepare it with: {prepare_command(data_cfg, other)}")
-    damage = _damage(out, meta)
+    damage = damaged_split(out, meta)
     return None if damage is None else f"{damage}; rebuild it with: {prepare_command(data_cfg)}"
 
 
@@ -92,7 +89,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
                 f"{out} holds data prepared with other settings ({_changed_settings(meta, settings)}). "
                 "Set data.dir to another folder, or delete this one to rebuild it"
             )
-        damage = _damage(out, meta)
+        damage = damaged_split(out, meta)
         if damage is None:
             log.info("%s is already prepared", out)
             return out
@@ -121,7 +118,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "splits": counts,
         "blocks": blocks.record(out, list(counts)),  # for the content check at every training start
     }
-    _write_atomic(out / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info(
         "wrote %s: %s",
         out,
@@ -130,8 +127,16 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     return out
 
 
+def check_names(cfg: Mapping[str, Any]) -> None:
+    """The data config's names (source, tokenizer) exist: checked at start-up, before any data work."""
+    if cfg["source"] not in SOURCES:
+        raise UserError(f"unknown data.source {cfg['source']!r}; choose one of: {', '.join(SOURCES)}")
+    tokenizer_class(cfg["tokenizer"])
+
+
 def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that determines the files' content; its hash is the fingerprint in meta.json."""
+    check_names(cfg)
     if cfg["source"] == "hub":
         source = {
             "kind": "hub",
@@ -148,15 +153,13 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "num_files": len(paths),
             "files_digest": hashlib.sha256(stats.encode()).hexdigest(),
         }
-    elif cfg["source"] == "sample":
+    else:
         path = _sample_path(cfg["files"])
         source = {
             "kind": "sample",
             "file": path.name,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
-    else:
-        raise UserError(f"unknown data.source {cfg['source']!r}; choose one of: hub, files, sample")
     source["text_field"] = cfg["text_field"]
     return {
         "format_version": FORMAT_VERSION,
@@ -300,25 +303,8 @@ def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: 
     except OSError as e:
         raise UserError(f"cannot write {tmp} ({e.strerror}); free space or set data.dir to a larger disk"
                         ) from None
-    _fsync(tmp)
-    os.replace(tmp, path)
+    commit_file(tmp, path)
     return {"tokens": total, "documents": len(split)}
-
-
-def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)  # make the rename itself durable
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_meta(out: Path) -> dict[str, Any] | None:
@@ -351,8 +337,9 @@ def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:
     )
 
 
-def _damage(out: Path, meta: dict[str, Any]) -> str | None:
-    """None when both token files have the sizes meta.json promises, else which one does not."""
+def damaged_split(out: Path, meta: dict[str, Any]) -> str | None:
+    """None when every token file has the size meta.json promises, else which one does not (the one
+    truncated-file check: preparation and the loader both use it)."""
     for name, counts in meta["splits"].items():
         path = out / f"{name}.bin"
         size = path.stat().st_size if path.is_file() else None

@@ -75,9 +75,14 @@ class ByteTokenizer(Tokenizer):
 TOKENIZERS: dict[str, type[Tokenizer]] = {"gpt2": GPT2Tokenizer, "byte": ByteTokenizer}
 
 
+def tokenizer_class(name: str) -> type[Tokenizer]:
+    """The tokenizer called `name`, not yet loaded (the trainer asks at start-up, before any data work)."""
+    if name not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name]
+
+
 @functools.cache
 def get_tokenizer(name: str) -> Tokenizer:
     """Return the named tokenizer; cached because the GPT-2 ranks take a moment to load."""
-    if name not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name]()
+    return tokenizer_class(name)()

@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from common.errors import UserError
+from common.files import fsync_path, write_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,24 +41,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON under a temporary name, fsync, rename: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointDir:
@@ -97,16 +80,14 @@ class CheckpointDir:
         try:
             files = {}
             for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
+                fsync_path(path)
                 files[str(path.relative_to(tmp))] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
             manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, **meta}
-            write_json_atomic(tmp / MANIFEST, manifest)
-            _fsync_dir(tmp)
+            write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             if final.exists():  # one that failed verification, reached again after the fallback
                 self._remove(step)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,11 +1,12 @@
-"""Typed schema of the training config, and the values derived from it in one place.
+"""Typed schema of the training config, checked at start-up, before any data work.
 
-Hydra composes plain YAML; this module checks it at start-up against dataclasses (a misspelt key or a wrong
-type fails before any work, as a `UserError`), and computes the derived numbers — gradient accumulation,
-tokens per step, decay steps — that must never be duplicated in YAML. The `optim` and `data`
-groups have per-choice keys: the optimizer registry checks `optim`'s, and `data`'s must be among the keys the
-data package reads. Hydra's own composition errors (an unknown `model=`, a misspelt key) are turned into one
-line here too, so every config mistake reads the same way.
+Hydra composes plain YAML; this module checks it against dataclasses (a misspelt key, a missing key or a
+wrong type fails before any work, as a `UserError`). The dataclasses hold no defaults: every value comes from
+configs/, and the model's fields are `GPTConfig`'s own (the protocol's defaults are the values of runs made
+before the protocol group existed, see `gpt.run_dir`). The `optim` and `data` groups have per-choice keys:
+the optimizer registry checks `optim`'s, and `data`'s must be among the keys the data package reads. Hydra's
+own composition errors (an unknown `model=`, a misspelt key) are turned into one line here too, so every
+config mistake reads the same way. The batch arithmetic derived from it is a `BatchPlan` (`batch_plan`).
 """
 
 from __future__ import annotations
@@ -15,65 +16,63 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from common.errors import UserError
+from data.loader import BatchPlan
 from data.prepare import CONFIG_KEYS as DATA_KEYS
-from optim import OPTIMIZERS
+from data.prepare import check_names as check_data_names
+from gpt.model import GPTConfig
+from optim import OPTIMIZERS, schedule_named
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
-class ModelSettings:
-    name: str = "custom"
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    dropout: float = 0.0
-    bias: bool = False
-    scale_attn_by_inverse_layer_idx: bool = False
+class ModelSettings(GPTConfig):
+    """The model group: GPTConfig's fields, and the name runs are labelled with."""
+
+    name: str = MISSING
 
 
 @dataclass
 class TrainSettings:
-    max_steps: int = 100000
-    global_batch_size: int = 480
-    micro_batch_size: int | None = None  # None: the largest that fits this GPU (gpt/device_defaults.py)
-    hessian_micro_batch_size: int | None = None  # the curvature pass's; None: chosen likewise
-    activation_checkpointing: bool = False
-    eval_interval: int = 1000
-    eval_sequences: int = 2400
-    log_interval: int = 10
-    ckpt_interval: int = 1000
-    keep_checkpoints: int = 3
-    seed: int = 1337
-    grad_clip: float = 1.0
-    dtype: str = "bfloat16"
-    compile: bool | None = None  # None: on for CUDA, off elsewhere
-    device: str = "auto"
-    strategy: str = "auto"
-    on_nonfinite: str = "stop"
-    max_skipped: int = 10
-    dry_run: bool = False
-    gpu: str = "auto"
-    assumed_mfu: float = 0.4
-    init_from: str | None = None
-    hellaswag_interval: int = 0
-    hellaswag_data: str | None = None
-    hellaswag_limit: int | None = None
+    max_steps: int
+    global_batch_size: int
+    micro_batch_size: int | None  # None: the largest that fits this GPU (gpt/device_defaults.py)
+    hessian_micro_batch_size: int | None  # the curvature pass's; None: chosen likewise
+    activation_checkpointing: bool
+    eval_interval: int
+    eval_sequences: int
+    log_interval: int
+    ckpt_interval: int
+    keep_checkpoints: int
+    seed: int
+    grad_clip: float
+    dtype: str
+    compile: bool | None  # None: on for CUDA, off elsewhere
+    device: str
+    strategy: str
+    on_nonfinite: str
+    max_skipped: int
+    dry_run: bool
+    gpu: str
+    assumed_mfu: float
+    init_from: str | None
+    hellaswag_interval: int
+    hellaswag_data: str | None
+    hellaswag_limit: int | None
 
 
 @dataclass
 class ScheduleSettings:
-    name: str = "cosine"
-    warmup_steps: int = 2000
-    min_lr: float = 3e-5
-    decay_steps: int | None = None
+    name: str
+    warmup_steps: int
+    min_lr: float
+    decay_steps: int | None
 
 
 @dataclass
@@ -89,10 +88,10 @@ class ProtocolSettings:
 
 @dataclass
 class WandbSettings:
-    enabled: bool = False
-    project: str = "sophia-gpt"
-    mode: str = "online"
-    name: str | None = None
+    enabled: bool
+    project: str
+    mode: str
+    name: str | None
 
 
 @dataclass
@@ -117,13 +116,16 @@ def _typed(section: str, schema: type, values: Any) -> Any:
 
 def load_settings(cfg: DictConfig) -> Settings:
     """Validate a composed config; every error names the key and what is allowed."""
-    for key in ("out_dir", "model", "train", "schedule", "optim", "data"):
+    for key in ("out_dir", "model", "train", "schedule", "wandb", "optim", "data"):
         if key not in cfg:
             raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
     known = [f.name for f in fields(Settings)]
     unknown = sorted(set(cfg) - set(known))
     if unknown:
         raise UserError(f"unknown top-level config key(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    missing = [f.name for f in fields(ModelSettings) if f.name not in cfg.model]
+    if missing:
+        raise UserError(f"config group 'model' lacks {', '.join(missing)}: a model YAML sets every field")
     unknown = sorted(set(cfg.data) - DATA_KEYS)
     if unknown:
         raise UserError(f"unknown data key(s) {', '.join(unknown)}; valid: {', '.join(sorted(DATA_KEYS))}")
@@ -133,7 +135,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         model=_typed("model", ModelSettings, container["model"]),
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
-        wandb=_typed("wandb", WandbSettings, container.get("wandb", {})),
+        wandb=_typed("wandb", WandbSettings, container["wandb"]),
         protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
         optim=dict(container["optim"]),
         data=dict(container["data"]),
@@ -151,11 +153,13 @@ def load_settings(cfg: DictConfig) -> Settings:
 
 
 def _check(s: Settings) -> None:
-    t, m = s.train, s.model
+    t = s.train
     if t.dtype not in DTYPES:
         raise UserError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
     if t.strategy not in STRATEGIES:
         raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if s.wandb.mode not in WANDB_MODES:
+        raise UserError(f"wandb.mode={s.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "hessian_micro_batch_size",
@@ -163,22 +167,19 @@ def _check(s: Settings) -> None:
                 "max_skipped"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             raise UserError(f"train.{key} must be at least 1 (got {getattr(t, key)})")
+    if t.seed < 0:
+        raise UserError(f"train.seed must be >= 0 (got {t.seed})")
     if t.hellaswag_interval < 0 or t.hellaswag_interval % t.eval_interval:
         raise UserError(f"train.hellaswag_interval={t.hellaswag_interval} must be 0 (off) or a multiple of "
                         f"train.eval_interval={t.eval_interval}: HellaSwag is scored with validation loss")
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-        if getattr(m, key) < 1:
-            raise UserError(f"model.{key} must be at least 1 (got {getattr(m, key)})")
-    if m.n_embd % m.n_head:
-        raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
-    if not 0 <= m.dropout < 1:
-        raise UserError(f"model.dropout={m.dropout} must be in [0, 1)")
     if not s.out_dir.strip():
         raise UserError("out_dir is empty; give the run its own directory, e.g. out_dir=runs/my_run")
     if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
         raise UserError(f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 disables clipping)")
     if not (math.isfinite(s.schedule.min_lr) and s.schedule.min_lr >= 0):
         raise UserError(f"schedule.min_lr={s.schedule.min_lr} must be a finite number >= 0")
+    schedule_named(s.schedule.name)
+    check_data_names(s.data)
     if s.schedule.warmup_steps < 0:
         raise UserError("schedule.warmup_steps must be >= 0")
     if s.schedule.decay_steps is not None and s.schedule.decay_steps < 1:
@@ -190,38 +191,16 @@ def _check(s: Settings) -> None:
                         f"valid: {', '.join(OPTIMIZERS)}")
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch arithmetic for one run (micro-batch, accumulation, global batch), computed once."""
-
-    world_size: int
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum_steps: int
-    block_size: int
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
-        optim.hessian_batch_size sets the curvature pass apart)."""
-        return self.global_batch_size * self.block_size
-
-
-def plan_batches(train: TrainSettings, block_size: int, world_size: int) -> BatchPlan:
-    per_pass = train.micro_batch_size * world_size
-    if train.global_batch_size % per_pass:
-        raise UserError(
-            f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
-            f"{train.micro_batch_size} × world size {world_size}; pick sizes whose product divides it"
-        )
-    return BatchPlan(world_size, train.global_batch_size, train.micro_batch_size,
-                     train.global_batch_size // per_pass, block_size)
+def batch_plan(settings: Settings, world_size: int) -> BatchPlan:
+    """The run's batch arithmetic for `world_size` ranks (refused if the batch does not split over them)."""
+    t = settings.train
+    return BatchPlan(t.global_batch_size, t.micro_batch_size, settings.model.block_size, world_size)
 
 
 def describe_composition_error(error: HydraException) -> str:
     """One line for a config Hydra could not compose, in place of its multi-line report."""
     if isinstance(error, MissingConfigException) and error.options:
-        group, _, name = error.missing_cfg_file.partition("/")  # e.g. experiment / paper/fig4_small_adamw
+        group, _, name = error.missing_cfg_file.partition("/")  # e.g. experiment / paper/fig9
         return f"unknown {group}={name}; valid: {', '.join(sorted(error.options))}"
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override {error.override!r}: {error.message.splitlines()[0]}"

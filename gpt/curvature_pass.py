@@ -34,6 +34,7 @@ from data.loader import BatchLoader
 from gpt.distributed import Runtime, full_value, gradient_sync, unwrap
 from gpt.model import math_attention
 from gpt.seeding import derive_seed
+from optim.base import optimized_parameters
 from optim.curvature import PROBES, gnb_loss, hessian_vector_products
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,6 @@ def _untimed(phase: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _params(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
 def _update_if_finite(update: Callable[[], None], norm: float, step: int) -> None:
     if math.isfinite(norm):
         update()
@@ -106,8 +103,9 @@ def run_curvature_pass(
     given, also accumulates the time of each phase."""
     start = time.perf_counter()
     timed = phases or _untimed
-    accum = loader.hessian_accum_steps(schedule.batch_size, schedule.micro_batch_size)
-    params = _params(optimizer)
+    accum = loader.plan.micro_steps(schedule.batch_size, "optim.hessian_batch_size",
+                                    schedule.micro_batch_size)
+    params = optimized_parameters(optimizer)
     optimizer.zero_grad(set_to_none=True)
     if schedule.kind == "gnb":
         loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0

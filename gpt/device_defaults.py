@@ -15,7 +15,7 @@ import torch
 from common.errors import UserError
 from gpt.config import Settings
 from gpt.memory import GiB, choose_micro_batch, device_memory, estimate_memory
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT
 from optim import entry_for
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def resolve_device_defaults(settings: Settings, world_size: int, device: torch.d
 def state_per_parameter(settings: Settings) -> float:
     """fp32 optimizer state elements per parameter, as the optimizer's registry entry declares."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(**{k: v for k, v in vars(settings.model).items() if k != "name"}))
+        model = GPT(settings.model)
     return entry_for(settings.optim).state_numel(model, settings.optim) / model.num_params()
 
 

@@ -56,9 +56,10 @@ class Runtime:
                 tensor.div_(self.world_size)
         return tensor
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
+    def all_ranks(self, ok: bool) -> bool:
+        """True on every rank iff `ok` is true on every rank (a collective when distributed)."""
+        failed = torch.full((), float(not ok), device=self.device)  # a fill kernel: no host-to-device copy
+        return self.all_reduce(failed, "max").item() == 0
 
     def broadcast_object(self, obj: object) -> object:
         """Rank 0's value on every rank (e.g. a decision only rank 0 can make)."""

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from common.errors import UserError
+from common.files import fsync_path
 from data.tokenizers import Tokenizer, get_tokenizer
 from gpt.model import GPT, GPTConfig
 
@@ -101,9 +102,12 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
         save_file(to_hf_state(model, tokenizer.vocab_size), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
         save_tokenizer(tokenizer, tmp, model.config.block_size)
+        for path in tmp.iterdir():
+            fsync_path(path)
         if out.exists():
             out.rmdir()
         tmp.replace(out)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
-from gpt.config import BatchPlan, Settings
-from gpt.model import GPT, GPTConfig
+from data.loader import BatchPlan
+from gpt.config import Settings
+from gpt.model import GPT
 from optim import entry_for
 
 GIB = 2**30
@@ -25,9 +26,8 @@ GIB = 2**30
 
 def lower_bound_bytes(settings: Settings, plan: BatchPlan, strategy: str) -> tuple[int, int]:
     """(bytes one rank needs at least, number of parameters); the model is built on the meta device."""
-    model_settings = {k: v for k, v in vars(settings.model).items() if k != "name"}
     with torch.device("meta"):
-        model = GPT(GPTConfig(**model_settings))
+        model = GPT(settings.model)
     n_params = model.num_params()
     state_numel = entry_for(settings.optim).state_numel(model, settings.optim)  # as the registry declares
     training_state = 4 * (2 * n_params + state_numel) // (plan.world_size if strategy == "fsdp" else 1)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from common.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +54,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if step > 0 and r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def start_wandb(
         self, settings: Any, config: dict[str, Any], run_id: str | None, out_dir: Path

@@ -18,9 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from common.errors import UserError
+
 
 @dataclass
 class GPTConfig:
+    """The model's shape; defaults are GPT-2 small's. The trainer builds it from configs/model/<name>.yaml,
+    which sets every field."""
+
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -30,12 +35,19 @@ class GPTConfig:
     bias: bool = False
     scale_attn_by_inverse_layer_idx: bool = False  # scores × 1/(√head_dim · (layer_idx + 1))
 
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"model.{key} must be at least 1 (got {getattr(self, key)})")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # rows: q, k, v
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from gpt.config import BatchPlan, Settings
+from data.loader import BatchPlan
+from gpt.config import Settings
 from gpt.protocol import describe_protocol
 from optim import entry_for
 

@@ -9,7 +9,8 @@ the step budget are (`optim.schedule`, `gpt.config`).
 
 from __future__ import annotations
 
-from gpt.config import BatchPlan, ProtocolSettings, Settings
+from data.loader import BatchPlan
+from gpt.config import ProtocolSettings, Settings
 
 
 def micro_loss_divisor(protocol: ProtocolSettings, optim_name: str, plan: BatchPlan) -> int:

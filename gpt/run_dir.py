@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from common.errors import UserError
+from common.files import write_atomic
 from gpt.config import ModelSettings, ProtocolSettings
 
 CONFIG_FILE = "config.yaml"
@@ -147,6 +148,4 @@ def read_config(out_dir: Path) -> dict[str, Any] | None:
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> None:
-    tmp = out_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    tmp.replace(out_dir / CONFIG_FILE)
+    write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))

@@ -11,7 +11,7 @@ import pkgutil
 from optim import adamw, lion, sophia  # noqa: F401  (register first: the paper's optimizers)
 from optim.adahessian import AdaHessian
 from optim.adam_mini import AdamMini
-from optim.base import BaseOptimizer
+from optim.base import BaseOptimizer, optimized_parameters
 from optim.lion import Lion
 from optim.muon import MuonAdamW
 from optim.registry import (
@@ -26,7 +26,7 @@ from optim.registry import (
     register,
     trainer_settings,
 )
-from optim.schedule import SCHEDULES, GroupSchedule, lr_at
+from optim.schedule import SCHEDULES, GroupSchedule, lr_at, schedule_named
 from optim.sgd_sai import SGDSaI
 from optim.soap import SOAP
 from optim.sophia import SophiaG, SophiaH
@@ -54,7 +54,9 @@ __all__ = [
     "entry_for",
     "evaluation_weights",
     "lr_at",
+    "optimized_parameters",
     "param_groups",
     "register",
+    "schedule_named",
     "trainer_settings",
 ]

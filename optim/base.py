@@ -15,6 +15,11 @@ import torch
 from torch import Tensor
 
 
+def optimized_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of `optimizer`, in param-group order: the order `update_hessian(estimates)` expects."""
+    return [param for group in optimizer.param_groups for param in group["params"]]
+
+
 class BaseOptimizer(torch.optim.Optimizer):
     curvature: str | None = None  # None | "gnb" | "hutchinson"
     requires_initial_hessian = False

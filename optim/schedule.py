@@ -42,15 +42,20 @@ def constant(step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_l
 SCHEDULES: dict[str, Callable[..., float]] = {"cosine": cosine, "constant": constant}
 
 
+def schedule_named(name: str) -> Callable[..., float]:
+    """The schedule called `name` (the trainer asks at start-up, so a misspelt name fails before any work)."""
+    if name not in SCHEDULES:
+        raise UserError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
 def lr_at(
     schedule: str, step: int, *, lr: float, warmup_steps: int, decay_steps: int, min_lr: float,
     warmup_from_zero: bool = False,
 ) -> float:
     """The learning rate of `schedule` (a name in SCHEDULES) at `step` (0-based optimizer steps)."""
-    if schedule not in SCHEDULES:
-        raise UserError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    return SCHEDULES[schedule](step, lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps, min_lr=min_lr,
-                               warmup_from_zero=warmup_from_zero)
+    return schedule_named(schedule)(step, lr=lr, warmup_steps=warmup_steps, decay_steps=decay_steps,
+                                    min_lr=min_lr, warmup_from_zero=warmup_from_zero)
 
 
 class GroupSchedule:
@@ -64,8 +69,7 @@ class GroupSchedule:
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: str, *, reference_lr: float,
                  warmup_steps: int, decay_steps: int | None, min_lr: float, warmup_from_zero: bool = False
                  ) -> None:
-        if schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        schedule_named(schedule)
         self.optimizer, self.schedule, self.reference_lr = optimizer, schedule, reference_lr
         self.warmup_steps, self.decay_steps, self.min_lr = warmup_steps, decay_steps, min_lr
         self.warmup_from_zero = warmup_from_zero

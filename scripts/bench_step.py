@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from bench_optim import machine, shipped_config
 
-from data.loader import BatchLoader, TokenData
+from data.loader import BatchLoader, BatchPlan, TokenData
 from data.prepare import FORMAT_VERSION
 from gpt.curvature_pass import CurvatureSchedule, PhaseTimes, run_curvature_pass
 from gpt.distributed import Runtime
@@ -257,8 +257,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         data = synthetic_data(Path(folder), tokens=2_000_000, seed=args.seed)
-        loader = BatchLoader(data, block_size=args.block_size, global_batch_size=args.batch,
-                             micro_batch_size=args.micro_batch, seed=args.seed, device=device)
+        loader = BatchLoader(data, BatchPlan(args.batch, args.micro_batch, args.block_size), seed=args.seed,
+                             device=device)
         variants = [Variant(name, args, loader, state, runtime) for name in names]
         signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: summarise the rounds completed so far
         try:

@@ -18,15 +18,17 @@ import math
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from common.errors import UserError
-from data.loader import BatchLoader, TokenData
-from gpt.config import TrainSettings
+from data.loader import BatchLoader, BatchPlan, TokenData
 from gpt.pretrained import is_project_checkpoint, load_pretrained, pick_device
 from gpt.trainer import autocast_factory
 
 from runs import run_cli
+
+TRAIN_DEFAULTS = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "train.yaml").train
 
 
 @torch.no_grad()
@@ -44,14 +46,14 @@ def validation_loss(model: torch.nn.Module, loader: BatchLoader, sequences: int,
 
 
 def main(argv: list[str] | None = None) -> None:
-    defaults = TrainSettings()
+    defaults = TRAIN_DEFAULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a run directory, a checkpoint, a Hugging Face folder or hub name")
     parser.add_argument("--data-dir", help="a prepared data folder (default: the run's data.dir)")
     parser.add_argument("--sequences", type=int, help="validation sequences (default: the run's "
                         f"train.eval_sequences, else {defaults.eval_sequences})")
-    parser.add_argument("--batch-size", type=int, help=f"sequences per micro-batch (default: the run's "
-                                                       f"micro-batch, else {defaults.micro_batch_size})")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the run's "
+                                                       "micro-batch)")
     parser.add_argument("--block-size", type=int, help="tokens per sequence (default: the model's)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="autocast dtype (default: the run's, else float32)")
@@ -66,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     train = run.get("train", {})
     data_dir = args.data_dir or run["data"]["dir"]
     sequences = args.sequences or train.get("eval_sequences", defaults.eval_sequences)
-    batch_size = args.batch_size or train.get("micro_batch_size", defaults.micro_batch_size)
+    batch_size = args.batch_size or train.get("micro_batch_size")
+    if batch_size is None:
+        raise UserError("no micro-batch size is known for these weights; pass --batch-size")
     block_size = args.block_size or loaded.model.config.block_size
     if block_size > loaded.model.config.block_size:
         raise UserError(f"--block-size {block_size} is longer than the model's context of "
@@ -75,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     if data.vocab_size > loaded.model.config.vocab_size:
         raise UserError(f"{data_dir} has {data.vocab_size} token ids, more than the model's "
                         f"{loaded.model.config.vocab_size}")
-    loader = BatchLoader(data, block_size=block_size, global_batch_size=batch_size,
-                         micro_batch_size=batch_size, seed=0, device=device,
+    loader = BatchLoader(data, BatchPlan(batch_size, batch_size, block_size), seed=0, device=device,
                          vocab_limit=loaded.model.config.vocab_size)
     autocast = autocast_factory(device, args.dtype or train.get("dtype", "float32"))
     loss = validation_loss(loaded.model, loader, sequences, autocast)

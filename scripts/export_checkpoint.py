@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from common.files import commit_file
 from gpt.checkpoint import SHARDED_DIR, STATE_FILE
 from gpt.pretrained import resolve_checkpoint
 
@@ -30,7 +31,7 @@ def export(checkpoint: Path, out: Path, model_only: bool) -> None:
         state = state["model"]
     tmp_out = out.with_name(out.name + ".tmp")
     torch.save(state, tmp_out)
-    tmp_out.replace(out)
+    commit_file(tmp_out, out)
 
 
 def main() -> None:

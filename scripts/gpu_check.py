@@ -41,7 +41,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from gpt.config import load_settings  # noqa: E402
 from gpt.device_defaults import resolve_device_defaults, state_per_parameter  # noqa: E402
 from gpt.memory import GiB, estimate_memory  # noqa: E402
-from gpt.model import GPT, GPTConfig  # noqa: E402
+from gpt.model import GPT  # noqa: E402
 from gpt.plan import peak_flops  # noqa: E402
 from gpt.trainer import train  # noqa: E402
 from optim import OPTIMIZERS  # noqa: E402
@@ -119,7 +119,7 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
     plain = [tokens_per_step / r["tokens_per_sec"] for r in steps if r["step"] not in with_pass]
     total_time = sum(tokens_per_step / r["tokens_per_sec"] for r in steps)
     with torch.device("meta"):
-        meta_model = GPT(GPTConfig(**{k: v for k, v in vars(settings.model).items() if k != "name"}))
+        meta_model = GPT(settings.model)
     tokens_per_sec = tokens_per_step * len(steps) / total_time
     peak_flops_per_s = peak_flops(device, "bfloat16")
     passes = [r.get("hessian_time_s") for r in steps if r.get("hessian_time_s")]

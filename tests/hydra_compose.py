@@ -1,8 +1,11 @@
-"""The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, and the
-overrides of the tiny in-process training run most trainer tests use."""
+"""The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, the
+overrides of the tiny in-process training run most trainer tests use, and `python train.py` itself run in the
+test's process (its own entry function, without the seconds a new interpreter takes to import torch)."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -17,12 +20,40 @@ def compose_train(overrides: list[str], *, hydra_config: bool = False) -> DictCo
         return compose(config_name="train", overrides=overrides, return_hydra_config=hydra_config)
 
 
-def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interval: int = 4) -> list[str]:
+def tiny_overrides(steps: int = 8, interval: int = 4) -> list[str]:
     """The quick start shrunk to 2 layers × 64 wide on 8 × 32 tokens a step: `steps` steps, an evaluation
-    and a checkpoint every `interval`; `extra` overrides come last and win."""
+    and a checkpoint every `interval` (to follow `experiment=quickstart`)."""
     return [
-        "experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}", f"train.max_steps={steps}",
-        "train.log_interval=1", f"train.eval_interval={interval}", "train.eval_sequences=8",
-        f"train.ckpt_interval={interval}", "train.global_batch_size=8", "train.micro_batch_size=4",
-        "model.n_layer=2", "model.n_embd=64", "model.block_size=32", *extra,
+        f"train.max_steps={steps}", "train.log_interval=1", f"train.eval_interval={interval}",
+        "train.eval_sequences=8", f"train.ckpt_interval={interval}", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=64", "model.block_size=32",
     ]
+
+
+def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interval: int = 4) -> list[str]:
+    """The tiny run in `out_dir` on the data in `data_dir`; `extra` overrides come last and win."""
+    return ["experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}",
+            *tiny_overrides(steps, interval), *extra]
+
+
+def run_train_py(args: list[str]) -> int:
+    """`python train.py ARGS` in this process through train.py's entry function; returns the exit code.
+    `sys.argv`, Hydra's global state and the HYDRA_FULL_ERROR switch the entry point sets are restored
+    around the call, so each call starts as a fresh `python train.py` would."""
+    import train  # the entry point at the repository root
+
+    saved_argv, error_switch = sys.argv, os.environ.pop("HYDRA_FULL_ERROR", None)
+    sys.argv = ["train.py", *args]
+    train._job_started = False  # as in a fresh process: no job has started yet
+    GlobalHydra.instance().clear()
+    try:
+        train.run()
+    except SystemExit as e:
+        return 0 if e.code is None else int(e.code)
+    finally:
+        sys.argv = saved_argv
+        GlobalHydra.instance().clear()
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if error_switch is not None:
+            os.environ["HYDRA_FULL_ERROR"] = error_switch
+    return 0

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import data.prepare as prep
 from common.errors import UserError
 from data.loader import TokenData
-from data.prepare import is_prepared, prepare
+from data.prepare import prepare, unprepared_reason
 
 REPO = Path(__file__).resolve().parents[2]
 GPT2 = tiktoken.get_encoding("r50k_base")
@@ -130,7 +130,7 @@ def test_rerun_with_same_settings_does_nothing_and_other_settings_are_refused(tm
     cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
     out = prepare(cfg)
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert is_prepared(cfg)
+    assert unprepared_reason(cfg) is None
     assert prepare(cfg) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     with pytest.raises(UserError, match=re.escape("val_fraction: 0.2 on disk, 0.5 requested")):
@@ -152,7 +152,7 @@ def test_interrupted_preparation_is_refused_then_completed(tmp_path, monkeypatch
     monkeypatch.setattr(prep, "_write_split", killed_at_val)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg)
-    assert not (tmp_path / "out" / "meta.json").exists() and not is_prepared(cfg)
+    assert not (tmp_path / "out" / "meta.json").exists() and unprepared_reason(cfg) is not None
     with pytest.raises(UserError, match=re.escape("python -m data.prepare")):
         TokenData(tmp_path / "out")
     monkeypatch.setattr(prep, "_write_split", write_split)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import BatchLoader, TokenData
+from data.loader import BatchLoader, BatchPlan, TokenData
 from data.prepare import prepare
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
@@ -37,8 +37,7 @@ def series(out_dir: Path, key: str) -> dict[int, float]:
 def validation_loss(model: GPT, data_dir: Path) -> float:
     """The quick start's validation set (tiny_run: 8 sequences of 32 tokens, as 2 batches of 4), evaluated
     here."""
-    loader = BatchLoader(TokenData(data_dir, tokenizer="byte"), block_size=32, global_batch_size=8,
-                         micro_batch_size=4, seed=1337)
+    loader = BatchLoader(TokenData(data_dir, tokenizer="byte"), BatchPlan(8, 4, block_size=32), seed=1337)
     model.eval()
     with torch.no_grad():
         return sum(model(*loader.val_batch(4 * i, 4))[1].item() for i in range(2)) / 2

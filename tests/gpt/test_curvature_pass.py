@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from data.loader import BatchLoader, TokenData
+from data.loader import BatchLoader, BatchPlan, TokenData
 from data.prepare import prepare
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import Runtime
@@ -32,7 +32,7 @@ def hutchinson_estimate(byte_data: Path, optimizer_class: type, micro_batch_size
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256))
     optimizer = optimizer_class(model.parameters(), fused=False)
-    loader = BatchLoader(TokenData(byte_data), block_size=32, global_batch_size=8, micro_batch_size=4, seed=1)
+    loader = BatchLoader(TokenData(byte_data), BatchPlan(8, 4, block_size=32), seed=1)
     runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
     schedule = CurvatureSchedule("hutchinson", interval=1, batch_size=8, grad_clip=0.0, at_start=True,
                                  micro_batch_size=micro_batch_size)

@@ -1,9 +1,11 @@
 """Fault injection: kill, stop, corrupt, diverge, misconfigure and fill the disk under a real `train.py`.
 
-Every test runs `python train.py` (or `python -m data.prepare`) in a subprocess as a user would, injects one
-fault for real — SIGKILL or SIGTERM at a chosen moment, damaged files, an absurd learning rate, a file-size
-limit — and checks the outcome against an independent reference: a straight run of the same config that
-nothing interrupted. docs/robustness.md maps each fault to the test here that proves what survives it.
+Every fault test runs `python train.py` (or `python -m data.prepare`) in a subprocess as a user would,
+injects one fault for real — SIGKILL or SIGTERM at a chosen moment, damaged files, an absurd learning rate, a
+file-size limit — and checks the outcome against an independent reference: a straight run of the same config
+that nothing interrupted. Bad configs and damaged inputs, which fail before or within a few tiny steps, run
+train.py's entry function in the test's process instead (two bad configs still start the real CLI).
+docs/robustness.md maps each fault to the test here that proves what survives it.
 
 Kill windows are found by watching the run directory, not by hooks in the trainer: half a step time after a
 metrics record appears, the next step is being computed; two step times after the record before an
@@ -43,14 +45,13 @@ from data.prepare import prepare
 from gpt.checkpoint import CheckpointDir
 from gpt.run_lock import RunLock
 from tests.determinism import assert_same_numbers
+from tests.hydra_compose import run_train_py, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
-# A tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's length is
-# set apart from max_steps, so a test may resume it with a larger budget.
-TINY = ["model.n_layer=2", "model.n_embd=64", "model.block_size=32", "train.global_batch_size=8",
-        "train.micro_batch_size=4", "train.log_interval=1", "train.eval_interval=4", "train.eval_sequences=8",
-        "train.ckpt_interval=4", "train.max_steps=8", "schedule.decay_steps=8"]
+# The tests' tiny GPT: 8 steps, an evaluation and a checkpoint every 4 (state.pt ≈ 1.4 MB); its schedule's
+# length is set apart from max_steps, so a test may resume it with a larger budget.
+TINY = [*tiny_overrides(steps=8, interval=4), "schedule.decay_steps=8"]
 # Wide but fed little: cheap steps (2 micro-steps of 2 × 32 tokens), a long evaluation (60 micro-batches)
 # and a 38 MB checkpoint, so each kill window lasts long enough to be hit from outside.
 KILL = ["model.n_layer=4", "model.n_embd=256", "model.block_size=32", "train.global_batch_size=4",
@@ -74,6 +75,22 @@ def train_command(out: Path, data: Path, config: list[str], *extra: str) -> list
 def run(command: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
                           timeout=TIMEOUT, **kwargs)
+
+
+def run_in_process(command: list[str], capsys: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """A `train_command` through train.py's entry function in this process: what a subprocess would report,
+    without the seconds a new interpreter takes to import torch (for runs that fail before training)."""
+    capsys.readouterr()
+    code = run_train_py(command[2:])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(command, code, captured.out, captured.err)
+
+
+@pytest.fixture
+def train_py(tmp_path, capsys, monkeypatch) -> Callable[[list[str]], subprocess.CompletedProcess]:
+    """`run_in_process` from `tmp_path` as the working directory, as `run(command, tmp_path)` would."""
+    monkeypatch.chdir(tmp_path)
+    return lambda command: run_in_process(command, capsys)
 
 
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
@@ -424,11 +441,11 @@ def test_skip_policy_counts_skipped_updates_and_stops_after_max_skipped(tmp_path
     assert "skipped (1 in a row)" in result.stdout and "skipped (2 in a row)" in result.stdout
 
 
-def test_non_finite_weights_are_never_saved(tmp_path, data_dir):
+def test_non_finite_weights_are_never_saved(tmp_path, data_dir, train_py):
     """optim.lr=inf turns the weights NaN in step 1 while its loss and gradient were finite. Wrong if that
     state is written as a checkpoint (a resume would load garbage) or named as the last good one."""
     out = tmp_path / "run"
-    result = run(train_command(out, data_dir, TINY, "optim.lr=inf", "train.ckpt_interval=1"), tmp_path)
+    result = train_py(train_command(out, data_dir, TINY, "optim.lr=inf", "train.ckpt_interval=1"))
     assert_user_error(result, "after step 1, ", "is not finite: its checkpoint was not written",
                       "Last good checkpoint: none")
     assert complete_steps(out) == [] and not list((out / "checkpoints").glob("*"))
@@ -465,14 +482,19 @@ BAD_CONFIGS = [
 ]
 
 
+# These cases also start the real `python train.py` (one caught while Hydra composes, one by the trainer);
+# the others run train.py's entry function in the test's process.
+REAL_CLI = {"model=nope", "model.vocab_size=100"}
+
+
 @pytest.mark.parametrize(("overrides", "expected"),
                          [pytest.param(*case, id=" ".join(case[0])) for case in BAD_CONFIGS])
-def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir):
+def test_bad_config_is_one_line_and_exit_2(overrides, expected, tmp_path, data_dir, train_py):
     """Wrong if a config mistake shows a traceback, takes more than two lines, exits 0 or 1, or does not
     say what is wrong (with the valid choices or the command that fixes it), or leaves behind an out_dir
     that looks like a run (Hydra creates it before the job starts)."""
-    overrides = [o.format(tmp=tmp_path) for o in overrides]
-    result = run(train_command(tmp_path / "run", data_dir, TINY, *overrides), tmp_path)
+    command = train_command(tmp_path / "run", data_dir, TINY, *(o.format(tmp=tmp_path) for o in overrides))
+    result = run(command, tmp_path) if " ".join(overrides) in REAL_CLI else train_py(command)
     assert_user_error(result, *(e.format(tmp=tmp_path) for e in expected))
     assert not (tmp_path / "run").exists()
 
@@ -491,7 +513,7 @@ def not_an_object(path: Path) -> None:
     ("run", lambda path: path.write_text("model: [unclosed"), "config.yaml is not readable YAML"),
     ("run", lambda path: path.write_text("- just a list"), "config.yaml holds a list, not a mapping"),
 ], ids=["meta-not-json", "meta-not-object", "config-not-yaml", "config-not-mapping"])
-def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_path, data_dir):
+def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_path, data_dir, train_py):
     """Wrong if a damaged meta.json (read by train.py and by data.prepare) or run-directory config.yaml
     gives a traceback instead of one line naming the file."""
     data, out = tmp_path / "data", tmp_path / "run"
@@ -501,7 +523,7 @@ def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_pa
     else:
         out.mkdir()
         damage(out / "config.yaml")
-    result = run(train_command(out, data, TINY), tmp_path)
+    result = train_py(train_command(out, data, TINY))
     assert_user_error(result, expected)
     if where == "data":
         prepared = run([sys.executable, "-m", "data.prepare", "data=shakespeare", "data.tokenizer=byte",
@@ -514,23 +536,23 @@ def test_damaged_meta_or_config_file_is_one_line(where, damage, expected, tmp_pa
     ("{tmp}/file/run", "cannot create out_dir {tmp}/file/run (Not a directory)"),
     ("''", "out_dir is empty"),
 ], ids=["a-file", "below-a-file", "empty"])
-def test_unusable_out_dir_is_one_line(out_dir, expected, tmp_path, data_dir):
+def test_unusable_out_dir_is_one_line(out_dir, expected, tmp_path, data_dir, train_py):
     """Wrong if an out_dir that cannot hold a run gives a traceback, or an empty one trains into the
     working directory."""
     (tmp_path / "file").write_text("")
     command = [*train_command(tmp_path / "unused", data_dir, TINY), f"out_dir={out_dir.format(tmp=tmp_path)}"]
     command.remove(f"out_dir={tmp_path / 'unused'}")
-    result = run(command, tmp_path)
+    result = train_py(command)
     assert_user_error(result, expected.format(tmp=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "something was written"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any directory")
-def test_out_dir_without_write_permission_is_one_line(tmp_path, data_dir):
+def test_out_dir_without_write_permission_is_one_line(tmp_path, data_dir, train_py):
     """Wrong if an out_dir below a directory the user cannot write gives a traceback."""
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
-    result = run(train_command(locked / "run", data_dir, TINY), tmp_path)
+    result = train_py(train_command(locked / "run", data_dir, TINY))
     assert_user_error(result, f"cannot create out_dir {locked / 'run'} (Permission denied)")
 
 
@@ -542,12 +564,12 @@ def test_out_dir_of_another_experiment_is_refused(tmp_path, tiny_straight, data_
     assert_user_error(result, f"out_dir {out} holds a different experiment", "model.n_embd: 64 -> 128")
 
 
-def test_truncated_token_file_is_refused(tmp_path, data_dir):
+def test_truncated_token_file_is_refused(tmp_path, data_dir, train_py):
     """Wrong if the loader trains on a token file shorter than meta.json promises."""
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
     truncate(data / "train.bin")
-    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    result = train_py(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"))
     assert_user_error(result, f"{data / 'train.bin'} has", "truncated or replaced", "rebuild it with")
     with pytest.raises(UserError, match="truncated or replaced"):
         TokenData(data)
@@ -603,7 +625,7 @@ def test_data_changed_under_a_run_is_refused_at_resume(tmp_path, tiny_straight, 
     assert_user_error(result, "holds a different experiment (data.val_fraction: 0.1 -> 0.2)")
 
 
-def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path, data_dir):
+def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path, data_dir, train_py):
     """Wrong if a token file holding ids the model has no embedding for (damaged, or data prepared without
     block hashes and then overwritten) crashes with an IndexError traceback instead of one line."""
     data = tmp_path / "data"
@@ -612,7 +634,7 @@ def test_token_ids_beyond_the_vocabulary_are_one_line(tmp_path, data_dir):
     del meta["blocks"]  # as data adopted or prepared before block hashes existed
     (data / "meta.json").write_text(json.dumps(meta))
     rewrite_tokens(data / "val.bin", lambda tokens: np.full_like(tokens, 300))
-    result = run(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"), tmp_path)
+    result = train_py(train_command(tmp_path / "run", data, TINY, "data.auto_prepare=false"))
     assert_user_error(result, "val.bin holds token id 300 >= the model's vocabulary of 256")
 
 

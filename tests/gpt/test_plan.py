@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from gpt.config import load_settings
+from gpt.config import batch_plan, load_settings
+from gpt.device_defaults import resolve_device_defaults
 from gpt.distributed import init_runtime
 from gpt.plan import peak_flops
 from gpt.trainer import Trainer
@@ -16,7 +17,9 @@ from tests.hydra_compose import compose_train
 def dry_run(tmp_path, *overrides: str) -> Trainer:
     cfg = compose_train(["train.dry_run=true", f"out_dir={tmp_path}", "train.device=cpu", *overrides])
     settings = load_settings(cfg)
-    return Trainer(settings, init_runtime(settings.train.strategy, settings.train.device))
+    runtime = init_runtime(settings.train.strategy, settings.train.device)
+    resolve_device_defaults(settings, runtime.world_size, runtime.device)  # as train() does first
+    return Trainer(settings, runtime, batch_plan(settings, runtime.world_size))
 
 
 def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):

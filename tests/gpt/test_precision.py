@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from data.loader import BatchLoader, TokenData
+from data.loader import BatchLoader, BatchPlan, TokenData
 from data.prepare import prepare
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import Runtime
@@ -131,7 +131,7 @@ def curvature_estimate(byte_data: Path, scaler: torch.amp.GradScaler, kind: str 
             model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     optimizer = (SophiaG(model.parameters(), bs=8 * 32, fused=False) if kind == "gnb"
                  else SophiaH(model.parameters(), fused=False))
-    loader = BatchLoader(TokenData(byte_data), block_size=32, global_batch_size=8, micro_batch_size=4, seed=1)
+    loader = BatchLoader(TokenData(byte_data), BatchPlan(8, 4, block_size=32), seed=1)
     runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
     schedule = CurvatureSchedule(kind, interval=1, batch_size=8, grad_clip=1.0, at_start=True)
     run_curvature_pass(schedule, model, optimizer, loader, 0, 1, runtime, contextlib.nullcontext, scaler)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gpt.model import GPT, GPTConfig, math_attention
+from gpt.model import math_attention
 from optim import build_optimizer, curvature
 from optim.curvature import (
     PROBES,
@@ -21,6 +21,7 @@ from optim.curvature import (
     rademacher_like,
     sample_from_logits,
 )
+from tests.tiny_model import tiny_gpt
 
 Z = 5.0
 
@@ -42,9 +43,8 @@ def mlp_classifier():
     return model, torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 4, (6,))
 
 
-def tiny_gpt():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=4, vocab_size=7)).double()
+def gpt_classifier():
+    model = tiny_gpt(n_layer=1, vocab_size=7).double()
     return model, torch.randint(0, 7, (2, 4)), torch.randint(0, 7, (2, 4))
 
 
@@ -95,7 +95,7 @@ def gnb_samples(logits, jacobian, count, seed):
 
 def test_gnb_gradient_through_the_model_is_the_chain_rule_of_gnb_loss():
     # The trainer backpropagates gnb_loss through the model; the statistical tests use Jᵀ·∂loss/∂logits.
-    model, x, _ = tiny_gpt()
+    model, x, _ = gpt_classifier()
     logits, jacobian = logit_jacobian(model, x)
     loss = gnb_loss(model(x)[0], torch.Generator().manual_seed(7))  # the trainer's call: 3-D logits
     through_model = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
@@ -105,7 +105,7 @@ def test_gnb_gradient_through_the_model_is_the_chain_rule_of_gnb_loss():
     torch.testing.assert_close(through_model, chain_rule, rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("make", [mlp_classifier, tiny_gpt], ids=["mlp", "gpt"])
+@pytest.mark.parametrize("make", [mlp_classifier, gpt_classifier], ids=["mlp", "gpt"])
 def test_gnb_is_unbiased_for_the_gauss_newton_diagonal(make):
     model, x, y = make()
     logits, jacobian = logit_jacobian(model, x)
@@ -128,7 +128,7 @@ def test_halving_the_hessian_batch_leaves_bs_times_gnb_unchanged():
     2 twice in the 4, so that both have the same average Gauss-Newton diagonal) agree within 5 SE of the
     difference of their means, and each equals the exact diagonal. With bs fixed at the training batch's
     tokens (the former rule), the half batch's estimate is twice the full one's, and the test rejects it."""
-    model, half, _ = tiny_gpt()
+    model, half, _ = gpt_classifier()
     full = torch.cat([half, half])
     exact = gauss_newton_diagonal(*logit_jacobian(model, half))
     estimates: dict[str, dict[int, torch.Tensor]] = {"registry": {}, "fixed": {}}
@@ -166,7 +166,7 @@ def test_hessian_vector_products_are_exact_on_an_mlp():
 def test_hessian_vector_products_through_gpt_math_attention_match_finite_differences():
     # Independent of double backward: central differences of the gradient in float64 (the loss is taken
     # from the float64 logits: the model's own loss is computed in float32).
-    model, x, y = tiny_gpt()
+    model, x, y = gpt_classifier()
     theta, call = flat(model)
     params = list(model.parameters())
     vectors = rademacher_like(params, torch.Generator().manual_seed(0))

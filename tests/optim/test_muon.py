@@ -8,6 +8,7 @@ from torch import nn
 from gpt.model import GPT, GPTConfig
 from optim import MuonAdamW, build_optimizer
 from optim.muon import muon_param_groups
+from tests.tiny_model import tiny_gpt
 
 HIDDEN = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -80,8 +81,7 @@ def test_steps_equal_torch_muon_and_adamw_driven_by_hand_on_separate_q_k_v():
     hidden matrices) plus torch.optim.AdamW over the rest, fed the same gradients; each part's learning rate
     is changed before step 3, as a schedule does. Bit-identical parameters. Wrong if a block, a momentum
     buffer or a rate were mixed up, or a group's own rate did not reach the part that steps it."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=13, bias=True))
+    model = tiny_gpt(n_embd=16, block_size=8, vocab_size=13, bias=True)
     cfg = {"name": "muon", "lr": 0.02, "weight_decay": 0.1, "adamw_lr": 3e-3,
            "adjust_lr_fn": "match_rms_adamw"}
     optimizer = build_optimizer(cfg, model, tokens_per_step=16)

@@ -8,7 +8,6 @@ import torch
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from gpt.model import GPT, GPTConfig
 from optim import (
     OPTIMIZERS,
     AdamMini,
@@ -21,11 +20,7 @@ from optim import (
     trainer_settings,
 )
 from optim.registry import optional_class
-
-
-def tiny_gpt(bias=False):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=4, vocab_size=11, bias=bias))
+from tests.tiny_model import tiny_gpt
 
 
 def test_unknown_optimizer_lists_the_valid_names():
@@ -109,7 +104,7 @@ def test_out_of_range_values_are_user_errors():
 @pytest.mark.parametrize("bias", [False, True])
 def test_weight_decay_rule_is_the_official_sophia_codes(bias):
     # Only nn.Linear weights decay; wte (tied to lm_head), wpe, LayerNorm weights and biases do not.
-    groups = param_groups(tiny_gpt(bias), weight_decay=0.2)
+    groups = param_groups(tiny_gpt(bias=bias), weight_decay=0.2)
     decayed = {name for name, _ in groups[0]["params"]}
     not_decayed = {name for name, _ in groups[1]["params"]}
     assert groups[0]["weight_decay"] == 0.2 and groups[1]["weight_decay"] == 0.0

@@ -3,16 +3,12 @@ README prescribes: train() before training, eval() around every evaluation, a co
 
 import torch
 
-from gpt.model import GPT, GPTConfig
 from optim import GroupSchedule, build_optimizer, evaluation_weights
+from tests.tiny_model import tiny_gpt
 
 CFG = {"name": "adamw_schedulefree", "lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
 WARMUP, STEPS, EVALUATIONS = 4, 12, (3, 7, 8)
-
-
-def tiny_gpt() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=13, bias=True))
+MODEL = {"n_embd": 16, "block_size": 8, "vocab_size": 13, "bias": True}
 
 
 def batch(step: int) -> torch.Tensor:
@@ -27,7 +23,7 @@ def test_steps_and_evaluation_weights_equal_the_package_driven_by_hand():
     instead of the average x, or did not switch back to y after an evaluation."""
     import schedulefree
 
-    model, by_hand_model = tiny_gpt(), tiny_gpt()
+    model, by_hand_model = tiny_gpt(**MODEL), tiny_gpt(**MODEL)
     optimizer = build_optimizer(CFG, model, tokens_per_step=32)
     schedule = GroupSchedule(optimizer, "constant", reference_lr=2e-3, warmup_steps=WARMUP, decay_steps=None,
                              min_lr=0.0)

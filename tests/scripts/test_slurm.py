@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.config import load_settings, plan_batches
+from gpt.config import batch_plan, load_settings
 from gpt.device_defaults import resolve_micro_batches
 from gpt.memory import GiB
 from gpt.trainer import StopRequested
@@ -79,7 +79,7 @@ def test_default_and_documented_jobs_pass_the_batch_check(script, flags, overrid
     world_size = allocation(script, flags)
     settings = load_settings(compose_train([*overrides, f"out_dir={tmp_path}"]))
     resolve_micro_batches(settings, world_size, gpu_memory_gib * GiB)
-    plan = plan_batches(settings.train, settings.model.block_size, world_size)
+    plan = batch_plan(settings, world_size)
     assert plan.micro_batch_size * plan.grad_accum_steps * world_size == settings.train.global_batch_size
     hessian_batch = settings.optim.get("hessian_batch_size") or settings.train.global_batch_size
     if settings.train.hessian_micro_batch_size is not None:

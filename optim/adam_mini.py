@@ -10,12 +10,12 @@ state_dict) plus `n_head`:
 - every other ≥2-D tensor (attention and MLP projections, wte and wpe): one block per output row (dim 0), so
   per output neuron, and per token / per position for the embeddings;
 - 0-D and 1-D tensors (LayerNorm weights, biases): one block for the whole tensor.
-Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. Per
-tensor, the step makes two passes over memory, as fused AdamW makes one: a compiled row reduction of g²
-(`optim.fused.LargeInputKernel`), then, after the small per-block arithmetic, one compiled elementwise kernel
-on (rows, width) views updating m and θ with each row's denominator. `fused=False` runs the same functions
-eagerly: the reference loop. FSDP2-sharded tensors take the eager DTensor operations, whose row reduction
-gathers one value per row.
+Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. The
+step updates all tensors of a param group in one compiled call (`optim.fused.MultiTensorKernel`): per
+tensor, on a (rows, width) view, each row's mean of g², each block's v and denominator, then m and θ
+elementwise. `fused=False` runs the same per-tensor function eagerly: the reference loop. FSDP2 shards of the
+rows (DTensors) and non-contiguous tensors take eager per-row operations instead (for a shard, the row means
+are gathered: one value per row, never the gradient).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
-from optim.fused import MIN_COMPILED_NUMEL, LargeInputKernel
+from optim.fused import MultiTensorKernel
 from optim.registry import OptimizerEntry, full_size_state, register
 
 Segment = tuple[int, int]  # (rows along dim 0, rows per block): consecutive blocks of equal height
@@ -54,23 +54,6 @@ def _row_mean_squares(rows: Tensor) -> Tensor:
     return (rows * rows).mean(dim=1)
 
 
-# Compiled with symbolic sizes: one graph for every (rows, width) of a model.
-ROW_MEAN_SQUARES = LargeInputKernel(_row_mean_squares, MIN_COMPILED_NUMEL, dynamic=True,
-                                    options={"cpp.dynamic_threads": True})
-
-
-def _adam_mini_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, denominator: Tensor, beta1: float,
-                       one_minus_beta1: float, decay: float, step_size: float) -> None:
-    """On (rows, width) views, `denominator` (rows, 1): m ← β1·m + (1−β1)·g; θ ← θ·decay − step_size·m / d.
-    Rows stay a dimension so the compiled loop broadcasts d per row without an index division."""
-    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    param.mul_(decay).add_(exp_avg / denominator * -step_size)
-
-
-ADAM_MINI_UPDATE = LargeInputKernel(_adam_mini_update_, MIN_COMPILED_NUMEL, dynamic=True,
-                                    options={"cpp.dynamic_threads": True})
-
-
 def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
     """Per-block means of per-row means (the rows of a block have equal width)."""
     if all(block_rows == 1 for _, block_rows in segments):
@@ -80,17 +63,6 @@ def _block_means(row_means: Tensor, segments: list[Segment]) -> Tensor:
                       for part, (_, block_rows) in zip(row_means.split(heights), segments, strict=True)])
 
 
-def _block_mean_squares(grad: Tensor, segments: list[Segment], fused: bool = True) -> Tensor:
-    """mean(g²) per block, as the mean of its rows' means."""
-    rows = grad.reshape(sum(height for height, _ in segments), -1)
-    if isinstance(rows, DTensor):  # FSDP shards rows: gather one value per row, never the gradient
-        row_means = _row_mean_squares(rows)
-        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
-    else:
-        row_means = (ROW_MEAN_SQUARES if fused else _row_mean_squares)(rows)
-    return _block_means(row_means, segments)
-
-
 def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
     """Per-block values repeated to one per row (dim 0), as a vector."""
     if all(block_rows == 1 for _, block_rows in segments):
@@ -98,6 +70,42 @@ def _rows(per_block: Tensor, segments: list[Segment]) -> Tensor:
     counts = [height // block_rows for height, block_rows in segments]
     return torch.cat([values.repeat_interleave(block_rows)
                       for values, (_, block_rows) in zip(per_block.split(counts), segments, strict=True)])
+
+
+def _adam_mini_tensor_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+                       segments: list[Segment], beta1: float, one_minus_beta1: float, beta2: float,
+                       one_minus_beta2: float, bias_correction2: float, eps: float, decay: float,
+                       step_size: float) -> None:
+    """One tensor's update on (rows, width) views, `exp_avg_sq` one value per block: v ← β2·v +
+    (1−β2)·mean(g²) per block (the mean of its rows' means); m ← β1·m + (1−β1)·g; θ ← θ·decay −
+    step_size·m / (√(v/bc2) + ε), each row divided by its block's denominator."""
+    exp_avg_sq.mul_(beta2).add_(_block_means(_row_mean_squares(grad), segments) * one_minus_beta2)
+    denominator = _rows((exp_avg_sq / bias_correction2).sqrt() + eps, segments).unsqueeze(1)
+    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
+    param.mul_(decay).add_(exp_avg / denominator * -step_size)
+
+
+# All tensors of a param group in one compiled call (the row sums of g², the blocks' denominators and the
+# elementwise update, in one C++ function). Left to itself, Inductor would inline the few scalar operations
+# of a row's denominator (a division, a square root) into the elementwise loop and redo them for every
+# vector of the row; realize_opcount_threshold makes it store them once per row instead.
+ADAM_MINI_STEP = MultiTensorKernel(_adam_mini_tensor_, per_tensor=_adam_mini_tensor_,
+                                   options={"realize_opcount_threshold": 2})
+
+
+def _per_row_step_(param: Tensor, grad: Tensor, state: dict[str, Any], segments: list[Segment], beta1: float,
+                   beta2: float, bias_correction2: float, eps: float, decay: float, step_size: float) -> None:
+    """The same update in eager operations on the tensor itself, for tensors that have no (rows, width) view:
+    FSDP2 shards of the rows (DTensors, whose row means are gathered: one value per row, never the
+    gradient) and non-contiguous parameters."""
+    row_means = _row_mean_squares(grad.reshape(sum(height for height, _ in segments), -1))
+    if isinstance(row_means, DTensor):
+        row_means = row_means.redistribute(placements=[Replicate()] * row_means.device_mesh.ndim)
+    state["exp_avg_sq"].mul_(beta2).add_(_block_means(row_means, segments), alpha=1.0 - beta2)
+    denominator = _rows((state["exp_avg_sq"] / bias_correction2).sqrt_().add_(eps), segments)
+    state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    param.mul_(decay)
+    param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))), value=-step_size)
 
 
 class AdamMini(BaseOptimizer):
@@ -129,7 +137,9 @@ class AdamMini(BaseOptimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = self._loss_of(closure)
         for group in self.param_groups:
-            lr, (beta1, beta2) = group["lr"], group["betas"]
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            decay = 1.0 - lr * group["weight_decay"]
+            batches: dict[int, tuple[list[Any], ...]] = {}  # step count → the lists one call updates
             for name, param in zip(group["param_names"], group["params"], strict=True):
                 if param.grad is None:
                     continue
@@ -140,23 +150,20 @@ class AdamMini(BaseOptimizer):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = param.new_zeros(sum(height // rows for height, rows in segments))
                 state["step"] += 1
-                bias_correction1 = 1.0 - beta1 ** state["step"]
-                bias_correction2 = 1.0 - beta2 ** state["step"]
-                block_means = _block_mean_squares(grad, segments, group["fused"])
-                state["exp_avg_sq"].mul_(beta2).add_(block_means, alpha=1.0 - beta2)
-                denominator = _rows((state["exp_avg_sq"] / bias_correction2).sqrt_().add_(group["eps"]),
-                                    segments)
-                decay, step_size = 1.0 - lr * group["weight_decay"], lr / bias_correction1
-                if isinstance(param, DTensor):  # a shard of the rows: DTensor operations
-                    state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                    param.mul_(decay)
-                    param.addcdiv_(state["exp_avg"], denominator.view(-1, *([1] * (param.dim() - 1))),
-                                   value=-step_size)
-                else:
-                    rows = denominator.numel()
-                    update = ADAM_MINI_UPDATE if group["fused"] else _adam_mini_update_
-                    update(param.view(rows, -1), grad.reshape(rows, -1), state["exp_avg"].view(rows, -1),
-                           denominator.view(rows, 1), beta1, 1.0 - beta1, decay, step_size)
+                if isinstance(param, DTensor) or not param.is_contiguous():
+                    _per_row_step_(param, grad, state, segments, beta1, beta2, 1.0 - beta2 ** state["step"],
+                                   eps, decay, lr / (1.0 - beta1 ** state["step"]))
+                    continue
+                rows = sum(height for height, _ in segments)
+                lists = batches.setdefault(state["step"], ([], [], [], [], []))
+                views = (param.detach().view(rows, -1), grad.reshape(rows, -1),
+                         state["exp_avg"].view(rows, -1), state["exp_avg_sq"], segments)
+                for items, item in zip(lists, views, strict=True):
+                    items.append(item)
+            update = ADAM_MINI_STEP.select(group["fused"])
+            for step, lists in batches.items():
+                update(lists, (beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - beta2 ** step, eps, decay,
+                               lr / (1.0 - beta1 ** step)))
         return loss
 
 

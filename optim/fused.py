@@ -108,6 +108,54 @@ class LargeInputKernel(CompiledOrEager):
         return self.eager(tensor, *args)
 
 
+def _over_lists(fn: Callable[..., None]) -> Callable[..., None]:
+    """`fn(*items, *scalars)` for each aligned tuple of items (tensors or per-tensor constants) in `lists`."""
+
+    def apply(lists: tuple[list[Any], ...], scalars: tuple[Tensor | float, ...]) -> None:
+        for items in zip(*lists, strict=True):
+            fn(*items, *scalars)
+
+    apply.__name__ = getattr(fn, "__name__", type(fn).__name__)
+    return apply
+
+
+class MultiTensorKernel(CompiledOrEager):
+    """An elementwise update `fn(*tensors, *floats)` applied to whole lists of tensors in one compiled call.
+
+    `kernel(lists, floats)` updates `lists[0][i], lists[1][i], ...` for every i, as `fn` would tensor by
+    tensor: one dynamo call, and one C++ function (CUDA: one wrapper launching its kernels) per step
+    instead of one call and one OpenMP region or kernel launch per tensor, which is the fixed cost that
+    dominates an optimizer step on GPUs and on busy CPUs. Shapes are static (a model's are fixed: one graph
+    per parameter group); the floats travel as 0-d float64 CPU tensors, so a changing learning rate never
+    recompiles, and are rounded to float32 where they meet the tensors, as eager rounds Python floats. Lists
+    of other values (per-tensor constants such as a partition) are baked into the graph. If compilation
+    fails, or more lists than `RECOMPILE_LIMIT` distinct ones are seen, `per_tensor` (by default a
+    `FusedKernel` of `fn`) takes over tensor by tensor for the rest of the process: same numbers.
+    """
+
+    RECOMPILE_LIMIT = 64  # distinct lists of shapes (param groups of different models) in one process
+
+    def __init__(self, fn: Callable[..., None], per_tensor: Callable[..., None] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(_over_lists(fn), dynamic=False, options=options)
+        self.reference = _over_lists(fn)
+        self.per_tensor = _over_lists(per_tensor or FusedKernel(fn))
+
+    def select(self, fused: bool) -> Callable[..., None]:
+        """This kernel, or the eager per-tensor reference loop when an optimizer's `fused` is False."""
+        return self if fused else self.reference
+
+    def __call__(self, lists: tuple[list[Any], ...], floats: tuple[float, ...]) -> None:
+        if not lists[0]:
+            return
+        local = tuple([t.to_local() if isinstance(t, DTensor) else t for t in items] for items in lists)
+        scalars = tuple(torch.tensor(floats, dtype=torch.float64).unbind())
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):  # fullgraph: a hit raises
+            if self._try_compiled(local, scalars)[0]:
+                return
+        self.per_tensor(lists, floats)
+
+
 def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
     average.mul_(beta).add_(value * one_minus_beta)
 
@@ -118,3 +166,5 @@ def _ema_square_(average: Tensor, value: Tensor, beta: float, one_minus_beta: fl
 
 EMA = FusedKernel(_ema_)  # average ← β·average + (1−β)·value
 EMA_SQUARE = FusedKernel(_ema_square_)  # average ← β·average + (1−β)·value²: the curvature EMAs
+EMA_ALL = MultiTensorKernel(_ema_)  # the same over lists of tensors in one call
+EMA_SQUARE_ALL = MultiTensorKernel(_ema_square_)

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import PROBES, aligned_estimates
-from optim.fused import EMA, EMA_SQUARE, FusedKernel
+from optim.fused import EMA_ALL, EMA_SQUARE_ALL, MultiTensorKernel
 from optim.registry import OptimizerEntry, full_size_state, register
 
 
@@ -57,8 +57,8 @@ def _sophia_h_step_(*args: Any) -> None:
 
 
 # One kernel per variant rather than one with a flag: each compiled function has its own recompile budget.
-SOPHIA_G_STEP = FusedKernel(_sophia_g_step_)
-SOPHIA_H_STEP = FusedKernel(_sophia_h_step_)
+SOPHIA_G_STEP = MultiTensorKernel(_sophia_g_step_)
+SOPHIA_H_STEP = MultiTensorKernel(_sophia_h_step_)
 
 
 class _Sophia(BaseOptimizer):
@@ -66,7 +66,7 @@ class _Sophia(BaseOptimizer):
 
     # requires_initial_hessian is False: the first steps are sign steps until an estimate arrives
     _floor: bool  # denominator max(scale·h, ε) (True) or scale·h + ε (False)
-    _step_kernel: FusedKernel
+    _step_kernel: MultiTensorKernel
 
     def _scale(self, group: dict[str, Any], bs: int | None) -> float:
         raise NotImplementedError
@@ -84,12 +84,13 @@ class _Sophia(BaseOptimizer):
         for group in self.param_groups:
             beta1 = group["betas"][0]
             lr = group["lr"]
-            update = self._step_kernel.select(group["fused"])
-            for param in self._stepped(group):
-                state = self._state(param)
-                update(param, param.grad, state["exp_avg"], state["hessian"], lr,
-                       1.0 - lr * group["weight_decay"], beta1, 1.0 - beta1, self._scale(group, bs),
-                       group["eps"])
+            params = list(self._stepped(group))
+            states = [self._state(param) for param in params]
+            tensors = (params, [param.grad for param in params], [state["exp_avg"] for state in states],
+                       [state["hessian"] for state in states])
+            floats = (lr, 1.0 - lr * group["weight_decay"], beta1, 1.0 - beta1, self._scale(group, bs),
+                      group["eps"])
+            self._step_kernel.select(group["fused"])(tensors, floats)
         return loss
 
     @torch.no_grad()
@@ -163,9 +164,10 @@ class SophiaG(_Sophia):
         """Fold the current `.grad` (the GNB gradient ĝ) into h: h ← β2·h + (1−β2)·ĝ⊙ĝ."""
         for group in self.param_groups:
             beta2 = group["betas"][1]
-            ema = EMA_SQUARE.select(group["fused"])
-            for param in self._stepped(group):
-                ema(self._state(param)["hessian"], param.grad, beta2, 1.0 - beta2)
+            params = list(self._stepped(group))
+            EMA_SQUARE_ALL.select(group["fused"])(
+                ([self._state(param)["hessian"] for param in params], [param.grad for param in params]),
+                (beta2, 1.0 - beta2))
 
 
 class SophiaH(_Sophia):
@@ -210,9 +212,14 @@ class SophiaH(_Sophia):
     @torch.no_grad()
     def update_hessian(self, estimates: Sequence[Tensor]) -> None:
         """h ← β2·h + (1−β2)·estimate for every parameter (estimates aligned with the params, in order)."""
+        per_group: dict[int, tuple[dict[str, Any], list[Tensor], list[Tensor]]] = {}
         for group, param, estimate in aligned_estimates(self.param_groups, estimates):
+            _, hessians, values = per_group.setdefault(id(group), (group, [], []))
+            hessians.append(self._state(param)["hessian"])
+            values.append(estimate)
+        for group, hessians, values in per_group.values():
             beta2 = group["betas"][1]
-            EMA.select(group["fused"])(self._state(param)["hessian"], estimate, beta2, 1.0 - beta2)
+            EMA_ALL.select(group["fused"])((hessians, values), (beta2, 1.0 - beta2))
 
 
 register(OptimizerEntry("sophia_g", lambda: SophiaG, full_size_state(2)))  # m, h

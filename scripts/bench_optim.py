@@ -1,16 +1,20 @@
 """Benchmark every registered optimizer's step on GPT-2-124M parameters against torch's fused AdamW.
 
 The parameters are a real `gpt.model.GPT` at the 124M shape (wte 50304×768 tied to lm_head, wpe 1024×768, 12
-blocks), with random gradients. Each optimizer in the registry is built by `optim.build_optimizer` from
-`configs/optim/<name>.yaml` exactly as training builds it (its own param groups), and timed in alternation
-with a `torch.optim.AdamW(fused=True)` over the same parameters, so machine noise (other processes, frequency
-changes) hits both alike; the reported ratio is the median of per-pair ratios. The first steps are warm-up and
-include any one-off `torch.compile` of the fused kernels, reported separately. Achieved bandwidth uses a byte
-model (`ACCESSES`): the number of parameter-sized float32 tensors a single-pass implementation must read or
-write per step, × 4 bytes × parameter count ÷ time. It is a lower bound on real traffic, so a multi-pass
-implementation shows up as low GB/s.
+blocks) or at the shape `--n-layer/--n-head/--n-embd/--vocab` give, with random gradients. Each optimizer in
+the registry is built by `optim.build_optimizer` from `configs/optim/<name>.yaml` exactly as training builds
+it (its own param groups), and timed in alternation with a `torch.optim.AdamW(fused=True)` over the same
+parameters, so machine noise (other processes, frequency changes) hits both alike; the reported ratio is the
+median of per-pair ratios. The first steps are warm-up and include any one-off `torch.compile` of the fused
+kernels, reported separately. Achieved bandwidth uses a byte model (`ACCESSES`): the number of
+parameter-sized float32 tensors a single-pass implementation must read or write per step, × 4 bytes ×
+parameter count ÷ time. It is a lower bound on real traffic, so a multi-pass implementation shows up as low
+GB/s. `calls` counts the operator calls one step makes from Python (ATen operators not inside another
+operator, plus calls of compiled graphs, from the torch profiler): each is a fixed cost — a dispatch, an
+OpenMP region or a GPU kernel launch — that the GPU does not overlap with work.
 
     python scripts/bench_optim.py [--reps 10] [--only sophia_g,lion] [--threads N] [--out bench_optim.json]
+    python scripts/bench_optim.py --n-layer 2 --n-head 2 --n-embd 128 --vocab 512 --only adamw,sophia_g
 """
 
 from __future__ import annotations
@@ -75,6 +79,23 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v))
 
 
+def operator_calls(fn: Callable[[], Any]) -> int:
+    """Operator calls `fn` makes from Python: ATen operators outside any other operator or compiled
+    region, plus each call of a compiled region (its kernels count as one)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        fn()
+    calls = 0
+    for event in profiler.events():
+        if event.name.startswith("Torch-Compiled Region"):
+            calls += 1
+        elif event.name.startswith("aten::"):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(("aten::", "Torch-Compiled Region")):
+                parent = parent.cpu_parent
+            calls += parent is None
+    return calls
+
+
 def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, warmup: int) -> dict[str, Any]:
     numel = sum(p.numel() for p in model.parameters())
     optimizer = build_optimizer(shipped_config(name), model, TOKENS_PER_STEP)
@@ -100,6 +121,7 @@ def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, war
         if update_hessian is not None:
             hessian_times.append(timed(update_hessian))
     step = statistics.median(step_times)
+    calls = operator_calls(optimizer.step)
     ratios = [s / b for s, b in zip(step_times, base_times, strict=True)]
     quartiles = statistics.quantiles(ratios, n=4)
     result = {
@@ -109,6 +131,8 @@ def bench(name: str, model: GPT, baseline: torch.optim.Optimizer, reps: int, war
         "ratio_vs_fused_adamw": statistics.median(ratios),
         "ratio_quartiles": [quartiles[0], quartiles[2]],  # the spread shows how noisy the machine was
         "state_bytes_per_param": state_bytes(optimizer) / numel,
+        "operator_calls_per_step": calls,
+        "update_hessian_operator_calls": operator_calls(update_hessian) if update_hessian else None,
         "gb_per_s": ACCESSES[name] * 4 * numel / step / 1e9 if name in ACCESSES else None,
         "warmup_s": sum(first),
         "update_hessian_ms": 1e3 * statistics.median(hessian_times) if hessian_times else None,
@@ -125,6 +149,10 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizer names")
     parser.add_argument("--out", default="bench_optim.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=50304)
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -134,7 +162,9 @@ def main() -> None:
         parser.error(f"unknown optimizer(s) {unknown}; valid: {', '.join(OPTIMIZERS)}")
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig())  # GPT-2 small: 12 layers, 12 heads, 768 wide, vocab 50304, no biases
+    # default GPT-2 small: 12 layers, 12 heads, 768 wide, vocab 50304, no biases
+    model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                          vocab_size=args.vocab))
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     baseline = build_optimizer(shipped_config("adamw"), model, TOKENS_PER_STEP)
@@ -142,23 +172,26 @@ def main() -> None:
         baseline.step()
     info = machine()
     load_before = os.getloadavg()  # other processes on the machine distort timings: record how busy it was
-    print(f"GPT-2 124M: {sum(p.numel() for p in model.parameters()):,} parameters; {info['cpu']}, "
+    print(f"GPT {args.n_layer}/{args.n_head}/{args.n_embd}, vocabulary {args.vocab}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {info['cpu']}, "
           f"{info['cores']} cores, {info['torch_threads']} torch threads, torch {info['torch']}; "
           f"load average {load_before[0]:.2f}")
     results = []
     header = (f"{'optimizer':<18} {'step ms':>8} {'AdamW ms':>9} {'ratio':>6} {'ratio IQR':>11} "
-              f"{'state B/param':>13} {'GB/s':>6} {'warmup s':>9} {'update_hessian ms':>18}")
+              f"{'state B/param':>13} {'GB/s':>6} {'warmup s':>9} {'calls':>6} "
+              f"{'update_hessian ms (calls)':>26}")
     print(header)
     for name in names:
         r = bench(name, model, baseline, args.reps, args.warmup)
         results.append(r)
         hessian = "" if r["update_hessian_ms"] is None else (
-            f"{r['update_hessian_ms']:.1f} ({r['update_hessian_gb_per_s']:.0f} GB/s)")
+            f"{r['update_hessian_ms']:.1f} ({r['update_hessian_gb_per_s']:.0f} GB/s, "
+            f"{r['update_hessian_operator_calls']})")
         low, high = r["ratio_quartiles"]
         gb_per_s = "" if r["gb_per_s"] is None else f"{r['gb_per_s']:.1f}"
         print(f"{name:<18} {r['step_ms']:8.1f} {r['adamw_fused_ms']:9.1f} {r['ratio_vs_fused_adamw']:6.2f} "
               f"{low:5.2f}-{high:<5.2f} {r['state_bytes_per_param']:13.2f} {gb_per_s:>6} "
-              f"{r['warmup_s']:9.1f} {hessian:>18}")
+              f"{r['warmup_s']:9.1f} {r['operator_calls_per_step']:6d} {hessian:>26}")
     with open(args.out, "w") as f:
         json.dump({"machine": info, "load_average": {"before": load_before, "after": os.getloadavg()},
                    "reps": args.reps,

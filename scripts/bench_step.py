@@ -5,11 +5,12 @@ training step the trainer runs (autocast micro-steps, clip, step) and the real c
 (`gpt.curvature_pass.run_curvature_pass`, its phases timed). Steps run in blocks of `--block` steps (10 = one
 curvature pass at k = 10), the variants taking turns block by block in a rotating order, so that machine
 noise hits all alike; a variant's ms/step is the median over blocks, and its ratio to AdamW the median of
-the per-round ratios. The breakdown splits the mean step into forward+backward, optimizer step (clip
-included) and curvature pass (forward, sampling, backward, update). Throughput is training tokens per second
-(curvature sequences are not training tokens); MFU divides the model's training FLOPs per token (6N plus
-attention) × tokens/s by a bf16 matmul peak measured in the same process (the best of a few square sizes,
-measured again after every round, the best kept), so the figure means the same on any machine.
+the per-round ratios. The breakdown splits a step into forward+backward, optimizer step (clip included) and
+curvature pass (forward, sampling, backward, update), each phase's ms per step the median over blocks.
+Throughput is training tokens per second (curvature sequences are not training tokens); MFU divides the
+model's training FLOPs per token (6N plus attention) × tokens/s by a bf16 matmul peak measured in the same
+process (the best of a few square sizes, measured again after every round, the best kept), so the figure
+means the same on any machine.
 
     python scripts/bench_step.py [--rounds 4] [--only adamw,sophia_g,sophia_h] [--out bench_step.json]
     python scripts/bench_step.py --micro-batch 4 --only adamw,sophia_g,sophia_g@half
@@ -124,15 +125,16 @@ class Variant:
         self.scaler = torch.amp.GradScaler(runtime.device.type, enabled=False)
         self.step_index = 0
         self.block_seconds: list[float] = []
+        self.block_breakdowns: list[dict[str, float]] = []  # per timed block: seconds per step in each phase
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.phases = PhaseTimes(runtime.device)
-        self.timed_steps = 0
         self.losses: list[float] = []
 
     def run_block(self, steps: int, record: bool) -> float:
         """Train `steps` steps; returns their wall-clock seconds. `record` adds them to the breakdown."""
         device, accum = self.runtime.device, self.args.batch // self.args.micro_batch
         phases = self.phases if record else PhaseTimes(device)
+        before = {**self.seconds, **{f"curvature_{k}": v for k, v in self.phases.seconds.items()}}
         sync(device)
         block_start = time.perf_counter()
         for _ in range(steps):
@@ -163,11 +165,12 @@ class Variant:
                 self.seconds["curvature"] += curvature
                 self.seconds["fwd_bwd"] += t2 - t1
                 self.seconds["optimizer_step"] += t3 - t2
-                self.timed_steps += 1
             self.step_index += 1
         elapsed = time.perf_counter() - block_start
         if record:
             self.block_seconds.append(elapsed)
+            after = {**self.seconds, **{f"curvature_{k}": v for k, v in self.phases.seconds.items()}}
+            self.block_breakdowns.append({key: (after[key] - before.get(key, 0.0)) / steps for key in after})
         return elapsed
 
 
@@ -178,19 +181,21 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
 
 def summarize(variant: Variant, baseline: Variant | None, args: argparse.Namespace, peak: float,
               flops_per_token: float) -> dict[str, Any]:
-    steps = variant.timed_steps
     ms_per_step = 1e3 * statistics.median(variant.block_seconds) / args.block
     ratios = ([v / b for v, b in zip(variant.block_seconds, baseline.block_seconds, strict=True)]
               if baseline is not None else [])
     tokens_per_s = args.batch * args.block_size / (ms_per_step / 1e3)
-    curvature = {phase: 1e3 * variant.phases.seconds.get(phase, 0.0) / steps for phase in CURVATURE_PHASES}
+    def median_ms(key: str) -> float:  # over blocks: one disturbed block does not skew the breakdown
+        return 1e3 * statistics.median(block.get(key, 0.0) for block in variant.block_breakdowns)
+
     return {
         "variant": variant.name,
         "ms_per_step": ms_per_step,
         "ratio_vs_adamw": statistics.median(ratios) if ratios else None,
         "ratio_range": [min(ratios), max(ratios)] if ratios else None,
-        "breakdown_ms_per_step": {phase: 1e3 * variant.seconds[phase] / steps for phase in PHASES},
-        "curvature_ms_per_step": curvature,
+        "ratios_per_round": ratios,
+        "breakdown_ms_per_step": {phase: median_ms(phase) for phase in PHASES},
+        "curvature_ms_per_step": {phase: median_ms(f"curvature_{phase}") for phase in CURVATURE_PHASES},
         "tokens_per_s": tokens_per_s,
         "mfu": flops_per_token * tokens_per_s / peak,
         "final_loss": variant.losses[-1],
@@ -274,6 +279,7 @@ def main() -> None:
         sys.exit("error: no timed round completed")
     for variant in variants:
         variant.block_seconds = variant.block_seconds[:rounds]
+        variant.block_breakdowns = variant.block_breakdowns[:rounds]
 
     baseline = next((v for v in variants if v.name == "adamw"), None)
     results = [summarize(v, baseline, args, peak["flops"], flops_per_token) for v in variants]

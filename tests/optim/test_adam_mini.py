@@ -104,12 +104,13 @@ def test_update_matches_the_formula_with_two_groups():
         np.testing.assert_allclose(params[n].detach().numpy(), theta[n], rtol=1e-11, atol=1e-13)
 
 
-def test_compiled_step_equals_the_reference_loop():
-    # The default step (compiled row reduction of g², then one compiled kernel for m and θ) against the
-    # eager reference loop (`fused=False`), over 30 steps on tensors above optim.fused.MIN_COMPILED_NUMEL
-    # (so compiled code really runs) and small ones (eager in both). Wrong here: the compiled kernels
-    # broadcast a denominator to the wrong rows, or drift from the reference. The row sums may be added in
-    # another order (a last-bit difference in v), so θ is held to 4 float32 ulps after 30 steps.
+def test_compiled_step_equals_the_reference_loop(caplog):
+    # The default step (one compiled call per block kind: block sums of g², denominators, m and θ) against
+    # the eager reference loop (`fused=False`), over 30 steps on tensors above optim.fused.MIN_COMPILED_NUMEL
+    # (so compiled code really runs, which the absence of a fallback warning confirms) and small ones (eager
+    # in both). Wrong here: the compiled kernel pairs a denominator with the wrong block, or drifts from the
+    # reference. The block sums may be added in another order (a last-bit difference in v), so θ is held to
+    # 4 float32 ulps after 30 steps.
     generator = torch.Generator().manual_seed(0)
     shapes = {"h.0.attn.c_attn.weight": (384, 200), "wte.weight": (300, 256), "h.0.mlp.c_fc.weight": (5, 4),
               "ln_f.weight": (200,)}
@@ -124,6 +125,7 @@ def test_compiled_step_equals_the_reference_loop():
                 p.grad = torch.randn(p.shape, generator=gradients)
             optimizer.step()
         runs[fused] = params
+    assert not [r for r in caplog.records if r.name == "optim.fused"], "compilation fell back to eager"
     for name in shapes:
         fused, reference = runs[True][name].detach(), runs[False][name].detach()
         assert (fused - start[name]).abs().max() > 0.1  # the parameters moved

@@ -88,7 +88,8 @@ def test_muon_resume_keeps_each_part_at_its_own_rate_and_is_exact(tmp_path, byte
     their base rates. Wrong if the resume rebuilt a base rate from a scheduled one, or one rate were written
     into every group."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    extra = ["optim=muon", "optim.adamw_lr=2e-3", "schedule.decay_steps=8", "schedule.warmup_steps=2"]
+    extra = ["optim=muon", "optim.lr=0.02", "optim.adamw_lr=2e-3", "schedule.decay_steps=8",
+             "schedule.warmup_steps=2"]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
     train(compose_train(tiny_run(resumed, byte_data, *extra)))

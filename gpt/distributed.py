@@ -217,9 +217,11 @@ class FailureWatch:
         self.failed_here = self.announced = False
         self.stopped = threading.Event()
         self.store = None
+        self.thread: threading.Thread | None = None
         if runtime.distributed and dist.is_initialized():
             self.store = dist.distributed_c10d._get_default_store()
-            threading.Thread(target=self._watch, name="failure-watch", daemon=True).start()
+            self.thread = threading.Thread(target=self._watch, name="failure-watch", daemon=True)
+            self.thread.start()
 
     def _announce(self) -> None:
         if not self.announced:
@@ -240,6 +242,14 @@ class FailureWatch:
 
     def stop(self) -> None:
         self.stopped.set()
+
+    def finish(self) -> None:
+        """Stop and wait for the thread (a poll at most) before the process group goes: a daemon thread still
+        inside the store's C++ client when the interpreter exits is ended by a forced unwind that aborts the
+        process ("terminate called without an active exception", seen in CI after successful runs)."""
+        self.stop()
+        if self.thread is not None:
+            self.thread.join(timeout=10 * self.POLL_S)
 
     def report(self, error: BaseException) -> None:
         """Called on this rank's exception: with other ranks, show it (if this rank failed first) and end
@@ -275,7 +285,7 @@ def leaving_together(runtime: Runtime, keep_process_group: bool = False, out_of_
     try:
         yield
     except UserError:
-        watch.stop()
+        watch.finish()
         if not keep_process_group:
             shutdown()
         raise
@@ -284,15 +294,14 @@ def leaving_together(runtime: Runtime, keep_process_group: bool = False, out_of_
             log.error("rank %d: %s", runtime.rank, out_of_memory_advice)
         watch.report(error)
         raise
-    watch.stop()
+    watch.finish()
     if not keep_process_group:
         shutdown()
 
 
 def shutdown() -> None:
     """Leave the process group together: a rank that tears down its gloo pairs or rank 0's store while a
-    peer is still finishing its last collective can abort that peer ("terminate called without an active
-    exception", seen in CI at exit after a successful run). A no-op without a process group."""
+    peer is still finishing its last collective can abort that peer. A no-op without a process group."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -78,11 +78,13 @@ def environment() -> dict[str, str]:
 
 
 def failure(output: str) -> str:
-    """What a failed launch printed, for an assertion message: the first traceback (a worker's; torchrun's own
-    summary comes after it and would push it out of a plain tail) and the last lines."""
+    """What a failed launch printed, for an assertion message: lines naming an abort or error, the first
+    traceback (a worker's; torchrun's own summary comes after it and would push it out of a plain tail) and
+    the last lines."""
+    notable = [line for line in output.splitlines() if "terminate called" in line or "rror" in line][:10]
     first = output.find("Traceback (most recent call last)")
     head = output[first:first + 3000] + "\n...\n" if 0 <= first < len(output) - 2000 else ""
-    return head + output[-2000:]
+    return "\n".join(notable) + "\n...\n" + head + output[-2000:]
 
 
 def torchrun(script: Path, *args: str, restarts: int = 0) -> list[str]:

@@ -249,7 +249,7 @@ class FailureWatch:
         process ("terminate called without an active exception", seen in CI after successful runs)."""
         self.stop()
         if self.thread is not None:
-            self.thread.join(timeout=10 * self.POLL_S)
+            self.thread.join(timeout=30.0)  # a store call returns fast while the store's host is up
 
     def report(self, error: BaseException) -> None:
         """Called on this rank's exception: with other ranks, show it (if this rank failed first) and end

@@ -283,10 +283,16 @@ def start_training_state_save(directory: Path, model: nn.Module, optimizer: Opti
 
         target = directory / SHARDED_DIR
         state = _sharded_state(model, optimizer, extra)
-        if not background:
-            return lambda: (dcp.save(state, checkpoint_id=target), hash_own_files(target, rank, world))[1]
-        written = dcp.async_save(state, checkpoint_id=target, process_group=group)  # stages, then returns
-        return lambda: (written.result(), hash_own_files(target, rank, world))[1]
+        written = dcp.async_save(state, checkpoint_id=target, process_group=group) if background else None
+
+        def finish_sharded() -> dict[str, dict[str, Any]]:
+            if written is None:
+                dcp.save(state, checkpoint_id=target)
+            else:
+                written.result()  # async_save staged the state before returning; this waits for the write
+            return hash_own_files(target, rank, world)
+
+        return finish_sharded
     if not is_main:
         return dict
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}

@@ -164,7 +164,6 @@ def _ema_square_(average: Tensor, value: Tensor, beta: float, one_minus_beta: fl
     average.mul_(beta).add_(value * value * one_minus_beta)
 
 
-EMA = FusedKernel(_ema_)  # average ← β·average + (1−β)·value
 EMA_SQUARE = FusedKernel(_ema_square_)  # average ← β·average + (1−β)·value²: the curvature EMAs
-EMA_ALL = MultiTensorKernel(_ema_)  # the same over lists of tensors in one call
+EMA_ALL = MultiTensorKernel(_ema_)  # average ← β·average + (1−β)·value over lists of tensors in one call
 EMA_SQUARE_ALL = MultiTensorKernel(_ema_square_)

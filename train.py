@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from common.errors import UserError
+from common.cli import run_cli
 
 _job_started = False  # set when Hydra hands over to the job: errors before it are Hydra's set-up
 
@@ -25,12 +25,7 @@ def main(cfg: DictConfig) -> None:
     _job_started = True
     from gpt.trainer import train
 
-    try:
-        train(cfg, keep_process_group=HydraConfig.get().mode == RunMode.MULTIRUN)
-    except UserError as e:
-        if e.echo:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: train(cfg, keep_process_group=HydraConfig.get().mode == RunMode.MULTIRUN))
 
 
 def run() -> None:

@@ -95,60 +95,28 @@ class TokenData:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """The batch arithmetic of a run, computed once (and checked on creation) and handed to the loader:
-    `global_batch_size` sequences per optimizer step over all ranks, `micro_batch_size` per forward on one
-    rank, `world_size` ranks, hence `grad_accum_steps` micro-steps per optimizer step."""
+class BatchLayout:
+    """How a step's batch is laid out: `global_batch_size` sequences of `block_size` tokens over `world_size`
+    ranks, `micro_batch_size` per forward on one rank. The trainer's `gpt.config.BatchPlan` adds the checks
+    with the config's names and the curvature pass's sizes; here a size that does not divide is a bug."""
 
     global_batch_size: int
     micro_batch_size: int
     block_size: int
     world_size: int = 1
 
-    def __post_init__(self) -> None:
-        sizes = {"train.global_batch_size": self.global_batch_size,
-                 "train.micro_batch_size": self.micro_batch_size, "model.block_size": self.block_size}
-        for key, value in sizes.items():
-            if value < 1:
-                raise UserError(f"{key} must be at least 1 (got {value})")
-        self.micro_steps(self.global_batch_size, "train.global_batch_size")
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.micro_steps(self.global_batch_size, "train.global_batch_size")
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
-        optim.hessian_batch_size sets the curvature pass apart)."""
-        return self.global_batch_size * self.block_size
-
-    def micro_steps(self, global_batch_size: int, what: str, micro_batch_size: int | None = None) -> int:
-        """Micro-steps per pass over `global_batch_size` sequences (the training batch, or a curvature pass's
-        own batch, named `what`) in micro-batches of `micro_batch_size` (default: the training one); refused
-        unless micro-batch × world size divides it."""
-        micro_key = "train.micro_batch_size" if micro_batch_size is None else "train.hessian_micro_batch_size"
-        micro_batch_size = micro_batch_size or self.micro_batch_size
-        per_pass = micro_batch_size * self.world_size
-        if global_batch_size < 1 or global_batch_size % per_pass:
-            raise UserError(
-                f"{what}={global_batch_size} is not divisible by {micro_key}={micro_batch_size} × world size "
-                f"{self.world_size}; pick sizes whose product divides it"
-            )
-        return global_batch_size // per_pass
-
 
 class BatchLoader:
     """Deterministic (x, y) batches of `plan.block_size` tokens for one rank; see the module docstring."""
 
-    def __init__(self, data: TokenData, plan: BatchPlan, *, rank: int = 0, seed: int,
+    def __init__(self, data: TokenData, plan: BatchLayout, *, rank: int = 0, seed: int,
                  device: str | torch.device = "cpu", vocab_limit: int | None = None):
         """`vocab_limit`: token ids must be below it (the model's vocabulary); each batch is checked, so a
         damaged file is one clear error instead of an out-of-range embedding lookup."""
         if not 0 <= rank < plan.world_size:
             raise ValueError(f"rank {rank} is outside world_size {plan.world_size}")
         if seed < 0:
-            raise UserError(f"train.seed must be >= 0 (got {seed})")
+            raise ValueError(f"seed {seed} is negative")
         self.data, self.plan = data, plan
         self.block_size = plan.block_size
         self.rank = rank
@@ -203,9 +171,10 @@ class BatchLoader:
         micro_batch_size: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         micro_batch_size = micro_batch_size or self.plan.micro_batch_size
-        accum_steps = self.plan.micro_steps(global_batch_size, "the global batch size", micro_batch_size)
-        if not 0 <= micro_step < accum_steps:
-            raise ValueError(f"micro_step {micro_step} is outside 0..{accum_steps - 1}")
+        per_pass = micro_batch_size * self.plan.world_size
+        if global_batch_size % per_pass or not 0 <= micro_step < global_batch_size // per_pass:
+            raise ValueError(f"micro_step {micro_step} of {global_batch_size} sequences in micro-batches of "
+                             f"{micro_batch_size} over {self.plan.world_size} ranks")
         high = len(self.data.split("train")) - self.block_size
         offsets = np.random.default_rng([self.seed, stream, step]).integers(0, high, size=global_batch_size)
         first = (micro_step * self.plan.world_size + self.rank) * micro_batch_size

@@ -1,18 +1,22 @@
-"""Typed schema of the training config, checked at start-up, before any data work.
+"""Typed schema of the training config, its checks, and the batch arithmetic derived from it.
 
-Hydra composes plain YAML; this module checks it against dataclasses (a misspelt key, a missing key or a
-wrong type fails before any work, as a `UserError`). The dataclasses hold no defaults: every value comes from
-configs/, and the model's fields are `GPTConfig`'s own (the protocol's defaults are the values of runs made
-before the protocol group existed, see `gpt.run_dir`). The `optim` and `data` groups have per-choice keys:
-the optimizer registry checks `optim`'s, and `data`'s must be among the keys the data package reads. Hydra's
-own composition errors (an unknown `model=`, a misspelt key) are turned into one line here too, so every
-config mistake reads the same way. The batch arithmetic derived from it is a `BatchPlan` (`batch_plan`).
+Hydra composes plain YAML; `parse_config` checks it against frozen dataclasses (a misspelt key, a missing key
+or a wrong type fails before any work, as a `UserError`), and every rule a config must obey is checked here,
+once, with one message. The dataclasses hold no defaults: every value comes from configs/, and the model's
+fields are `GPTConfig`'s own (the protocol's defaults are the values of runs made before the protocol group
+existed, see `gpt.run_dir`). The `optim` and `data` groups have per-choice keys: the optimizer registry
+checks `optim`'s, and `data`'s must be among the keys the data package reads. Hydra's own composition errors
+(an unknown `model=`, a misspelt key) are turned into one line here too, so every config mistake reads the
+same way. Values a config leaves to the framework (`null`) are filled in by `gpt.settings.load_settings`,
+which makes the final settings; `BatchPlan` is the batch arithmetic of those settings on a world size.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -20,25 +24,41 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from common.errors import UserError
-from data.loader import BatchPlan
+from data.loader import BatchLayout
 from data.prepare import CONFIG_KEYS as DATA_KEYS
 from data.prepare import check_names as check_data_names
 from gpt.model import GPTConfig
-from optim import OPTIMIZERS, schedule_named
+from optim import OPTIMIZERS, entry_for, schedule_named, trainer_settings
 
 DTYPES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-@dataclass
+class ReadOnlyDict(dict):
+    """A dict that refuses changes: the `optim` and `data` sections of settings that are final."""
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a run's settings are final once resolved (gpt.settings.load_settings)")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        return ReadOnlyDict, (dict(self),)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ReadOnlyDict:
+        return ReadOnlyDict(copy.deepcopy(dict(self), memo))
+
+
+@dataclass(frozen=True)
 class ModelSettings(GPTConfig):
     """The model group: GPTConfig's fields, and the name runs are labelled with."""
 
     name: str = MISSING
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainSettings:
     max_steps: int
     global_batch_size: int
@@ -68,7 +88,7 @@ class TrainSettings:
     hellaswag_limit: int | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleSettings:
     name: str
     warmup_steps: int
@@ -76,18 +96,18 @@ class ScheduleSettings:
     decay_steps: int | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProtocolSettings:
     """The script-level choices of configs/protocol/: the fair protocol, or the official scripts' own."""
 
     name: str = "fair"
-    summed_accumulation: list[str] = field(default_factory=list)
+    summed_accumulation: tuple[str, ...] = ()
     warmup_from_zero: bool = False
     extra_final_step: bool = False
-    summed_micro_steps: int = 0  # recorded at start (`gpt.protocol`): micro-steps per rank summed, 0 if none
+    summed_micro_steps: int = 0  # resolved at start (`gpt.settings`): micro-steps per rank summed, 0 if none
 
 
-@dataclass
+@dataclass(frozen=True)
 class WandbSettings:
     enabled: bool
     project: str
@@ -95,7 +115,7 @@ class WandbSettings:
     name: str | None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     out_dir: str
     model: ModelSettings
@@ -103,20 +123,47 @@ class Settings:
     schedule: ScheduleSettings
     wandb: WandbSettings
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
-    optim: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    optim: Mapping[str, Any] = field(default_factory=ReadOnlyDict)
+    data: Mapping[str, Any] = field(default_factory=ReadOnlyDict)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as plain nested dicts and lists: what config.yaml, checkpoints and loggers store."""
+        return as_plain(asdict(self))
+
+
+def as_plain(value: Any) -> Any:
+    """Mappings as dicts and tuples as lists, all the way down: what YAML and JSON files hold."""
+    if isinstance(value, Mapping):
+        return {key: as_plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_plain(item) for item in value]
+    return value
+
+
+def _read_only(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ReadOnlyDict({key: _read_only(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_read_only(item) for item in value)
+    return value
 
 
 def _typed(section: str, schema: type, values: Any) -> Any:
+    """`values` as a `schema` instance whose lists are tuples (OmegaConf hands them out as lists)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+        structured = OmegaConf.structured(schema)
+        OmegaConf.set_readonly(structured, False)  # a frozen schema makes a read-only node: merge into a copy
+        typed = OmegaConf.to_object(OmegaConf.merge(structured, values))
     except OmegaConfBaseException as e:
         first_line = str(e).splitlines()[0]
         raise UserError(f"config group '{section}': {first_line}") from None
+    return replace(typed, **{f.name: _read_only(getattr(typed, f.name)) for f in fields(typed)
+                             if isinstance(getattr(typed, f.name), list)})
 
 
-def load_settings(cfg: DictConfig) -> Settings:
-    """Validate a composed config; every error names the key and what is allowed."""
+def parse_config(cfg: DictConfig) -> Settings:
+    """A composed config, typed and checked; every error names the key and what is allowed. Values left to
+    the framework (`null`) stay None: `gpt.settings.load_settings` resolves them."""
     for key in ("out_dir", "model", "train", "schedule", "wandb", "optim", "data"):
         if key not in cfg:
             raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
@@ -138,27 +185,18 @@ def load_settings(cfg: DictConfig) -> Settings:
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
         wandb=_typed("wandb", WandbSettings, container["wandb"]),
         protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
-        optim=dict(container["optim"]),
-        data=dict(container["data"]),
+        optim=_read_only(container["optim"]),
+        data=_read_only(container["data"]),
     )
     _check(settings)
-    if settings.schedule.decay_steps is None and settings.schedule.name != "constant":
-        # Recorded resolved, so that a resume with another max_steps, which would reshape the schedule of
-        # steps already trained, differs from the run in an experiment-defining key and is refused.
-        settings.schedule.decay_steps = settings.train.max_steps
-    if settings.protocol.extra_final_step:
-        # The official loop steps at iterations 0 through max_iters: one more step, at the final lr. Recorded
-        # as the budget trained, so config.yaml, the plan and the metrics all show the steps really taken.
-        settings.train.max_steps += 1
     return settings
 
 
 def _check(s: Settings) -> None:
     t = s.train
-    if t.dtype not in DTYPES:
-        raise UserError(f"train.dtype={t.dtype!r} is not one of {', '.join(DTYPES)}")
-    if t.strategy not in STRATEGIES:
-        raise UserError(f"train.strategy={t.strategy!r} is not one of {', '.join(STRATEGIES)}")
+    for key, allowed in (("dtype", DTYPES), ("strategy", STRATEGIES), ("device", DEVICES)):
+        if getattr(t, key) not in allowed:
+            raise UserError(f"train.{key}={getattr(t, key)!r} is not one of {', '.join(allowed)}")
     if s.wandb.mode not in WANDB_MODES:
         raise UserError(f"wandb.mode={s.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
     if t.on_nonfinite not in ("stop", "skip"):
@@ -190,12 +228,74 @@ def _check(s: Settings) -> None:
     if unknown:
         raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "
                         f"valid: {', '.join(OPTIMIZERS)}")
+    trainer_settings(s.optim)  # the curvature keys
+    if entry_for(s.optim).curvature == "hutchinson":
+        name = s.optim["name"]
+        if t.strategy == "fsdp":
+            raise UserError(f"optim={name} needs Hessian-vector products, which FSDP cannot run; use "
+                            "train.strategy=ddp")
+        if t.dtype == "float16":
+            raise UserError(f"optim={name} cannot run its double backward in float16; use bfloat16")
 
 
-def batch_plan(settings: Settings, world_size: int) -> BatchPlan:
-    """The run's batch arithmetic for `world_size` ranks (refused if the batch does not split over them)."""
-    t = settings.train
-    return BatchPlan(t.global_batch_size, t.micro_batch_size, settings.model.block_size, world_size)
+def curvature_batch_size(settings: Settings) -> int | None:
+    """Sequences per curvature pass over all ranks (optim.hessian_batch_size, or the training batch); None
+    for an optimizer without a curvature estimate."""
+    if entry_for(settings.optim).curvature is None:
+        return None
+    return trainer_settings(settings.optim).hessian_batch_size or settings.train.global_batch_size
+
+
+def split_over_ranks(batch_size: int, world_size: int, key: str) -> int:
+    """Sequences per rank of a `batch_size`-sequence pass (the batch named `key`) over `world_size` ranks."""
+    if batch_size % world_size:
+        raise UserError(f"{key}={batch_size} does not split over world size {world_size}; pick a batch size "
+                        "divisible by the number of ranks")
+    return batch_size // world_size
+
+
+def _micro_steps(batch_size: int, micro_batch_size: int, world_size: int, batch_key: str,
+                 micro_key: str) -> int:
+    """Micro-steps per pass of `batch_size` sequences; refused unless micro-batch × world size divides it."""
+    if batch_size % (micro_batch_size * world_size):
+        raise UserError(f"{batch_key}={batch_size} is not divisible by {micro_key}={micro_batch_size} × "
+                        f"world size {world_size}; pick sizes whose product divides it")
+    return batch_size // (micro_batch_size * world_size)
+
+
+@dataclass(frozen=True)
+class BatchPlan(BatchLayout):
+    """The batch arithmetic of a run, checked on creation and handed to the loader: `global_batch_size`
+    sequences per optimizer step over all ranks, `micro_batch_size` per forward on one rank, `world_size`
+    ranks, hence `grad_accum_steps` micro-steps per optimizer step; and for optimizers with a curvature
+    pass, its own `hessian_batch_size` sequences in micro-batches of `hessian_micro_batch_size`."""
+
+    hessian_batch_size: int | None = None
+    hessian_micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        split_over_ranks(self.global_batch_size, self.world_size, "train.global_batch_size")
+        _ = self.grad_accum_steps
+        if self.hessian_batch_size is not None:
+            split_over_ranks(self.hessian_batch_size, self.world_size, "optim.hessian_batch_size")
+            _ = self.hessian_accum_steps
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return _micro_steps(self.global_batch_size, self.micro_batch_size, self.world_size,
+                            "train.global_batch_size", "train.micro_batch_size")
+
+    @property
+    def hessian_accum_steps(self) -> int:
+        """Micro-steps per curvature pass."""
+        return _micro_steps(self.hessian_batch_size, self.hessian_micro_batch_size, self.world_size,
+                            "optim.hessian_batch_size", "train.hessian_micro_batch_size")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Predictions per optimizer step over all ranks and micro-steps (Sophia-G's `bs` unless
+        optim.hessian_batch_size sets the curvature pass apart)."""
+        return self.global_batch_size * self.block_size
 
 
 def describe_composition_error(error: HydraException) -> str:

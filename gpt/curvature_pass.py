@@ -102,54 +102,91 @@ def run_curvature_pass(
     """Refresh the optimizer's curvature estimate; returns the pass's wall-clock seconds. `phases`, when
     given, also accumulates the time of each phase."""
     start = time.perf_counter()
-    timed = phases or _untimed
-    accum = loader.plan.micro_steps(schedule.batch_size, "optim.hessian_batch_size",
-                                    schedule.micro_batch_size)
-    params = optimized_parameters(optimizer)
-    optimizer.zero_grad(set_to_none=True)
-    if schedule.kind == "gnb":
-        loss_scale = scaler.get_scale() if scaler.is_enabled() else 1.0
-        for micro in range(accum):
-            x, _ = loader.hessian_batch(step, micro, schedule.batch_size, schedule.micro_batch_size)
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(derive_seed(seed, "gnb", step, micro * runtime.world_size + runtime.rank))
-            with gradient_sync(model, micro == accum - 1):
-                with timed("forward"), autocast():
-                    logits, _ = model(x)
-                with timed("sampling"):
-                    loss = gnb_loss(logits, generator)
-                with timed("backward"):
-                    (loss * (loss_scale / accum)).backward()
-        with timed("update"):
-            if loss_scale != 1.0:
-                for param in params:
-                    if param.grad is not None:
-                        param.grad.mul_(1.0 / loss_scale)
-            max_norm = schedule.grad_clip if schedule.grad_clip > 0 else math.inf
-            norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
-            _update_if_finite(optimizer.update_hessian, norm, step)
-    elif schedule.kind == "hutchinson":
-        generator = torch.Generator(device=runtime.device)
-        generator.manual_seed(derive_seed(seed, "hutchinson", step))  # the same probe on every rank
-        probes = PROBES[optimizer.probe](params, generator)
-        estimates = [torch.zeros_like(p) for p in params]
-        raw = unwrap(model)
-        with math_attention():
-            for micro in range(accum):
-                x, y = loader.hessian_batch(step, micro, schedule.batch_size, schedule.micro_batch_size)
-                with timed("forward"), autocast():
-                    _, loss = raw(x, y)
-                with timed("backward"):  # the double backward
-                    products = hessian_vector_products(loss / accum, params, probes)
-                    torch._foreach_add_(estimates, torch._foreach_mul(products, probes))
-        if runtime.distributed:
-            flat = torch.cat([e.reshape(-1) for e in estimates])
-            runtime.all_reduce(flat, "mean")
-            estimates = list(torch.split(flat, [e.numel() for e in estimates]))
-            estimates = [e.view_as(p) for e, p in zip(estimates, params, strict=True)]
-        norm = torch.nn.utils.get_total_norm(estimates).item()  # equal on all ranks after the mean
-        _update_if_finite(lambda: optimizer.update_hessian(estimates), norm, step)
-    else:
+    estimate = _PASSES.get(schedule.kind)
+    if estimate is None:
         raise ValueError(f"unknown curvature estimator {schedule.kind!r}")
     optimizer.zero_grad(set_to_none=True)
+    estimate(_Pass(schedule, model, optimizer, loader, step, seed, runtime, autocast, scaler,
+                   phases or _untimed))
+    optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What one curvature pass works with."""
+
+    schedule: CurvatureSchedule
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: BatchLoader
+    step: int
+    seed: int
+    runtime: Runtime
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    scaler: torch.amp.GradScaler
+    timed: Callable[[str], contextlib.AbstractContextManager]
+
+    @property
+    def micro_steps(self) -> int:
+        micro = self.schedule.micro_batch_size or self.loader.plan.micro_batch_size
+        return self.schedule.batch_size // (micro * self.runtime.world_size)
+
+    def batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loader.hessian_batch(self.step, micro, self.schedule.batch_size,
+                                         self.schedule.micro_batch_size)
+
+
+def _gnb_pass(p: _Pass) -> None:
+    """Sophia-G's: the mean cross-entropy against labels sampled from the model's own logits, backward with
+    accumulation and gradient sync like a training step, the optional clip, then `update_hessian()`."""
+    params, accum, timed, runtime = optimized_parameters(p.optimizer), p.micro_steps, p.timed, p.runtime
+    loss_scale = p.scaler.get_scale() if p.scaler.is_enabled() else 1.0
+    for micro in range(accum):
+        x, _ = p.batch(micro)
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(derive_seed(p.seed, "gnb", p.step, micro * runtime.world_size + runtime.rank))
+        with gradient_sync(p.model, micro == accum - 1):
+            with timed("forward"), p.autocast():
+                logits, _ = p.model(x)
+            with timed("sampling"):
+                loss = gnb_loss(logits, generator)
+            with timed("backward"):
+                (loss * (loss_scale / accum)).backward()
+    with timed("update"):
+        if loss_scale != 1.0:
+            for param in params:
+                if param.grad is not None:
+                    param.grad.mul_(1.0 / loss_scale)
+        max_norm = p.schedule.grad_clip if p.schedule.grad_clip > 0 else math.inf
+        norm = full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()  # equal on all ranks
+        _update_if_finite(p.optimizer.update_hessian, norm, p.step)
+
+
+def _hutchinson_pass(p: _Pass) -> None:
+    """Sophia-H's and AdaHessian's: u ⊙ Hu for one probe shared by all ranks, summed over micro-batches by
+    double backward through the math attention kernel, averaged over ranks, then `update_hessian(...)`."""
+    params, accum, runtime = optimized_parameters(p.optimizer), p.micro_steps, p.runtime
+    generator = torch.Generator(device=runtime.device)
+    generator.manual_seed(derive_seed(p.seed, "hutchinson", p.step))  # the same probe on every rank
+    probes = PROBES[p.optimizer.probe](params, generator)
+    estimates = [torch.zeros_like(param) for param in params]
+    raw = unwrap(p.model)
+    with math_attention():
+        for micro in range(accum):
+            x, y = p.batch(micro)
+            with p.timed("forward"), p.autocast():
+                _, loss = raw(x, y)
+            with p.timed("backward"):  # the double backward
+                products = hessian_vector_products(loss / accum, params, probes)
+                torch._foreach_add_(estimates, torch._foreach_mul(products, probes))
+    if runtime.distributed:
+        flat = torch.cat([e.reshape(-1) for e in estimates])
+        runtime.all_reduce(flat, "mean")
+        estimates = [e.view_as(param) for e, param in
+                     zip(torch.split(flat, [e.numel() for e in estimates]), params, strict=True)]
+    norm = torch.nn.utils.get_total_norm(estimates).item()  # equal on all ranks after the mean
+    _update_if_finite(lambda: p.optimizer.update_hessian(estimates), norm, p.step)
+
+
+_PASSES = {"gnb": _gnb_pass, "hutchinson": _hutchinson_pass}

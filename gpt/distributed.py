@@ -99,17 +99,27 @@ def cuda_index(local_rank: int) -> int:
     return local_rank
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    """The device of the rank with this local rank, for `train.device` (auto | cpu | cuda)."""
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device for `requested` (auto | cpu | cuda | cuda:N | another torch device name) of the rank with
+    this local rank: `auto` is CUDA when available, else CPU; `cuda` is this rank's GPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {requested} was asked for but no CUDA device is visible; use cpu")
     if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
         return torch.device("cuda", cuda_index(local_rank))
-    if requested == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"train.device={requested!r} is not one of auto, cpu, cuda")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise UserError(f"device {requested!r} is not one of auto, cpu, cuda (or cuda:N)") from None
+
+
+def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory for the forward passes of `dtype` (float32: no autocast) on `device`."""
+    if dtype == "float32":
+        return contextlib.nullcontext
+    torch_dtype = getattr(torch, dtype)
+    return lambda: torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
 def _adopt_slurm_environment() -> None:

@@ -1,19 +1,29 @@
-"""Peak GPU memory of a training micro-step and of a curvature pass, estimated from the model's shapes, and
-the micro-batch sizes the framework picks from it when the config leaves them open (`null`).
+"""Does it fit? The memory a run needs and the memory a rank has, in one place.
 
-An estimate, not a measurement: it counts the tensors autograd keeps per token (per block, the logits, the
-math attention kernel's B·H·T² probabilities for Hutchinson's double backward), the fp32 weights, gradients
-and optimizer state, and nothing of the allocator's fragmentation or the CUDA context; hence the headroom
-below. `scripts/gpu_check.py` prints the measured peak next to it; docs/scaling.md tabulates it.
+Two figures answer it, side by side. `estimate_memory` estimates the peak of a training micro-step or a
+curvature pass from the model's shapes: the tensors autograd keeps per token (per block, the logits, the math
+attention kernel's B·H·T² probabilities for Hutchinson's double backward), the fp32 weights, gradients and
+optimizer state, and nothing of the allocator's fragmentation or the CUDA context (hence the headroom below);
+the micro-batches the framework picks come from it (`choose_micro_batch`). `lower_bound_bytes` is what a rank
+needs at the least (the training state and one micro-batch's logits): a plan above it could never run.
+`device_capacity` is what a rank has: the GPU's memory, or the machine's RAM (or its cgroup limit) shared by
+the ranks started on it. `gpt.device_defaults` decides with them; `scripts/gpu_check.py` prints the measured
+peak next to the estimate, and docs/scaling.md tabulates it.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from common.errors import UserError
+from gpt.model import GPT, GPTConfig
+from optim import entry_for
 
 GiB = 2**30
 # Per token and block, autograd keeps two fp32 LayerNorm inputs (the residual stream) and 15·n_embd values in
@@ -47,27 +57,27 @@ class MemoryEstimate:
         return self.states + self.activations
 
 
-def _model_shape(model: object) -> tuple[int, int, int, int, int, int]:
-    c = model.config if hasattr(model, "config") else model
-    return c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size, _num_params(c)
+def meta_model(config: GPTConfig) -> GPT:
+    """The model of `config` on the meta device: shapes and parameter count, no memory, no initialisation."""
+    with torch.device("meta"):
+        return GPT(config)
 
 
-def _num_params(c: object) -> int:
-    """Parameters of a GPT of these shapes without biases: blocks, final LayerNorm, tied token and position
-    tables (what `GPT.num_params` counts, from the config alone)."""
-    d = c.n_embd
-    return c.n_layer * (12 * d * d + 2 * d) + d + (c.vocab_size + c.block_size) * d
+def state_per_parameter(model: GPT, optim: Mapping[str, Any]) -> float:
+    """fp32 optimizer state elements per parameter, as the optimizer's registry entry declares."""
+    return entry_for(optim).state_numel(model, optim) / model.num_params()
 
 
-def estimate_memory(model: object, *, micro_batch_size: int, dtype: str, state_tensors: float,
+def estimate_memory(model: GPT, *, micro_batch_size: int, dtype: str, state_tensors: float,
                     world_size: int = 1, sharded: bool = False, activation_checkpointing: bool = False,
                     kind: str = "train") -> MemoryEstimate:
-    """Peak bytes of one micro-step on one rank; `model` is a GPT or a config with its shape fields.
+    """Peak bytes of one micro-step on one rank of `model` (a `meta_model` will do: only shapes are read).
 
     `kind` is "train" (a training micro-step), "gnb" (Sophia-G's pass) or "hutchinson" (double backward
     through the math attention kernel). `state_tensors`: fp32 optimizer state elements per parameter.
     """
-    layers, heads, d, T, vocab, n = _model_shape(model)
+    c, n = model.config, model.num_params()
+    layers, heads, d, T, vocab = c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size
     compute = 4 if dtype == "float32" else 2
     # fp32 weights and gradients, the optimizer state, and the compute-dtype copies (autocast's cache, or
     # FSDP's unsharded bf16 parameters kept during gradient accumulation)
@@ -90,11 +100,31 @@ def estimate_memory(model: object, *, micro_batch_size: int, dtype: str, state_t
     return MemoryEstimate(states, activations)
 
 
-def device_memory(device: torch.device) -> int | None:
-    """Total memory of a CUDA device in bytes; None elsewhere (CPU, meta), where no fit is computed."""
-    if device.type != "cuda":
-        return None
-    return torch.cuda.get_device_properties(device).total_memory
+def lower_bound_bytes(model: GPT, optim: Mapping[str, Any], *, micro_batch_size: int, dtype: str,
+                      shards: int = 1) -> int:
+    """Bytes one rank needs at least: fp32 weights, their gradients and the optimizer's full-size state (split
+    over `shards` ranks under FSDP), plus one micro-batch's logits in the compute dtype. Activations,
+    temporaries and the allocator's slack come on top."""
+    n_params = model.num_params()
+    training_state = 4 * (2 * n_params + entry_for(optim).state_numel(model, optim)) // shards
+    element = torch.finfo(getattr(torch, dtype)).bits // 8
+    return training_state + micro_batch_size * model.config.block_size * model.config.vocab_size * element
+
+
+def device_capacity(device: torch.device) -> tuple[int, str]:
+    """Memory one rank may use, and what it is: the GPU's total, or RAM over the ranks on this machine."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return total, f"the GPU ({torch.cuda.get_device_name(device)}) has {total / GiB:,.1f} GiB"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        ram = min(ram, int(limit)) if limit.isdigit() else ram
+    except OSError:
+        pass
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = f" shared by {ranks_here} ranks: {ram / ranks_here / GiB:,.1f} GiB each" if ranks_here > 1 else ""
+    return ram // ranks_here, f"this machine has {ram / GiB:,.1f} GiB of RAM{share}"
 
 
 def largest_fitting_divisor(per_rank: int, fits: object, ceiling: int | None = None) -> int | None:
@@ -105,16 +135,12 @@ def largest_fitting_divisor(per_rank: int, fits: object, ceiling: int | None = N
     return None
 
 
-def choose_micro_batch(model: object, *, batch_size: int, world_size: int, memory: int | None, what: str,
+def choose_micro_batch(model: GPT, *, per_rank: int, world_size: int, memory: int | None, what: str,
                        ceiling: int | None = None, **estimate: object) -> int:
-    """The micro-batch for `batch_size` sequences per pass over `world_size` ranks: the largest divisor of
-    the per-rank share, at most `ceiling` (off CUDA, where `memory` is None: at most `CPU_MICRO_BATCH`),
-    whose estimated peak fits `HEADROOM` of `memory`. A model that does not fit even one sequence is a
-    `UserError` naming the remedies."""
-    if batch_size % world_size:
-        raise UserError(f"{what}={batch_size} does not split over world size {world_size}; pick a batch size "
-                        "divisible by the number of ranks")
-    per_rank = batch_size // world_size
+    """The micro-batch for a pass of `per_rank` sequences on each of `world_size` ranks: the largest divisor
+    of `per_rank`, at most `ceiling` (off CUDA, where `memory` is None: at most `CPU_MICRO_BATCH`), whose
+    estimated peak fits `HEADROOM` of `memory`. A model that does not fit even one sequence is a `UserError`
+    naming the remedies."""
     if memory is None:
         return largest_fitting_divisor(per_rank, lambda m: True, ceiling or CPU_MICRO_BATCH)
     budget = HEADROOM * memory

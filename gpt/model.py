@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from common.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class GPTConfig:
     """The model's shape; defaults are GPT-2 small's. The trainer builds it from configs/model/<name>.yaml,
     which sets every field."""

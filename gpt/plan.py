@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from data.loader import BatchPlan
-from gpt.config import Settings
+from gpt.config import BatchPlan, Settings
 from gpt.protocol import describe_protocol
 from optim import entry_for
 

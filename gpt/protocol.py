@@ -4,13 +4,12 @@ The fair protocol treats every optimizer alike. The official one repeats the off
 asymmetries, the largest being that their AdamW script sums its micro-step losses: the gradient it clips is
 the accumulation count times the mean gradient, so the clip threshold on the mean gradient's scale is
 train.grad_clip / accumulation. The warm-up form and the extra final step are read where the schedule and
-the step budget are (`optim.schedule`, `gpt.config`).
+the step budget are (`optim.schedule`, `gpt.settings`).
 """
 
 from __future__ import annotations
 
-from data.loader import BatchPlan
-from gpt.config import ProtocolSettings, Settings
+from gpt.config import BatchPlan, ProtocolSettings
 
 
 def micro_loss_divisor(protocol: ProtocolSettings, optim_name: str, plan: BatchPlan) -> int:
@@ -18,15 +17,6 @@ def micro_loss_divisor(protocol: ProtocolSettings, optim_name: str, plan: BatchP
     accumulated gradient is the mean over the global batch), or 1 where the protocol sums (the gradient is
     the sum of the micro-steps' mean gradients on each rank, averaged over ranks as in the official DDP)."""
     return 1 if optim_name in protocol.summed_accumulation else plan.grad_accum_steps
-
-
-def apply_protocol(settings: Settings, plan: BatchPlan) -> int:
-    """The micro-loss divisor of this run. Where the protocol sums, the number of micro-steps summed is
-    recorded in `settings.protocol.summed_micro_steps`: it sets the effective clip threshold, so a resume
-    with another micro-batch or world size is refused like any other change of experiment."""
-    sums = settings.optim["name"] in settings.protocol.summed_accumulation
-    settings.protocol.summed_micro_steps = plan.grad_accum_steps if sums else 0
-    return micro_loss_divisor(settings.protocol, settings.optim["name"], plan)
 
 
 def describe_protocol(protocol: ProtocolSettings, optim_name: str, plan: BatchPlan, grad_clip: float) -> str:

@@ -19,7 +19,7 @@ import yaml
 
 from common.errors import UserError
 from common.files import write_atomic
-from gpt.config import ModelSettings, ProtocolSettings
+from gpt.config import ModelSettings, ProtocolSettings, as_plain
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
@@ -70,24 +70,22 @@ def discard_unstarted(out_dir: str | Path) -> None:
         path.rmdir()
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples so values can be compared and hashed."""
     if isinstance(tree, dict):
-        flat: dict[str, Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: tree}
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
 
 
 # Experiment-defining keys added after runs existed, with the values those runs were trained with.
 _ADDED_KEYS = {"model.scale_attn_by_inverse_layer_idx": ModelSettings.scale_attn_by_inverse_layer_idx,
-               **_flatten({"protocol": asdict(ProtocolSettings())})}
+               **flatten({"protocol": as_plain(asdict(ProtocolSettings()))})}
 
 
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable `key: old -> new` lines for every experiment-defining key that differs. A key that an
     older run's config lacks because it predates the key compares as the default it was trained with."""
-    flat_old, flat_new = {**_ADDED_KEYS, **_flatten(old)}, _flatten(new)
+    flat_old, flat_new = {**_ADDED_KEYS, **flatten(old)}, flatten(new)
     lines = []
     for key in sorted(set(flat_old) | set(flat_new)):
         if key.startswith(IDENTITY_KEYS) and flat_old.get(key) != flat_new.get(key):
@@ -98,7 +96,7 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
     differences = identity_differences(old, new)
     if differences:
-        hint, horizon = "", _flatten(old).get("schedule.decay_steps")
+        hint, horizon = "", flatten(old).get("schedule.decay_steps")
         if horizon is not None and any(line.startswith("schedule.decay_steps:") for line in differences):
             hint = (" (schedule.decay_steps defaults to train.max_steps; to train on at the final learning "
                     f"rate, set schedule.decay_steps={horizon})")

@@ -10,7 +10,6 @@ resumed run continues exactly as the straight run would have.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -18,8 +17,7 @@ import signal
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +26,19 @@ from omegaconf import DictConfig
 
 from common.errors import UserError
 from common.files import write_atomic
-from data.loader import BatchLoader, BatchPlan, TokenData
+from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
 from data.split_size import validation_warning
 from data.tokenizers import get_tokenizer
 from gpt.checkpoint import CheckpointDir
-from gpt.checkpointer import Checkpointer
-from gpt.config import Settings, batch_plan, load_settings
+from gpt.checkpoint.checkpointer import Checkpointer
+from gpt.config import BatchPlan, Settings
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
-from gpt.device_defaults import out_of_memory_advice, resolve_device_defaults
+from gpt.device_defaults import check_memory_fits, out_of_memory_advice
 from gpt.distributed import (
     Runtime,
     agree_on_run_dir,
-    environment_world_size,
+    autocast_factory,
     full_value,
     gradient_sync,
     init_runtime,
@@ -48,13 +46,13 @@ from gpt.distributed import (
     planned_device,
     wrap_model,
 )
-from gpt.hellaswag import PeriodicHellaSwag
-from gpt.memory_check import check_memory_fits
+from gpt.eval.hellaswag import PeriodicHellaSwag
+from gpt.eval.pretrained import init_weights
+from gpt.memory import meta_model
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
-from gpt.pretrained import init_weights
-from gpt.protocol import apply_protocol
+from gpt.protocol import micro_loss_divisor
 from gpt.run_dir import (
     PLAN_FILE,
     check_compatible,
@@ -66,6 +64,7 @@ from gpt.run_dir import (
 )
 from gpt.run_lock import holding_out_dir
 from gpt.seeding import derive_seed
+from gpt.settings import load_settings
 from optim import (
     GroupSchedule,
     build_optimizer,
@@ -89,16 +88,16 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
     fresh = is_empty(cfg.out_dir) and int(os.environ.get("RANK", 0)) == 0  # rank 0 tidies up
     try:
-        settings = load_settings(cfg)
-        world_size = environment_world_size()
-        resolve_device_defaults(settings, world_size, planned_device(settings.train.device))
-        # A batch that cannot be split over the ranks fails here, on every rank, before any rendezvous.
-        plan = batch_plan(settings, world_size)
+        # Every rule is checked here, on every rank, before any rendezvous (e.g. a batch that cannot be split
+        # over the ranks), and so is a plan that cannot fit the memory of this machine at all.
+        settings, plan = load_settings(cfg)
+        if not settings.train.dry_run:
+            check_memory_fits(settings, plan, planned_device(settings.train.device))
         runtime = init_runtime(settings.train.strategy, settings.train.device)
-        settings.out_dir = agree_on_run_dir(runtime, settings.out_dir)
+        out_dir = agree_on_run_dir(runtime, settings.out_dir)
         with leaving_together(runtime, keep_process_group, out_of_memory_advice(settings)):
-            with holding_out_dir(settings.out_dir, runtime, enabled=not settings.train.dry_run):
-                result = Trainer(settings, runtime, plan).run()
+            with holding_out_dir(out_dir, runtime, enabled=not settings.train.dry_run):
+                result = Trainer(settings, runtime, plan, out_dir).run()
     except UserError:
         if fresh:
             discard_unstarted(cfg.out_dir)
@@ -106,13 +105,6 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
     if fresh and settings.train.dry_run:
         discard_unstarted(cfg.out_dir)
     return result
-
-
-def autocast_factory(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if dtype == "float32":
-        return contextlib.nullcontext
-    torch_dtype = getattr(torch, dtype)
-    return lambda: torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
 class StopRequested:
@@ -221,27 +213,24 @@ class Trainer:
     """The run's parts (model, optimizer, schedule, curvature schedule, scaler, loop state, checkpoints)
     built from validated settings before any data work; `run()` opens the data, resumes and trains."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, plan: BatchPlan) -> None:
-        self.s, self.rt, self.plan = settings, runtime, plan
+    def __init__(self, settings: Settings, runtime: Runtime, plan: BatchPlan,
+                 out_dir: str | Path | None = None) -> None:
+        """`out_dir`: the run directory all ranks agreed on (default: `settings.out_dir`)."""
+        self.settings, self.runtime, self.plan = settings, runtime, plan
         t = settings.train
-        self.out_dir = Path(settings.out_dir)
+        self.out_dir = Path(out_dir or settings.out_dir)
         setup_logging(self.out_dir, runtime.is_main)
-        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums (the
-        # summed count is recorded in the config: it defines the run)
-        self.micro_loss_divisor = apply_protocol(settings, self.plan)
-        self.config = asdict(settings)  # the resolved config, as written to config.yaml
+        # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
+        self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], plan)
+        self.config = settings.record()  # the resolved config, as written to config.yaml
         runtime.on_main(self._check_run_dir)
-        if not t.dry_run:
-            check_memory_fits(settings, self.plan, runtime.strategy, runtime.device)
         if runtime.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
         torch.manual_seed(t.seed)  # initialisation depends on the seed only: identical across optimizers
         if t.dry_run:  # the plan needs shapes only: no memory, no initialisation, no wrapping
-            with torch.device("meta"):
-                self.model = GPT(settings.model)
-            self.wrapped = self.model
+            self.model = self.wrapped = meta_model(settings.model)
         else:
             self.model = GPT(settings.model).to(runtime.device)
             if t.init_from and not CheckpointDir(self.out_dir / "checkpoints").complete_steps():
@@ -264,8 +253,9 @@ class Trainer:
         self.state = LoopState()
         self.checkpoints = Checkpointer(
             self.out_dir / "checkpoints", runtime, self.config, interval=t.ckpt_interval,
-            keep=t.keep_checkpoints, max_steps=t.max_steps, model=self.model, optimizer=self.optimizer,
-            scaler=self.scaler, loop=self.state, evaluation_weights=self.evaluation_weights,
+            keep=t.keep_checkpoints, max_steps=t.max_steps,
+            states={"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler},
+            records={"loop": self.state}, evaluation_weights=self.evaluation_weights,
             async_saves=bool(t.async_checkpoint))
         self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.flops_per_token = training_flops_per_token(self.model, settings.optim, t.global_batch_size)
@@ -280,42 +270,34 @@ class Trainer:
             check_compatible(previous, self.config, f"out_dir {self.out_dir}")
 
     def _open_loader(self) -> BatchLoader:
-        d, t = self.s.data, self.s.train
+        d, runtime, vocab_size = self.settings.data, self.runtime, self.settings.model.vocab_size
         problem = unprepared_reason(d)
         if problem is not None:
             if not d.get("auto_prepare", False):
                 raise UserError(problem)
             log.info("preparing %s into %s", d["name"], d["dir"])
-            self.rt.on_main(lambda: prepare(d))
+            runtime.on_main(lambda: prepare(d))
         data = TokenData(d["dir"], tokenizer=d["tokenizer"])
-        self.rt.on_main(data.verify_sampled_blocks)
-        if self.rt.is_main and (warning := validation_warning(data.meta)):
+        runtime.on_main(data.verify_sampled_blocks)
+        if runtime.is_main and (warning := validation_warning(data.meta)):
             log.warning("warning: %s", warning)
-        if data.vocab_size > self.s.model.vocab_size:
+        if data.vocab_size > vocab_size:
             raise UserError(
                 f"data in {d['dir']} uses tokenizer {data.tokenizer!r} with {data.vocab_size} tokens but "
-                f"model.vocab_size={self.s.model.vocab_size}; set model.vocab_size >= {data.vocab_size}"
+                f"model.vocab_size={vocab_size}; set model.vocab_size >= {data.vocab_size}"
             )
-        return BatchLoader(data, self.plan, rank=self.rt.rank, seed=t.seed, device=self.rt.device,
-                           vocab_limit=self.s.model.vocab_size)
+        return BatchLoader(data, self.plan, rank=runtime.rank, seed=self.settings.train.seed,
+                           device=runtime.device, vocab_limit=vocab_size)
 
     def _curvature_schedule(self) -> CurvatureSchedule | None:
         kind = getattr(self.optimizer, "curvature", None)
         if kind is None:
             return None
-        interval, batch_size, clip = trainer_settings(self.s.optim)
-        if kind == "hutchinson" and self.rt.strategy == "fsdp":
-            raise UserError(f"optim={self.s.optim['name']} needs Hessian-vector products, which FSDP cannot "
-                            "run; use train.strategy=ddp")
-        if kind == "hutchinson" and self.s.train.dtype == "float16":
-            raise UserError(f"optim={self.s.optim['name']} cannot run its double backward in float16; "
-                            "use bfloat16")
-        clip_value = self.s.train.grad_clip if clip else 0.0
-        batch_size = batch_size or self.plan.global_batch_size
-        micro_batch_size = self.s.train.hessian_micro_batch_size
-        self.plan.micro_steps(batch_size, "optim.hessian_batch_size", micro_batch_size)  # refused now
-        return CurvatureSchedule(kind, interval, batch_size, clip_value,
-                                 getattr(self.optimizer, "requires_initial_hessian", False), micro_batch_size)
+        interval, _, clip = trainer_settings(self.settings.optim)
+        return CurvatureSchedule(kind, interval, self.plan.hessian_batch_size,
+                                 self.settings.train.grad_clip if clip else 0.0,
+                                 getattr(self.optimizer, "requires_initial_hessian", False),
+                                 self.plan.hessian_micro_batch_size)
 
     # ------------------------------------------------------------------------------------- evaluation
 
@@ -332,8 +314,8 @@ class Trainer:
         (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
         signal (on any rank) abandons it between two micro-batches: None."""
         self.model.eval()
-        total = torch.zeros(2, device=self.rt.device)
-        for first, count, weight in self.loader.val_schedule(self.s.train.eval_sequences):
+        total = torch.zeros(2, device=self.runtime.device)
+        for first, count, weight in self.loader.val_schedule(self.settings.train.eval_sequences):
             if stop is not None and self._stop_agreed(stop):
                 log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
                 self.model.train()
@@ -341,17 +323,17 @@ class Trainer:
             x, y = self.loader.val_batch(first, count)
             with self.autocast():
                 _, loss = self.model(x, y)
-            total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.rt.device)])
-        self.rt.all_reduce(total)
+            total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.runtime.device)])
+        self.runtime.all_reduce(total)
         self.model.train()
         return (total[0] / total[1]).item()
 
     def _downstream(self, step: int) -> dict[str, float]:
         """Downstream scores due at this evaluation (train.hellaswag_interval)."""
-        if self.hellaswag is None or not self.hellaswag.due(step, self.s.train.max_steps):
+        if self.hellaswag is None or not self.hellaswag.due(step, self.settings.train.max_steps):
             return {}
         with self.evaluation_weights():
-            return self.hellaswag(self.model, self.rt, self.autocast)
+            return self.hellaswag(self.model, self.runtime, self.autocast)
 
     def _evaluations(self, stop: StopRequested) -> dict[str, float] | None:
         """The validation loss and the downstream scores due after `self.state.step` steps; None if a stop
@@ -362,13 +344,13 @@ class Trainer:
     def _stop_agreed(self, stop: StopRequested) -> bool:
         """Whether any rank was signalled to stop: a collective when distributed, no device sync alone."""
         signalled = stop.signal is not None
-        return not self.rt.all_ranks(not signalled) if self.rt.distributed else signalled
+        return not self.runtime.all_ranks(not signalled) if self.runtime.distributed else signalled
 
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        t, rt = self.s.train, self.rt
-        plan = describe_plan(self.s, self.plan, self.model, self.optimizer, rt)
+        t, rt = self.settings.train, self.runtime
+        plan = describe_plan(self.settings, self.plan, self.model, self.optimizer, rt)
         log.info(plan)
         if t.dry_run:
             return {}
@@ -381,7 +363,7 @@ class Trainer:
             write_config(self.out_dir, self.config)
         state = self.state
         metrics = MetricsLog(self.out_dir, rt.is_main, resume_step=state.step)
-        state.wandb_id = metrics.start_wandb(self.s.wandb, self.config, state.wandb_id, self.out_dir)
+        state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id, self.out_dir)
         if state.step >= t.max_steps:
             log.info("already at step %d = train.max_steps: nothing to do", state.step)
             return {"step": state.step}
@@ -394,7 +376,7 @@ class Trainer:
 
     def _loop(self, metrics: MetricsLog, stop: StopRequested) -> dict[str, Any]:
         """Train from `self.state.step` to train.max_steps (or a stop); returns the last metrics record."""
-        t, state = self.s.train, self.state
+        t, state, rank = self.settings.train, self.state, self.runtime.rank
         state.start_clock()
         record, window, hessian_time = {}, LogWindow(), None
         if state.step == 0:
@@ -404,11 +386,11 @@ class Trainer:
             record = {"step": 0, "tokens": 0, **scores, "elapsed_s": 0.0}
             _write(metrics, record)
         for step in range(state.step, t.max_steps):
-            torch.manual_seed(derive_seed(t.seed, "step", step, self.rt.rank))  # dropout: a function of it
+            torch.manual_seed(derive_seed(t.seed, "step", step, rank))  # dropout: a function of the step
             lr = self.schedule.apply(step)  # each group's own base rate × the schedule's factor
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
-                                                  step, t.seed, self.rt, self.autocast, self.scaler)
+                                                  step, t.seed, self.runtime, self.autocast, self.scaler)
             loss, grad_norm, stopping = self._step(step, stop)
             outcome = self._update(StepOutcome(lr, loss, grad_norm))
             window.add(outcome)
@@ -430,7 +412,7 @@ class Trainer:
     def _step(self, step: int, stop: StopRequested) -> tuple[float, float, bool]:
         """Accumulate gradients of the global batch and unscale them. Returns the loss and gradient norm
         averaged over ranks, and whether any rank was signalled to stop (one collective for all three)."""
-        t, rt = self.s.train, self.rt
+        t, rt = self.settings.train, self.runtime
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=rt.device)
         accum = self.plan.grad_accum_steps
@@ -452,7 +434,7 @@ class Trainer:
     def _update(self, outcome: StepOutcome) -> StepOutcome:
         """The update policy: the optimizer step, or no update for a non-finite loss or gradient norm.
         Advances the loop state by the step and fills in `outcome`'s skipped, clipped and spike."""
-        state, grad_clip = self.state, self.s.train.grad_clip
+        state, grad_clip = self.state, self.settings.train.grad_clip
         finite = math.isfinite(outcome.loss) and math.isfinite(outcome.grad_norm)
         # fp16: the scaler detects non-finite gradients itself and skips the step, lowering its scale
         outcome.skipped = not finite and not self.scaler.is_enabled()
@@ -470,7 +452,7 @@ class Trainer:
     def _skip_or_stop(self, outcome: StepOutcome) -> None:
         """A non-finite step: skipped with a warning (train.on_nonfinite=skip, fewer than
         train.max_skipped in a row), or the run stops before the update with nothing saved."""
-        t, in_row = self.s.train, self.state.skipped_in_row
+        t, in_row = self.settings.train, self.state.skipped_in_row
         what = "loss" if not math.isfinite(outcome.loss) else "gradient norm"
         message = (f"non-finite {what} in step {self.state.step + 1} (loss {outcome.loss}, "
                    f"grad norm {outcome.grad_norm})")
@@ -492,7 +474,7 @@ class Trainer:
             "step": step, "tokens": step * tokens_per_step, "train_loss": outcome.loss, "lr": outcome.lr,
             "grad_norm": outcome.grad_norm, "clipped": outcome.clipped,
             "clip_fraction": window.clipped / window.steps, "tokens_per_sec": tokens_per_sec,
-            "mfu": (self.flops_per_token * tokens_per_sec / (self.peak * self.rt.world_size)
+            "mfu": (self.flops_per_token * tokens_per_sec / (self.peak * self.runtime.world_size)
                     if self.peak else None),
             "elapsed_s": self.state.clock(now),
         }

@@ -24,7 +24,6 @@ import contextlib
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,10 +32,8 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from gpt.checkpoint import CheckpointDir, save_training_state
-from gpt.checkpointer import Checkpointer
+from gpt.checkpoint.checkpointer import Checkpointer
 from gpt.distributed import init_runtime, wrap_model
 from gpt.model import GPT, GPTConfig
 
@@ -87,7 +84,8 @@ def main() -> None:
     root = Path(runtime.broadcast_object(str(base / f"{os.getpid()}")))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     savers = {variant: Checkpointer(root / variant, runtime, {}, interval=1, keep=1, max_steps=10**9,
-                                    model=model, optimizer=optimizer, scaler=scaler, loop=_Loop(),
+                                    states={"model": model, "optimizer": optimizer, "scaler": scaler},
+                                    records={"loop": _Loop()},
                                     evaluation_weights=contextlib.nullcontext, async_saves=variant == "async")
               for variant in VARIANTS}
 

@@ -37,12 +37,11 @@ import numpy as np
 import torch
 from bench_optim import machine, shipped_config
 
-from data.loader import BatchLoader, BatchPlan, TokenData
+from data.loader import BatchLayout, BatchLoader, TokenData
 from data.prepare import FORMAT_VERSION
 from gpt.curvature_pass import CurvatureSchedule, PhaseTimes, run_curvature_pass
-from gpt.distributed import Runtime
+from gpt.distributed import Runtime, autocast_factory
 from gpt.model import GPT, GPTConfig
-from gpt.trainer import autocast_factory
 from optim import OPTIMIZERS, build_optimizer, trainer_settings
 
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
@@ -257,7 +256,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         data = synthetic_data(Path(folder), tokens=2_000_000, seed=args.seed)
-        loader = BatchLoader(data, BatchPlan(args.batch, args.micro_batch, args.block_size), seed=args.seed,
+        loader = BatchLoader(data, BatchLayout(args.batch, args.micro_batch, args.block_size), seed=args.seed,
                              device=device)
         variants = [Variant(name, args, loader, state, runtime) for name in names]
         signal.signal(signal.SIGTERM, _interrupt)  # e.g. `timeout`: summarise the rounds completed so far

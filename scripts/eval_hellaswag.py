@@ -14,11 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-from gpt.hellaswag import encode_items, evaluate_hellaswag, read_items
-from gpt.pretrained import load_pretrained, pick_device
-from gpt.trainer import autocast_factory
-
-from runs import run_cli
+from common.cli import run_cli
+from gpt.distributed import autocast_factory, pick_device
+from gpt.eval.hellaswag import encode_items, evaluate_hellaswag, read_items
+from gpt.eval.pretrained import load_pretrained
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,12 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from common.cli import run_cli
 from common.errors import UserError
-from data.loader import BatchLoader, BatchPlan, TokenData
-from gpt.pretrained import is_project_checkpoint, load_pretrained, pick_device
-from gpt.trainer import autocast_factory
-
-from runs import run_cli
+from data.loader import BatchLayout, BatchLoader, TokenData
+from gpt.distributed import autocast_factory, pick_device
+from gpt.eval.pretrained import is_project_checkpoint, load_pretrained
 
 TRAIN_DEFAULTS = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "train.yaml").train
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if data.vocab_size > loaded.model.config.vocab_size:
         raise UserError(f"{data_dir} has {data.vocab_size} token ids, more than the model's "
                         f"{loaded.model.config.vocab_size}")
-    loader = BatchLoader(data, BatchPlan(batch_size, batch_size, block_size), seed=0, device=device,
+    loader = BatchLoader(data, BatchLayout(batch_size, batch_size, block_size), seed=0, device=device,
                          vocab_limit=loaded.model.config.vocab_size)
     autocast = autocast_factory(device, args.dtype or train.get("dtype", "float32"))
     loss = validation_loss(loaded.model, loader, sequences, autocast)

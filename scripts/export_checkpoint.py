@@ -9,20 +9,19 @@ A run directory stands for its newest complete checkpoint; the manifest is verif
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.cli import run_cli
 from common.files import commit_file
 from gpt.checkpoint import SHARDED_DIR, STATE_FILE
-from gpt.pretrained import resolve_checkpoint
+from gpt.eval.pretrained import resolve_checkpoint
 
 
 def export(checkpoint: Path, out: Path, model_only: bool) -> None:
     if (checkpoint / SHARDED_DIR).is_dir():
-        from gpt.sharded_checkpoint import load_whole
+        from gpt.checkpoint import load_whole
 
         state = load_whole(checkpoint / SHARDED_DIR)  # through an allow-list: never runs code
     else:
@@ -40,14 +39,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model-only", action="store_true", help="keep only the model's state_dict")
     args = parser.parse_args()
-    try:
-        checkpoint = resolve_checkpoint(args.path)
-        export(checkpoint, args.out, args.model_only)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    checkpoint = resolve_checkpoint(args.path)
+    export(checkpoint, args.out, args.model_only)
     print(f"exported {checkpoint} -> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

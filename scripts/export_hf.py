@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gpt.hf import export_hf, require_hf
-from gpt.pretrained import load_checkpoint
-
-from runs import run_cli
+from common.cli import run_cli
+from gpt.eval.hf import export_hf, require_hf
+from gpt.eval.pretrained import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

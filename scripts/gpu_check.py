@@ -33,16 +33,13 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_module  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
-from gpt.config import load_settings  # noqa: E402
-from gpt.device_defaults import resolve_device_defaults, state_per_parameter  # noqa: E402
-from gpt.memory import GiB, estimate_memory  # noqa: E402
-from gpt.model import GPT  # noqa: E402
+from gpt.memory import GiB, estimate_memory, meta_model, state_per_parameter  # noqa: E402
 from gpt.plan import peak_flops  # noqa: E402
+from gpt.settings import load_settings  # noqa: E402
 from gpt.trainer import train  # noqa: E402
 from optim import OPTIMIZERS  # noqa: E402
 
@@ -100,9 +97,8 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
         *([f"optim.hessian_interval={sizes['hessian_interval']}"] if curvature else []),
     ]
     cfg = compose_train(overrides)
-    settings = load_settings(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolve_device_defaults(settings, 1, device)
+    settings, _ = load_settings(cfg, world_size=1, device=device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -118,21 +114,21 @@ def throughput_run(work: Path, corpus: str, model: str, model_overrides: list[st
                  and (s > 0 or getattr(OPTIMIZERS[optim].cls, "requires_initial_hessian", False))}
     plain = [tokens_per_step / r["tokens_per_sec"] for r in steps if r["step"] not in with_pass]
     total_time = sum(tokens_per_step / r["tokens_per_sec"] for r in steps)
-    with torch.device("meta"):
-        meta_model = GPT(settings.model)
+    model_shapes = meta_model(settings.model)
     tokens_per_sec = tokens_per_step * len(steps) / total_time
     peak_flops_per_s = peak_flops(device, "bfloat16")
     passes = [r.get("hessian_time_s") for r in steps if r.get("hessian_time_s")]
     t = settings.train
-    common = dict(dtype="bfloat16", state_tensors=state_per_parameter(settings))
-    estimate = estimate_memory(meta_model, micro_batch_size=t.micro_batch_size, **common).total
+    common = dict(dtype="bfloat16", state_tensors=state_per_parameter(model_shapes, settings.optim))
+    estimate = estimate_memory(model_shapes, micro_batch_size=t.micro_batch_size, **common).total
     if curvature:
-        estimate = max(estimate, estimate_memory(meta_model, micro_batch_size=t.hessian_micro_batch_size,
+        estimate = max(estimate, estimate_memory(model_shapes, micro_batch_size=t.hessian_micro_batch_size,
                                                  kind=curvature, **common).total)
     return {
         "model": model, "optim": optim, "micro": t.micro_batch_size,
         "hessian_micro": t.hessian_micro_batch_size, "compile": t.compile, "tokens_per_sec": tokens_per_sec,
-        "mfu": meta_model.flops_per_token() * tokens_per_sec / peak_flops_per_s if peak_flops_per_s else None,
+        "mfu": (model_shapes.flops_per_token() * tokens_per_sec / peak_flops_per_s
+                if peak_flops_per_s else None),
         "step_s": statistics.median(plain), "pass_s": statistics.median(passes) if passes else None,
         "peak_gib": peak, "estimate_gib": estimate / GiB, "final_loss": steps[-1]["train_loss"],
     }

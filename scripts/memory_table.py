@@ -5,34 +5,29 @@ not measurements: `bash scripts/gpu_check.sh` prints the measured peak next to t
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import torch
 from hydra import compose, initialize_config_module
 
 from common.errors import UserError
-from gpt.config import load_settings
-from gpt.device_defaults import resolve_micro_batches
-from gpt.memory import GiB, estimate_memory
+from gpt.memory import GiB, estimate_memory, meta_model
+from gpt.settings import load_settings
 
 MODELS = ("gpt2_small", "gpt2_medium", "gpt2_large", "gpt2_xl")
 GPUS_GIB = (40, 80, 141)  # A100 40GB, A100/H100 80GB, H200
 WORLD_SIZE = 8
 
 
-def settings_for(model: str, optim: str, checkpointing: bool):
+def config_for(model: str, optim: str, checkpointing: bool):
     with initialize_config_module(config_module="configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"model={model}", f"optim={optim}", "out_dir=unused",
-                                                      f"train.activation_checkpointing={checkpointing}"])
-    return load_settings(cfg)
+        return compose(config_name="train", overrides=[f"model={model}", f"optim={optim}", "out_dir=unused",
+                                                       f"train.activation_checkpointing={checkpointing}"])
 
 
 def chosen(model: str, optim: str, memory_gib: int, checkpointing: bool) -> str:
-    settings = settings_for(model, optim, checkpointing)
+    cfg = config_for(model, optim, checkpointing)
     try:
-        resolve_micro_batches(settings, WORLD_SIZE, memory_gib * GiB)
+        settings, _ = load_settings(cfg, world_size=WORLD_SIZE, device=torch.device("cpu"),
+                                    gpu_memory=memory_gib * GiB)
     except UserError:
         return "does not fit"
     t = settings.train
@@ -44,10 +39,12 @@ def main() -> None:
     print("| model | step, micro 12 | same, checkpointed | GNB pass, 12 | Hutchinson pass, 12 |")
     print("|---|---|---|---|---|")
     for model in MODELS:
-        s = settings_for(model, "sophia_g", False)
+        cfg = config_for(model, "sophia_g", False)
+        settings, _ = load_settings(cfg, world_size=1, device=torch.device("cpu"))
+        shapes = meta_model(settings.model)
         cells = []
         for kind, checkpointing in (("train", False), ("train", True), ("gnb", False), ("hutchinson", False)):
-            estimate = estimate_memory(s.model, micro_batch_size=12, dtype="bfloat16", state_tensors=2,
+            estimate = estimate_memory(shapes, micro_batch_size=12, dtype="bfloat16", state_tensors=2,
                                        kind=kind, activation_checkpointing=checkpointing)
             cells.append(f"{estimate.total / GiB:.0f} GiB")
         print(f"| {model} | " + " | ".join(cells) + " |")

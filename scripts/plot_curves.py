@@ -17,7 +17,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from runs import AXES, aligned_series, group_labels, group_runs, run_cli, time_warning
+from common.cli import run_cli
+
+from runs import AXES, aligned_series, group_labels, group_runs, time_warning
 
 XLABELS = {"steps": "step", "tokens": "tokens", "flops": "training FLOPs", "time": "wall-clock (hours)"}
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from runs import Run, aligned_series, group_labels, group_runs, run_cli
+from common.cli import run_cli
+
+from runs import Run, aligned_series, group_labels, group_runs
 
 
 def clipped_steps(run: Run, edges: np.ndarray) -> np.ndarray:

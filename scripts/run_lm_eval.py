@@ -11,11 +11,13 @@ protocol differs from the paper's. Needs the `lm_eval` extra (`pip install -e '.
 
 from __future__ import annotations
 
-from runs import run_cli
+from common.cli import run_cli
 
 
 def main() -> None:
-    from gpt.lm_eval_model import harness_cli  # registers the model class; one line if lm-eval is missing
+    from gpt.eval.lm_eval_model import (
+        harness_cli,  # registers the model class; one line if lm-eval is missing
+    )
 
     harness_cli()
 

@@ -11,8 +11,6 @@ machine's load changed within or between them.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from common.errors import UserError
 from gpt.metrics import METRICS_FILE, read_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.plan import training_flops_per_token
-from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS
+from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS, flatten
 
 # Beyond this ratio of throughputs (10th to 90th percentile within a run, slowest to fastest between runs),
 # elapsed time says more about the machine's load than about the optimizer.
@@ -33,13 +31,6 @@ THROUGHPUT_SPREAD = 1.5
 GROUP_KEYS = (*(key for key in IDENTITY_KEYS if key != "train.seed"), "train.max_steps")
 # x-axis name -> the metrics key it is computed from.
 AXES = {"steps": "step", "tokens": "tokens", "flops": "tokens", "time": "elapsed_s"}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples so values can be compared and hashed."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
 
 
 def format_value(value: Any) -> str:
@@ -166,12 +157,3 @@ def time_warning(runs: list[Run]) -> str | None:
     return (f"wall-clock was measured under different conditions ({'; '.join(problems)}): elapsed times "
             "compare optimizers only for runs made one at a time on the same otherwise idle hardware; "
             "compare steps or FLOPs, or time per step measured together (scripts/bench_optim.py)")
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main: a user error prints one line and exits 2, without a traceback."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

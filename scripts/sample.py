@@ -12,10 +12,10 @@ import argparse
 
 import torch
 
+from common.cli import run_cli
 from common.errors import UserError
-from gpt.pretrained import load_pretrained, pick_device
-
-from runs import run_cli
+from gpt.distributed import pick_device
+from gpt.eval.pretrained import load_pretrained
 
 
 def main(argv: list[str] | None = None) -> None:

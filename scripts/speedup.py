@@ -21,9 +21,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_cli
 from common.errors import UserError
 
-from runs import Run, group_labels, group_runs, run_cli, time_warning
+from runs import Run, group_labels, group_runs, time_warning
 
 COSTS = ("steps", "flops", "time")
 

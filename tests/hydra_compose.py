@@ -1,9 +1,11 @@
 """The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, the
-overrides of the tiny in-process training run most trainer tests use, and `python train.py` itself run in the
-test's process (its own entry function, without the seconds a new interpreter takes to import torch)."""
+overrides of the tiny in-process training run most trainer tests use, what such a run recorded, and
+`python train.py` itself run in the test's process (its own entry function, without the seconds a new
+interpreter takes to import torch)."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,3 +59,13 @@ def run_train_py(args: list[str]) -> int:
         if error_switch is not None:
             os.environ["HYDRA_FULL_ERROR"] = error_switch
     return 0
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """Training loss by step."""
+    return {r["step"]: r["train_loss"] for r in read_records(out_dir) if "train_loss" in r}

@@ -9,21 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.loader import BatchLoader, BatchPlan, TokenData
-from data.prepare import prepare
+from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 from optim.registry import OPTIMIZERS
 from tests.hydra_compose import compose_train, tiny_run
 
 SCHEDULE_FREE = ["optim=adamw_schedulefree", "schedule=constant", "schedule.warmup_steps=2"]
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
-    return directory
 
 
 def records(out_dir: Path) -> list[dict]:
@@ -37,7 +29,7 @@ def series(out_dir: Path, key: str) -> dict[int, float]:
 def validation_loss(model: GPT, data_dir: Path) -> float:
     """The quick start's validation set (tiny_run: 8 sequences of 32 tokens, as 2 batches of 4), evaluated
     here."""
-    loader = BatchLoader(TokenData(data_dir, tokenizer="byte"), BatchPlan(8, 4, block_size=32), seed=1337)
+    loader = BatchLoader(TokenData(data_dir, tokenizer="byte"), BatchLayout(8, 4, block_size=32), seed=1337)
     model.eval()
     with torch.no_grad():
         return sum(model(*loader.val_batch(4 * i, 4))[1].item() for i in range(2)) / 2

@@ -7,17 +7,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import first_nonfinite
-from gpt.model import GPT, GPTConfig
-
-
-def stepped() -> tuple[GPT, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randint(0, 32, (2, 8))
-    model(x, x)[1].backward()
-    optimizer.step()
-    return model, optimizer
+from tests.tiny_model import stepped
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

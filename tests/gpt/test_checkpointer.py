@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 
-import gpt.checkpoint
+import gpt.checkpoint.storage
 from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, hash_own_files
-from gpt.checkpointer import Checkpointer
+from gpt.checkpoint.checkpointer import Checkpointer
 from gpt.config import ProtocolSettings
 from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
@@ -62,8 +62,10 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer) -> None:
 def checkpointer(root: Path, model: GPT, optimizer: torch.optim.Optimizer, async_saves: bool,
                  loop: Loop | None = None) -> Checkpointer:
     return Checkpointer(root, Runtime(0, 0, 1, torch.device("cpu"), "single"), CONFIG, interval=2,
-                        keep=3, max_steps=MAX_STEPS, model=model, optimizer=optimizer,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), loop=loop or Loop(),
+                        keep=3, max_steps=MAX_STEPS,
+                        states={"model": model, "optimizer": optimizer,
+                                "scaler": torch.amp.GradScaler("cpu", enabled=False)},
+                        records={"loop": loop or Loop()},
                         evaluation_weights=contextlib.nullcontext, async_saves=async_saves)
 
 
@@ -71,13 +73,13 @@ def checkpointer(root: Path, model: GPT, optimizer: torch.optim.Optimizer, async
 def gate(monkeypatch) -> threading.Event:
     """Holds every state-file write until the test sets the event (set again at the end, so none hangs)."""
     opened = threading.Event()
-    write = gpt.checkpoint.write_state_file
+    write = gpt.checkpoint.storage.write_state_file
 
     def gated(state: dict[str, Any], path: Path) -> dict[str, Any]:
         assert opened.wait(60), "the gate was never opened"
         return write(state, path)
 
-    monkeypatch.setattr(gpt.checkpoint, "write_state_file", gated)
+    monkeypatch.setattr(gpt.checkpoint.storage, "write_state_file", gated)
     yield opened
     opened.set()
 
@@ -130,13 +132,13 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
     saving = checkpointer(tmp_path, model, optimizer, async_saves=True)
     saving.save(2)
     saving.wait()
-    write = gpt.checkpoint.write_state_file
+    write = gpt.checkpoint.storage.write_state_file
 
     def full_disk(state: dict[str, Any], path: Path) -> dict[str, Any]:
         write(state, path)  # the file is written, then the disk is full: a partial checkpoint is left
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(gpt.checkpoint, "write_state_file", full_disk)
+    monkeypatch.setattr(gpt.checkpoint.storage, "write_state_file", full_disk)
     saving.save(4)
     with pytest.raises(UserError, match=r"could not write the checkpoint of step 4 \(OSError: \[Errno 28\] "
                                         r"No space left on device\).*Last good checkpoint: .*step_00000002"):

@@ -8,21 +8,13 @@ import pytest
 import torch
 
 from common.errors import UserError
-from data.loader import BatchLoader, BatchPlan, TokenData
-from data.prepare import prepare
+from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 from optim import AdaHessian, SophiaH
 from tests.hydra_compose import compose_train, tiny_run
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
-    return directory
 
 
 def hutchinson_estimate(byte_data: Path, optimizer_class: type, micro_batch_size: int | None
@@ -32,7 +24,7 @@ def hutchinson_estimate(byte_data: Path, optimizer_class: type, micro_batch_size
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32, vocab_size=256))
     optimizer = optimizer_class(model.parameters(), fused=False)
-    loader = BatchLoader(TokenData(byte_data), BatchPlan(8, 4, block_size=32), seed=1)
+    loader = BatchLoader(TokenData(byte_data), BatchLayout(8, 4, block_size=32), seed=1)
     runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
     schedule = CurvatureSchedule("hutchinson", interval=1, batch_size=8, grad_clip=0.0, at_start=True,
                                  micro_batch_size=micro_batch_size)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from common.errors import UserError
-from gpt.config import load_settings
-from gpt.device_defaults import resolve_device_defaults, resolve_micro_batches
+from gpt.config import parse_config
 from gpt.distributed import pick_device
-from gpt.memory import HEADROOM, GiB, choose_micro_batch, estimate_memory
+from gpt.memory import HEADROOM, GiB, choose_micro_batch, estimate_memory, meta_model
 from gpt.model import GPT, GPTConfig, math_attention
+from gpt.settings import load_settings
 from tests.hydra_compose import compose_train
 
 TOKENS = (16, 128)  # many tokens per weight, so the weights' bf16 copies autograd keeps are negligible
@@ -51,12 +51,13 @@ def test_estimated_activations_per_block_match_what_autograd_keeps(dtype):
     torch.manual_seed(0)
     measured = {layers: saved_bytes(GPT(config(layers)), dtype) for layers in (2, 4)}
     per_block = (measured[4] - measured[2]) / 2 / tokens
-    estimated = {layers: estimate_memory(config(layers), micro_batch_size=TOKENS[0], dtype=dtype,
+    estimated = {layers: estimate_memory(meta_model(config(layers)), micro_batch_size=TOKENS[0], dtype=dtype,
                                          state_tensors=2).activations for layers in (2, 4)}
     assert (estimated[4] - estimated[2]) / 2 / tokens == pytest.approx(per_block, rel=0.15)
 
     math_extra = (saved_bytes(GPT(config(2)), dtype, math_kernel=True) - measured[2]) / 2 / tokens
-    kinds = {kind: estimate_memory(config(2), micro_batch_size=TOKENS[0], dtype=dtype, state_tensors=2,
+    two_blocks = meta_model(config(2))
+    kinds = {kind: estimate_memory(two_blocks, micro_batch_size=TOKENS[0], dtype=dtype, state_tensors=2,
                                    kind=kind).activations for kind in ("train", "hutchinson")}
     # the Hutchinson estimate doubles its forward for the second graph; per block, it adds the probabilities
     math_per_block = (kinds["hutchinson"] / 2 - kinds["train"]) / 2 / tokens
@@ -69,10 +70,10 @@ def test_estimated_activations_per_block_match_what_autograd_keeps(dtype):
 def test_chosen_micro_batch_is_the_largest_fitting_divisor():
     """gpt2_medium, 480 sequences over 16 GPUs of 40 and 80 GiB: the chosen micro-batch divides the 30
     sequences per rank, fits the memory budget, and the next larger divisor does not fit (or is 30)."""
-    model = load_settings(compose_train(["model=gpt2_medium", "out_dir=unused"])).model
+    model = meta_model(parse_config(compose_train(["model=gpt2_medium", "out_dir=unused"])).model)
     divisors = [m for m in range(1, 31) if 30 % m == 0]
     for memory in (40 * GiB, 80 * GiB):
-        chosen = choose_micro_batch(model, batch_size=480, world_size=16, memory=memory, what="test",
+        chosen = choose_micro_batch(model, per_rank=30, world_size=16, memory=memory, what="test",
                                     dtype="bfloat16", state_tensors=2)
         assert 30 % chosen == 0
 
@@ -89,12 +90,12 @@ def test_a_model_that_cannot_fit_is_a_user_error():
     out-of-memory error deep into the run. gpt2_xl's step on a 16 GiB GPU: activation checkpointing or FSDP;
     its Hutchinson pass on 40 GiB, where checkpointing cannot help (the double backward keeps every
     recomputed block): more memory, or Sophia-G."""
-    model = load_settings(compose_train(["model=gpt2_xl", "out_dir=unused"])).model
+    model = meta_model(parse_config(compose_train(["model=gpt2_xl", "out_dir=unused"])).model)
     with pytest.raises(UserError, match="activation_checkpointing"):
-        choose_micro_batch(model, batch_size=480, world_size=8, memory=16 * GiB, what="test",
+        choose_micro_batch(model, per_rank=60, world_size=8, memory=16 * GiB, what="test",
                            dtype="bfloat16", state_tensors=2)
     with pytest.raises(UserError, match="Sophia-G"):
-        choose_micro_batch(model, batch_size=480, world_size=8, memory=40 * GiB, what="test",
+        choose_micro_batch(model, per_rank=60, world_size=8, memory=40 * GiB, what="test",
                            dtype="bfloat16",
                            state_tensors=2, kind="hutchinson", activation_checkpointing=True)
 
@@ -103,11 +104,11 @@ def test_null_settings_off_cuda(tmp_path):
     """Off CUDA the paper's micro-batch of 12 where it divides the per-rank batch (else the largest divisor
     below it: 10 for 480 over 16 ranks), the curvature pass's the same, compile off and checkpoints written
     in the foreground (a CPU's cores would both train and write)."""
+    cfg = compose_train(["optim=sophia_h", f"out_dir={tmp_path}"])
+    assert cfg.train.micro_batch_size is None and cfg.train.compile is None
+    assert cfg.train.async_checkpoint is None
     for world_size, expected in ((1, 12), (16, 10)):
-        settings = load_settings(compose_train(["optim=sophia_h", f"out_dir={tmp_path}"]))
-        assert settings.train.micro_batch_size is None and settings.train.compile is None
-        assert settings.train.async_checkpoint is None
-        resolve_device_defaults(settings, world_size, torch.device("cpu"))
+        settings, _ = load_settings(cfg, world_size=world_size, device=torch.device("cpu"))
         assert settings.train.micro_batch_size == expected
         assert settings.train.hessian_micro_batch_size == expected
         assert settings.train.compile is False and settings.train.async_checkpoint is False
@@ -115,9 +116,9 @@ def test_null_settings_off_cuda(tmp_path):
 
 def test_explicit_micro_batches_are_kept(tmp_path):
     """Micro-batches given in the config are used as given (a warning, not a change, if they may not fit)."""
-    settings = load_settings(compose_train(["optim=sophia_h", f"out_dir={tmp_path}",
-                                            "train.micro_batch_size=8", "train.hessian_micro_batch_size=2"]))
-    resolve_micro_batches(settings, 1, 80 * GiB)
+    cfg = compose_train(["optim=sophia_h", f"out_dir={tmp_path}", "train.micro_batch_size=8",
+                         "train.hessian_micro_batch_size=2"])
+    settings, _ = load_settings(cfg, world_size=1, device=torch.device("cpu"), gpu_memory=80 * GiB)
     assert (settings.train.micro_batch_size, settings.train.hessian_micro_batch_size) == (8, 2)
 
 
@@ -141,9 +142,8 @@ def test_more_ranks_than_visible_gpus_is_a_user_error(monkeypatch):
 def test_summed_accumulation_keeps_the_papers_micro_batch(tmp_path):
     """Under protocol=official AdamW sums its micro-steps' losses, so their number sets the effective clip
     and defines the run: a null micro-batch is the paper's 12 on any GPU, not the largest that fits."""
-    fair = load_settings(compose_train(["optim=adamw", f"out_dir={tmp_path}"]))
-    official = load_settings(compose_train(["optim=adamw", "protocol=official", f"out_dir={tmp_path}"]))
-    for settings in (fair, official):
-        resolve_micro_batches(settings, 1, 141 * GiB)
+    fair, official = (load_settings(compose_train(["optim=adamw", *protocol, f"out_dir={tmp_path}"]),
+                                    world_size=1, device=torch.device("cpu"), gpu_memory=141 * GiB)[0]
+                      for protocol in ([], ["protocol=official"]))
     assert official.train.micro_batch_size == 12 and fair.train.micro_batch_size > 12
 

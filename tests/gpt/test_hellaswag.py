@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from data.tokenizers import get_tokenizer
-from gpt.hellaswag import encode_items, evaluate_hellaswag, predictions, read_items
+from gpt.eval.hellaswag import encode_items, evaluate_hellaswag, predictions, read_items
+from gpt.eval.scoring import score_continuations
 from gpt.model import GPT, GPTConfig
-from gpt.scoring import score_continuations
 
 REPO = Path(__file__).resolve().parents[2]
 # Items in HellaSwag's own jsonl format (fields as in hellaswag_val.jsonl), texts written for this test.
@@ -145,8 +145,8 @@ def test_bad_items_are_one_line(tmp_path):
 def test_script_scores_a_run_and_reports_offline_hub_in_one_line(tmp_path, capsys):
     """Wrong if the command-line tool does not write the contracted JSON keys, or an unreachable hub
     dataset ends in a traceback rather than one line naming --data."""
-    from tests.gpt.test_hf import random_model as random_byte_model
-    from tests.gpt.test_hf import write_checkpoint
+    from tests.tiny_model import random_model as random_byte_model
+    from tests.tiny_model import write_checkpoint
 
     run = tmp_path / "run"
     write_checkpoint(random_byte_model(), run, "byte")
@@ -187,9 +187,9 @@ def test_periodic_hellaswag_is_written_to_metrics_and_plotted(tmp_path):
 def test_an_interval_off_the_evaluation_steps_is_refused():
     """Wrong if a HellaSwag interval that is no multiple of the evaluation interval is accepted: its scores
     would be computed but never written (records are written at evaluation steps)."""
-    from gpt.config import load_settings
+    from gpt.config import parse_config
     from tests.hydra_compose import compose_train
 
     with pytest.raises(UserError, match=r"hellaswag_interval=3 must be 0 .* of train\.eval_interval=2"):
-        load_settings(compose_train(["train.hellaswag_interval=3", "train.eval_interval=2"]))
-    assert load_settings(compose_train(["train.hellaswag_interval=4", "train.eval_interval=2"]))
+        parse_config(compose_train(["train.hellaswag_interval=3", "train.eval_interval=2"]))
+    assert parse_config(compose_train(["train.hellaswag_interval=4", "train.eval_interval=2"]))

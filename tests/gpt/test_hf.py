@@ -3,7 +3,6 @@ weights bit for bit, the exported tokenizer is tiktoken's, and bad input is one 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -14,39 +13,17 @@ import torch
 
 from common.errors import UserError
 from data.tokenizers import get_tokenizer
-from gpt.checkpoint import CheckpointDir, save_training_state
-from gpt.hf import export_hf, init_from_hf, load_hf
+from gpt.eval.hf import export_hf, init_from_hf, load_hf
+from gpt.eval.pretrained import init_weights, load_checkpoint
 from gpt.model import GPT, GPTConfig
-from gpt.pretrained import init_weights, load_checkpoint
+from tests.tiny_model import random_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "shakespeare_byte"  # prepared by the first run
 
 
-def random_model(vocab_size: int = 320, **overrides) -> GPT:
-    """A small GPT whose every parameter (biases and LayerNorms included) is random, so no term hides; its
-    vocabulary is the byte tokenizer's 256 padded to a multiple of 64."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=vocab_size, **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
-
-
-def write_checkpoint(model: GPT, run_dir: Path, tokenizer: str, sharded: bool = False) -> Path:
-    """`model` saved as the trainer saves it (single-file or sharded), with the manifest config it reads."""
-    ckpts = CheckpointDir(run_dir / "checkpoints")
-    staging = ckpts.begin(5)
-    optimizer = torch.optim.AdamW(model.parameters())
-    save_training_state(staging, model, optimizer, {}, sharded=sharded, is_main=True)
-    config = {"model": {"name": "test", **dataclasses.asdict(model.config)}, "data": {"tokenizer": tokenizer}}
-    return ckpts.commit(5, {"config": config})
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -6,20 +6,17 @@ import re
 import pytest
 import torch
 
-from gpt.config import batch_plan, load_settings
-from gpt.device_defaults import resolve_device_defaults
 from gpt.distributed import init_runtime
 from gpt.plan import peak_flops
+from gpt.settings import load_settings
 from gpt.trainer import Trainer
 from tests.hydra_compose import compose_train
 
 
 def dry_run(tmp_path, *overrides: str) -> Trainer:
     cfg = compose_train(["train.dry_run=true", f"out_dir={tmp_path}", "train.device=cpu", *overrides])
-    settings = load_settings(cfg)
-    runtime = init_runtime(settings.train.strategy, settings.train.device)
-    resolve_device_defaults(settings, runtime.world_size, runtime.device)  # as train() does first
-    return Trainer(settings, runtime, batch_plan(settings, runtime.world_size))
+    settings, plan = load_settings(cfg)  # as train() does first
+    return Trainer(settings, init_runtime(settings.train.strategy, settings.train.device), plan)
 
 
 def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):

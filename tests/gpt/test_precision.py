@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from data.loader import BatchLoader, BatchPlan, TokenData
-from data.prepare import prepare
+from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.curvature_pass import CurvatureSchedule, run_curvature_pass
 from gpt.distributed import Runtime
 from gpt.model import GPT, GPTConfig
@@ -22,14 +21,6 @@ from optim import OPTIMIZERS, SophiaG, SophiaH
 from tests.hydra_compose import compose_train, tiny_run
 
 short_run = functools.partial(tiny_run, steps=6, interval=6)  # 6 steps, one evaluation and checkpoint
-
-
-@pytest.fixture(scope="module")
-def byte_data(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
-    return directory
-
 
 
 # A curvature pass every 2 steps; the eager update (bit-identical to the compiled one) skips compilation.
@@ -131,7 +122,7 @@ def curvature_estimate(byte_data: Path, scaler: torch.amp.GradScaler, kind: str 
             model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     optimizer = (SophiaG(model.parameters(), bs=8 * 32, fused=False) if kind == "gnb"
                  else SophiaH(model.parameters(), fused=False))
-    loader = BatchLoader(TokenData(byte_data), BatchPlan(8, 4, block_size=32), seed=1)
+    loader = BatchLoader(TokenData(byte_data), BatchLayout(8, 4, block_size=32), seed=1)
     runtime = Runtime(0, 0, 1, torch.device("cpu"), "single")
     schedule = CurvatureSchedule(kind, interval=1, batch_size=8, grad_clip=1.0, at_start=True)
     run_curvature_pass(schedule, model, optimizer, loader, 0, 1, runtime, contextlib.nullcontext, scaler)

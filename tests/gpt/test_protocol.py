@@ -16,8 +16,7 @@ from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.run_dir import identity_differences
 from gpt.trainer import train
-from tests.gpt.test_trainer import byte_data, losses, read_records  # noqa: F401 (byte_data: a fixture)
-from tests.hydra_compose import compose_train, tiny_run
+from tests.hydra_compose import compose_train, losses, read_records, tiny_run
 
 
 @pytest.fixture
@@ -34,13 +33,13 @@ def adamw_gradients(monkeypatch):
     return seen
 
 
-def first_step_gradient(tmp_path, byte_data, seen, name, *extra):  # noqa: F811
+def first_step_gradient(tmp_path, byte_data, seen, name, *extra):
     seen.clear()
     train(compose_train(tiny_run(tmp_path / name, byte_data, "train.max_steps=1", *extra)))
     return seen[0]
 
 
-def test_official_adamw_clips_the_sum_of_the_micro_step_gradients(tmp_path, byte_data, adamw_gradients):  # noqa: F811
+def test_official_adamw_clips_the_sum_of_the_micro_step_gradients(tmp_path, byte_data, adamw_gradients):
     """With 2 micro-steps, the official protocol's AdamW gradient is exactly the sum of the micro-step
     gradients (2× the fair mean, bit for bit: halving is exact in floating point), and the clip at c acts on
     that sum, i.e. at c/2 on the mean gradient's scale. Wrong if the losses are averaged under the official
@@ -67,7 +66,7 @@ def test_official_adamw_clips_the_sum_of_the_micro_step_gradients(tmp_path, byte
     torch.testing.assert_close(one, mean, rtol=1e-5, atol=1e-8)
 
 
-def test_official_protocol_leaves_sophia_g_accumulation_unchanged(tmp_path, byte_data):  # noqa: F811
+def test_official_protocol_leaves_sophia_g_accumulation_unchanged(tmp_path, byte_data):
     """The official Sophia-G script averages its micro-steps like the fair protocol: with the warm-up form
     and the extra step set back to the fair ones, the official protocol trains Sophia-G (curvature passes
     included) bit for bit like the fair one. Wrong if the summing reaches optimizers it does not name."""
@@ -81,7 +80,7 @@ def test_official_protocol_leaves_sophia_g_accumulation_unchanged(tmp_path, byte
     assert grad_norms["fair"] == grad_norms["official"]
 
 
-def test_official_warmup_and_iteration_count(tmp_path, byte_data):  # noqa: F811
+def test_official_warmup_and_iteration_count(tmp_path, byte_data):
     """protocol=official with max_steps 4 trains 5 steps (the official loop's iterations 0..max_iters) whose
     learning rates are lr·s/W during the warm-up (0 at step 0) and the cosine over the 4 steps after it, the
     last at min_lr; config.yaml records the 5 steps trained and the 4-step schedule."""
@@ -99,7 +98,7 @@ def test_official_warmup_and_iteration_count(tmp_path, byte_data):  # noqa: F811
                                   "warmup_from_zero": True, "extra_final_step": True, "summed_micro_steps": 2}
 
 
-def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):  # noqa: F811
+def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):
     """The protocol is recorded in config.yaml and in every checkpoint, and a resume under the other one is
     refused like a change of optimizer: it would continue a run with different gradients."""
     out = tmp_path / "run"
@@ -110,7 +109,7 @@ def test_resume_with_another_protocol_is_refused(tmp_path, byte_data):  # noqa: 
         train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "protocol=official")))
 
 
-def test_official_adamw_resumed_with_another_accumulation_is_refused(tmp_path, byte_data):  # noqa: F811
+def test_official_adamw_resumed_with_another_accumulation_is_refused(tmp_path, byte_data):
     """Under the official protocol AdamW's clip threshold on the mean gradient is grad_clip / micro-steps, so
     the micro-steps summed are recorded and a resume with another micro-batch is refused. Under the fair
     protocol the micro-batch is a hardware setting and may change."""

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from common.errors import UserError
-from gpt.checkpoint import MANIFEST, CheckpointDir, _sha256, load_training_state, save_training_state
+from gpt.checkpoint import MANIFEST, CheckpointDir, load_training_state, save_training_state, sha256_file
 from gpt.model import GPT, GPTConfig
-from tests.gpt.test_checkpoint import stepped
+from tests.tiny_model import stepped
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,7 @@ def reseal(checkpoint: Path) -> None:
     """Recompute every manifest entry, as someone replacing a file would."""
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     for name, entry in manifest["files"].items():
-        entry.update(bytes=(checkpoint / name).stat().st_size, sha256=_sha256(checkpoint / name))
+        entry.update(bytes=(checkpoint / name).stat().st_size, sha256=sha256_file(checkpoint / name))
     (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -1,6 +1,5 @@
 """End-to-end training on the tiny model: metrics, checkpoints, and exact resume."""
 
-import json
 import math
 import re
 from pathlib import Path
@@ -13,23 +12,13 @@ from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
 from optim import OPTIMIZERS
-from tests.hydra_compose import compose_train, tiny_run
+from tests.hydra_compose import compose_train, losses, read_records, tiny_run
 
 TINY_RATES = sorted((Path(__file__).resolve().parents[2] / "configs" / "hparams").glob("gpt2_tiny_*.yaml"))
 
 
-@pytest.fixture(scope="session")
-def byte_data(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "shakespeare_byte"
 
 
-
-def read_records(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_records(out_dir) if "train_loss" in r}
 
 
 def test_run_directory_contract(tmp_path, byte_data):

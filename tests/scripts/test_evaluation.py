@@ -107,10 +107,10 @@ def test_lm_eval_runs_offline_and_agrees_with_our_scorer(run, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from data.tokenizers import get_tokenizer
-    from gpt.hellaswag import encode_items, evaluate_hellaswag
-    from gpt.lm_eval_model import SophiaGPT
-    from gpt.pretrained import load_pretrained
-    from gpt.scoring import score_continuations
+    from gpt.eval.hellaswag import encode_items, evaluate_hellaswag
+    from gpt.eval.lm_eval_model import SophiaGPT
+    from gpt.eval.pretrained import load_pretrained
+    from gpt.eval.scoring import score_continuations
 
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))

@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
-from gpt.config import batch_plan, load_settings
-from gpt.device_defaults import resolve_micro_batches
 from gpt.memory import GiB
+from gpt.settings import load_settings
 from gpt.trainer import StopRequested
 from tests.hydra_compose import compose_train
 
@@ -77,9 +77,8 @@ def test_default_and_documented_jobs_pass_the_batch_check(script, flags, overrid
     its ranks, so no rank exits at start. Wrong (as with a fixed micro-batch of 12) when 2 nodes × 8 GPUs
     × 12 = 192 does not divide the paper's 480: every rank would exit, and torchrun restart it three times."""
     world_size = allocation(script, flags)
-    settings = load_settings(compose_train([*overrides, f"out_dir={tmp_path}"]))
-    resolve_micro_batches(settings, world_size, gpu_memory_gib * GiB)
-    plan = batch_plan(settings, world_size)
+    settings, plan = load_settings(compose_train([*overrides, f"out_dir={tmp_path}"]), world_size=world_size,
+                                   device=torch.device("cpu"), gpu_memory=gpu_memory_gib * GiB)
     assert plan.micro_batch_size * plan.grad_accum_steps * world_size == settings.train.global_batch_size
     hessian_batch = settings.optim.get("hessian_batch_size") or settings.train.global_batch_size
     if settings.train.hessian_micro_batch_size is not None:

@@ -91,7 +91,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
     require_hf()
     from safetensors.torch import save_file
 
-    from gpt.hf_tokenizer import save_tokenizer
+    from gpt.eval.hf_tokenizer import save_tokenizer
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new --out folder or delete it")

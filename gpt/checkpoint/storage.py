@@ -9,7 +9,7 @@ with a warning, when it does not match. Old checkpoints are pruned only after a 
 those older than it: a newer one that failed verification is replaced when the run reaches its step again, so
 the run directory always keeps the checkpoint it just wrote. Removal renames to a `.tmp` name first, so an
 interrupted prune leaves no half-deleted directory that looks complete. Files are loaded with
-`weights_only=True`, sharded ones through an allow-list (gpt/sharded_checkpoint.py): a checkpoint is data,
+`weights_only=True`, sharded ones through an allow-list (`safe_loading`): a checkpoint is data,
 never code.
 """
 
@@ -39,7 +39,7 @@ SHARDED_DIR = "sharded"
 log = logging.getLogger(__name__)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -50,7 +50,7 @@ def _sha256(path: Path) -> str:
 def file_entry(path: Path) -> dict[str, Any]:
     """The manifest entry of a complete file (made durable first): its size and SHA-256."""
     fsync_path(path)
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 class _HashingFile:
@@ -179,7 +179,7 @@ class CheckpointDir:
                 return f"{name} is missing"
             if file.stat().st_size != expected["bytes"]:
                 return f"{name} has {file.stat().st_size} bytes, manifest says {expected['bytes']}"
-            if _sha256(file) != expected["sha256"]:
+            if sha256_file(file) != expected["sha256"]:
                 return f"{name} fails its SHA-256 check"
         return None
 
@@ -319,7 +319,7 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
     if (directory / SHARDED_DIR).is_dir():
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        from gpt.sharded_checkpoint import load_into
+        from gpt.checkpoint.safe_loading import load_into
 
         state = _sharded_state(model, optimizer, extra)
         load_into(state, directory / SHARDED_DIR)  # never unpickles code
@@ -346,7 +346,7 @@ def load_model_weights(directory: Path, model: nn.Module) -> None:
             if tensor.data_ptr() not in seen:
                 weights[name] = tensor
                 seen.add(tensor.data_ptr())
-        from gpt.sharded_checkpoint import load_into
+        from gpt.checkpoint.safe_loading import load_into
 
         load_into({"model": weights}, directory / SHARDED_DIR)  # only the keys named; never unpickles code
     else:

@@ -2,8 +2,8 @@
 torchrun's default 30 s shutdown grace. With the grace the Slurm scripts give torchrun, the workers finish the
 step, save its checkpoint and exit before torchrun would kill them.
 
-The 40 s step is a tiny model whose training batches each wait 40 s (tests/gpt/slow_step_train.py), so the
-test measures the launcher's grace, not the machine's speed.
+The 40 s step is a tiny model whose training batches each wait 40 s (slow_step_train.py beside this file), so
+the test measures the launcher's grace, not the machine's speed.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_sigterm_to_torchrun_during_a_long_step_saves_its_checkpoint(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CI="true", SLOW_STEP_S=str(STEP_S),
                TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               f"--shutdown-timeout={grace}", str(REPO / "tests" / "gpt" / "slow_step_train.py"), *overrides]
+               f"--shutdown-timeout={grace}", str(Path(__file__).parent / "slow_step_train.py"), *overrides]
     log = open(tmp_path / "output.txt", "w")
     agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"

@@ -32,12 +32,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.prepare import prepare
+from gpt.eval.pretrained import load_checkpoint
 from gpt.model import GPT, GPTConfig
-from gpt.pretrained import load_checkpoint
 from optim import OPTIMIZERS
 from tests.determinism import assert_same_numbers
-from tests.hydra_compose import compose_train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -158,14 +156,6 @@ class Runs:
             assert f"(step {STEPS // 2})" in output, output[-3000:]
             self.done[key] = self.root / key / "run"
         return self.done[key]
-
-
-@pytest.fixture(scope="session")
-def byte_data(tmp_path_factory) -> Path:
-    """The shipped Shakespeare sample, byte-tokenised, prepared once for every launch."""
-    directory = tmp_path_factory.mktemp("data") / "shakespeare_byte"
-    prepare(compose_train(["experiment=quickstart", f"data.dir={directory}"]).data)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -416,13 +406,13 @@ def test_multirun_under_torchrun_runs_every_job_like_a_fresh_launch(runs):
 
 def test_every_optimizer_matches_the_unsharded_one(tmp_path):
     """Each registered optimizer, stepping FSDP2-sharded (DTensor) parameters, against itself on an unsharded
-    copy (see tests/gpt/fsdp_optimizers_check.py): parameters within 2e-5 after 3 steps of lr 1e-3 (measured
-    ≤ 2.6e-6, Sophia-H, whose ratio divides by small random curvature; a per-tensor statistic taken over one
-    shard, or a sign flipped by a wrong reduction, moves a coordinate by ~lr = 1e-3), and per-step gradient
-    norm, win rate and curvature norm within 1e-5 relative (measured ≤ 2.5e-7)."""
+    copy (see fsdp_optimizers_check.py beside this file): parameters within 2e-5 after 3 steps of lr 1e-3
+    (measured ≤ 2.6e-6, Sophia-H, whose ratio divides by small random curvature; a per-tensor statistic taken
+    over one shard, or a sign flipped by a wrong reduction, moves a coordinate by ~lr = 1e-3), and per-step
+    gradient norm, win rate and curvature norm within 1e-5 relative (measured ≤ 2.5e-7)."""
     report_path, checkpoints = tmp_path / "report.json", tmp_path / "checkpoints"
     checkpoints.mkdir()
-    script = REPO / "tests" / "gpt" / "fsdp_optimizers_check.py"
+    script = REPO / "tests" / "integration" / "fsdp_optimizers_check.py"
     result = subprocess.run(torchrun(script, str(report_path), str(checkpoints)), env=environment(),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, failure(result.stderr)
@@ -444,7 +434,8 @@ def test_exception_on_one_rank_ends_the_job_within_seconds(runs, tmp_path, faili
     stamp = tmp_path / "failed_at"
     args = [*overrides(runs.data_dir, "adamw", "ddp", "train.global_batch_size=16"), "out_dir=run"]
     env = dict(environment(), FAIL_RANK=str(failing_rank), FAIL_STEP="3", FAIL_STAMP=str(stamp))
-    process = subprocess.Popen(torchrun(REPO / "tests" / "gpt" / "fail_on_one_rank.py", *args), cwd=tmp_path,
+    script = REPO / "tests" / "integration" / "fail_on_one_rank.py"
+    process = subprocess.Popen(torchrun(script, *args), cwd=tmp_path,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:

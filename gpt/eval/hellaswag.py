@@ -23,8 +23,8 @@ import torch
 
 from common.errors import UserError
 from data.tokenizers import Tokenizer
+from gpt.eval.scoring import score_continuations
 from gpt.model import GPT
-from gpt.scoring import score_continuations
 
 HUB_DATASET = "Rowan/hellaswag"
 HUB_REVISION = "refs/convert/parquet"  # the hub's parquet conversion: datasets>=4 runs no loading script

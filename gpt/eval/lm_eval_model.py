@@ -1,6 +1,6 @@
 """This project's models inside lm-evaluation-harness: importing this module registers the model class
 `sophia-gpt`, which evaluates a run directory, a checkpoint or Hugging Face GPT-2 weights directly (no export)
-with the run's own tokenizer and this project's batched scorer (gpt/scoring.py).
+with the run's own tokenizer and this project's batched scorer (gpt/eval/scoring.py).
 
     python scripts/run_lm_eval.py --model sophia-gpt --model_args pretrained=runs/quickstart/adamw \
         --tasks copa
@@ -23,9 +23,9 @@ try:
 except ImportError:
     raise UserError("lm-evaluation-harness is not installed: pip install -e '.[lm_eval]'") from None
 
-from gpt.pretrained import load_pretrained, pick_device
-from gpt.scoring import score_continuations
-from gpt.trainer import autocast_factory
+from gpt.distributed import autocast_factory, pick_device
+from gpt.eval.pretrained import load_pretrained
+from gpt.eval.scoring import score_continuations
 
 MODEL_NAME = "sophia-gpt"
 DEFAULT_BATCH_SIZE = 32

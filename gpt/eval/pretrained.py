@@ -73,7 +73,7 @@ def load_pretrained(source: str | Path, device: str | torch.device = "cpu") -> P
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory, a checkpoint nor a Hugging Face model folder "
                         "(no checkpoints/, manifest.json or config.json)")
-    from gpt.hf import load_hf
+    from gpt.eval.hf import load_hf
 
     model, tokenizer = load_hf(str(source))
     return Pretrained(model.to(device).eval(), tokenizer, str(source), None)
@@ -83,7 +83,7 @@ def init_weights(model: GPT, source: str) -> None:
     """`train.init_from`: overwrite a freshly built model's weights with those of a run, a checkpoint, or a
     Hugging Face GPT-2 (folder or hub name); shapes that do not match the model config are one error."""
     if not is_project_checkpoint(Path(source)):
-        from gpt.hf import init_from_hf
+        from gpt.eval.hf import init_from_hf
 
         init_from_hf(model, source)
         return
@@ -98,9 +98,3 @@ def init_weights(model: GPT, source: str) -> None:
                         "use its model settings")
     model.load_state_dict(loaded.model.state_dict())
 
-
-def pick_device(name: str) -> torch.device:
-    """`auto` is CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -1,5 +1,5 @@
 """`train.py` with every training micro-batch delayed by SLOW_STEP_S seconds: steps longer than torchrun's
-default shutdown grace without a model big enough to need that long (for tests/gpt/test_preemption.py).
+default shutdown grace without a model big enough to need that long (for test_preemption.py).
 The delay is added here, in the test's own entry point, so the product code has no test hooks."""
 
 import os

@@ -4,7 +4,7 @@ What is saved are the run's stateful parts: the model and optimizer (one `state.
 under FSDP) at the optimizer's evaluation weights (schedule-free: the average), the gradient scaler, and the
 loop's own state (step, elapsed time, recent losses, skip streak, wandb id), which is small and the same on
 every rank and so goes into the manifest next to the config and the identity of the data trained on. The
-on-disk format, its verification and pruning are `gpt.checkpoint`'s.
+on-disk format, its verification and pruning are `gpt.checkpoint.storage`'s.
 
 With `async_saves`, a periodic save copies the state to CPU memory and returns; a background thread writes
 the copy, hashes it (each rank its own files) and commits it, so a checkpoint becomes complete only once
@@ -17,16 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from torch import nn
-from torch.optim import Optimizer
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from common.errors import UserError
-from gpt.checkpoint import (
+from gpt.checkpoint.storage import (
     CheckpointDir,
     first_nonfinite,
     load_training_state,
@@ -37,6 +33,7 @@ from gpt.distributed import Runtime
 from gpt.run_dir import check_compatible, check_same_data
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Stateful(Protocol):
@@ -45,22 +42,30 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+# Manifests written before the loop state held its step, elapsed time and wandb id kept them at the top level.
+_LOOP_KEYS_ONCE_AT_TOP = ("step", "elapsed_s", "wandb_id")
+
+
 class Checkpointer:
     """Saves every `interval` steps, at `max_steps` and when the run is asked to stop; resumes the newest
     checkpoint that verifies and was written by the same experiment (`config`) on the same data.
 
-    `evaluation_weights` is a context in which the model holds the weights a checkpoint stores (leaving it
-    switches back to the training weights); `data_identity` says what data the run trains on; `async_saves`
-    writes periodic saves in the background."""
+    `states` name the parts saved in the state file: "model" and "optimizer" (sharded under FSDP) and any
+    others; `records` name the small parts saved in the manifest. `evaluation_weights` is a context in which
+    the model holds the weights a checkpoint stores (leaving it switches back to the training weights);
+    `data_identity` says what data the run trains on; `async_saves` writes periodic saves in the
+    background."""
 
     def __init__(self, root: Path, runtime: Runtime, config: dict[str, Any], *, interval: int, keep: int,
-                 max_steps: int, model: nn.Module, optimizer: Optimizer, scaler: torch.amp.GradScaler,
-                 loop: Stateful, evaluation_weights: Callable[[], contextlib.AbstractContextManager],
+                 max_steps: int, states: Mapping[str, Stateful], records: Mapping[str, Stateful],
+                 evaluation_weights: Callable[[], contextlib.AbstractContextManager],
                  async_saves: bool = False) -> None:
         self.dir = CheckpointDir(root, keep=keep)
         self.rt, self.config = runtime, config
         self.interval, self.max_steps = interval, max_steps
-        self.model, self.optimizer, self.scaler, self.loop = model, optimizer, scaler, loop
+        self.model, self.optimizer = states["model"], states["optimizer"]
+        self.others = {name: part for name, part in states.items() if name not in ("model", "optimizer")}
+        self.records = dict(records)
         self.evaluation_weights = evaluation_weights
         self.sharded = runtime.strategy == "fsdp"
         self.data_identity: dict[str, Any] | None = None  # set once the data is open
@@ -87,16 +92,20 @@ class Checkpointer:
         if path is None:
             return False
         with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training weights
-            extra = load_training_state(path, self.model, self.optimizer,
-                                        {"scaler": self.scaler.state_dict()}, self.sharded, self.rt.device)
-        self.scaler.load_state_dict(extra["scaler"])
-        loop = manifest["loop"]
-        if "step" not in loop:  # a checkpoint from before the loop state held these three itself
-            loop = {**loop, "step": manifest["step"], "elapsed_s": manifest["elapsed_s"],
-                    "wandb_id": manifest["wandb_id"]}
-        self.loop.load_state_dict(loop)
+            others = load_training_state(path, self.model, self.optimizer, self._other_states(), self.sharded,
+                                         self.rt.device)
+        for name, part in self.others.items():
+            part.load_state_dict(others[name])
+        for name, part in self.records.items():
+            record = manifest[name]
+            if name == "loop" and "step" not in record:
+                record = {**record, **{key: manifest[key] for key in _LOOP_KEYS_ONCE_AT_TOP}}
+            part.load_state_dict(record)
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return True
+
+    def _other_states(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.others.items()}
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any]]:
         """Run by rank 0 alone: the checkpoint to resume and its manifest, checked against this run."""
@@ -147,35 +156,34 @@ class Checkpointer:
             raise UserError(f"after step {step}, {problem or 'a tensor on another rank'} is not finite: its "
                             f"checkpoint was not written. Last good checkpoint: {self.last_complete()}. A "
                             "lower optim.lr is another experiment: give it a new out_dir", echo=is_main)
-        meta = {"config": self.config, "loop": self.loop.state_dict(), "data": self.data_identity}
+        meta = {"config": self.config, "data": self.data_identity,
+                **{name: part.state_dict() for name, part in self.records.items()}}
         if background and self.sharded and self._group is None:
             import torch.distributed as dist
 
             self._group = dist.new_group(backend="gloo")  # every rank, at the same save
-        finish: list[Callable[[], dict[str, Any]]] = []
-        files: dict[str, Any] = {}
-        phases: list[Callable[[], object]] = [
-            lambda: self.dir.begin(step) if is_main else None,
-            lambda: finish.append(start_training_state_save(
-                self.dir.staging(step), self.model, self.optimizer, {"scaler": self.scaler.state_dict()},
-                self.sharded, is_main, background=background, group=self._group)),
-        ]
-        if not background:
-            phases += [lambda: files.update(finish[0]()),
-                       lambda: self._commit(step, meta, self._gathered(files, None))]
-        error: Exception | None = None
-        for phase in phases:
-            try:
-                phase()
-            except OSError as e:
-                error = e
-            if not self.rt.all_ranks(error is None):  # also the barrier between the phases
-                break
-        else:
-            if background:
-                self._pending = _BackgroundSave(step, lambda: self._finish(step, meta, finish[0]))
+        self._together(step, lambda: self.dir.begin(step) if is_main else None)
+        finish = self._together(step, lambda: start_training_state_save(
+            self.dir.staging(step), self.model, self.optimizer, self._other_states(), self.sharded, is_main,
+            background=background, group=self._group))
+        if background:
+            self._pending = _BackgroundSave(step, lambda: self._finish(step, meta, finish))
             return
-        if is_main:
+        files = self._together(step, finish)
+        self._together(step, lambda: self._commit(step, meta, self._gathered(files, None)))
+
+    def _together(self, step: int, action: Callable[[], T]) -> T:
+        """`action`'s result once every rank has done its part (the agreement is also the barrier between
+        a save's phases). A write that failed on any rank fails the save on every rank: its partial files
+        are removed and the run stops, naming the last good checkpoint."""
+        error: OSError | None = None
+        try:
+            result = action()
+        except OSError as e:
+            error = e
+        if self.rt.all_ranks(error is None):
+            return result
+        if self.rt.is_main:
             self.dir.discard(step)
         self._failed(step, error)
 
@@ -207,7 +215,7 @@ class Checkpointer:
         if self.rt.is_main:
             log.info("saved %s", self.dir.commit(step, meta, files))
 
-    def _failed(self, step: int, error: BaseException | None) -> None:
+    def _failed(self, step: int, error: BaseException | None) -> NoReturn:
         cause = f"{type(error).__name__}: {error}" if error else "the write failed on another rank"
         raise UserError(f"could not write the checkpoint of step {step} ({cause}); its partial files were "
                         f"removed. Last good checkpoint: {self.last_complete()}. Free disk space and "

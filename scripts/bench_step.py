@@ -8,9 +8,9 @@ noise hits all alike; a variant's ms/step is the median over blocks, and its rat
 the per-round ratios. The breakdown splits a step into forward+backward, optimizer step (clip included) and
 curvature pass (forward, sampling, backward, update), each phase's ms per step the median over blocks.
 Throughput is training tokens per second (curvature sequences are not training tokens); MFU divides the
-model's training FLOPs per token (6N plus attention) × tokens/s by a bf16 matmul peak measured in the same
-process (the best of a few square sizes, measured again after every round, the best kept), so the figure
-means the same on any machine.
+model's training FLOPs per token (6N plus attention) × tokens/s by a matmul peak measured in the same
+process (the best of a few square sizes in the run's dtype, on CPU in fp32 too; measured again after every
+round, the best kept), so the figure means the same on any machine.
 
     python scripts/bench_step.py [--rounds 4] [--only adamw,sophia_g,sophia_h] [--out bench_step.json]
     python scripts/bench_step.py --micro-batch 4 --only adamw,sophia_g,sophia_g@half
@@ -63,23 +63,25 @@ def synthetic_data(folder: Path, tokens: int, seed: int = 0) -> TokenData:
     return TokenData(folder)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], reps: int = 3) -> dict:
-    """The best FLOP/s of square matmuls over `sizes` (best of `reps` each, after one warm-up)."""
-    best: dict[str, Any] = {"flops": 0.0, "size": None, "per_size": {}}
-    for n in sizes:
-        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        torch.mm(a, b)
-        times = []
-        for _ in range(reps):
-            sync(device)
-            start = time.perf_counter()
+def matmul_peak(device: torch.device, dtypes: tuple[torch.dtype, ...], sizes: tuple[int, ...],
+                reps: int = 3) -> dict:
+    """The best FLOP/s of square matmuls over `dtypes` × `sizes` (best of `reps` each, after one warm-up)."""
+    best: dict[str, Any] = {"flops": 0.0, "size": None, "dtype": None, "per_size": {}}
+    for dtype in dtypes:
+        for n in sizes:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
             torch.mm(a, b)
-            sync(device)
-            times.append(time.perf_counter() - start)
-        flops = 2 * n ** 3 / min(times)
-        best["per_size"][n] = flops
-        if flops > best["flops"]:
-            best.update(flops=flops, size=n)
+            times = []
+            for _ in range(reps):
+                sync(device)
+                start = time.perf_counter()
+                torch.mm(a, b)
+                sync(device)
+                times.append(time.perf_counter() - start)
+            flops = 2 * n ** 3 / min(times)
+            best["per_size"][f"{str(dtype).removeprefix('torch.')}@{n}"] = flops
+            if flops > best["flops"]:
+                best.update(flops=flops, size=n, dtype=str(dtype).removeprefix("torch."))
     return best
 
 
@@ -241,8 +243,13 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     info = machine()
-    sizes = (2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072)
-    peak = matmul_peak(device, getattr(torch, args.dtype), sizes)
+    # A CPU without bf16 units multiplies bf16 slower than fp32 (a 3072-wide bf16 matmul takes over a minute),
+    # and CPU autocast leaves many ops in fp32: there the peak is the faster of the two, on small sizes.
+    if device.type == "cuda":
+        sizes, peak_dtypes = (2048, 4096, 8192), (getattr(torch, args.dtype),)
+    else:
+        sizes, peak_dtypes = (512, 1024), tuple(dict.fromkeys((getattr(torch, args.dtype), torch.float32)))
+    peak = matmul_peak(device, peak_dtypes, sizes)
     torch.manual_seed(args.seed)
     state = GPT(model_config(args)).state_dict()
     flops_per_token = GPT(model_config(args)).flops_per_token()
@@ -268,7 +275,7 @@ def main() -> None:
                     seconds = variant.run_block(args.block, record)
                     print(f"  round {round_index}{'' if record else ' (warm-up)'}: {variant.name} "
                           f"{1e3 * seconds / args.block:.0f} ms/step", flush=True)
-                again = matmul_peak(device, getattr(torch, args.dtype), sizes)  # the load varies: the best
+                again = matmul_peak(device, peak_dtypes, sizes)  # the load varies: the best
                 if again["flops"] > peak["flops"]:
                     peak = again
         except KeyboardInterrupt:

@@ -11,8 +11,11 @@ Both variants share the step: decoupled weight decay, m ← β1·m + (1−β1)·
   there is no bs factor; the estimate can be negative and the denominator is max(ρ·h, ε): h ≤ 0 gives a sign
   step. u is Gaussian as in the paper, or Rademacher on request (`probe`).
 While h = 0 (before the first estimate) the ratio saturates and the step is lr·sign(m), as in the official
-code. The default `fused=True` path runs each tensor's update as one compiled elementwise kernel
-(`optim.fused`); `fused=False` is the eager per-tensor reference loop; both give bit-identical results.
+code. The updates are written as the official class writes them (`m.mul_(β1).add_(g, alpha=1−β1)`,
+`h.mul_(β2).addcmul_(ĝ, ĝ, value=1−β2)`, `θ.addcmul_(sign(m), ratio, value=−lr)`), each multiply-add rounded
+once (`optim.fma`), so that in float32 and float64 on CPU Sophia-G equals the official class bit for bit.
+The default `fused=True` path runs a param group's update as one compiled call (`optim.fused`);
+`fused=False` is the eager per-tensor reference loop; both give bit-identical results.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import PROBES, aligned_estimates
-from optim.fused import EMA_ALL, EMA_SQUARE_ALL, MultiTensorKernel
+from optim.fma import add_, addcmul_
+from optim.fused import MultiTensorKernel
 from optim.registry import OptimizerEntry, full_size_state, register
 
 
@@ -42,10 +46,9 @@ def _sophia_step_(
 ) -> None:
     # 1 − β1 arrives precomputed in float64: computing it inside the kernel would round β1 to float32 first.
     param.mul_(decay)
-    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    # The paper's clip(m / d, 1): bit for bit the official code's sign(m)·min(|m| / d, 1), because d > 0 and
-    # IEEE division is symmetric in sign, with fewer operations per element.
-    param.sub_(lr * (exp_avg / _denominator(hessian, scale, eps, floor)).clamp(-1.0, 1.0))
+    add_(exp_avg.mul_(beta1), grad, one_minus_beta1)
+    ratio = (exp_avg.abs() / _denominator(hessian, scale, eps, floor)).clamp(max=1.0)
+    addcmul_(param, exp_avg.sign(), ratio, -lr)
 
 
 def _sophia_g_step_(*args: Any) -> None:
@@ -56,9 +59,19 @@ def _sophia_h_step_(*args: Any) -> None:
     _sophia_step_(*args, floor=True)
 
 
+def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
+    add_(average.mul_(beta), value, one_minus_beta)  # Sophia-H's h: the Hutchinson estimate itself
+
+
+def _ema_square_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
+    addcmul_(average.mul_(beta), value, value, one_minus_beta)  # Sophia-G's h: the official update_hessian
+
+
 # One kernel per variant rather than one with a flag: each compiled function has its own recompile budget.
 SOPHIA_G_STEP = MultiTensorKernel(_sophia_g_step_)
 SOPHIA_H_STEP = MultiTensorKernel(_sophia_h_step_)
+EMA_SQUARE_ALL = MultiTensorKernel(_ema_square_)  # h ← β·h + (1−β)·ĝ⊙ĝ over a group's tensors in one call
+EMA_ALL = MultiTensorKernel(_ema_)  # h ← β·h + (1−β)·estimate
 
 
 class _Sophia(BaseOptimizer):

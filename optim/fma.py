@@ -1,13 +1,14 @@
 """Multiply-adds rounded once, as ATen rounds `add_(other, alpha=a)` and `addcmul_`, eagerly and compiled.
 
-ATen's CPU kernels evaluate `self + alpha·other` and `self + value·t1·t2` with the processor's fused
-multiply-add (one rounding of the product and the sum; AVX2, AVX-512 and NEON all have it), and so does the
-official Sophia class, whose moment, curvature and parameter updates are exactly such calls. Written as
-`x * a + y`, the same update rounds twice: after 25 steps that moves a few percent of float32 coordinates
-by an ulp. Eagerly, the functions here are those ATen calls. Under `torch.compile` they emit Inductor's own
-`prims.fma` (`std::fma`/`at::vec::fmadd` in its C++, `tl.fma` in Triton), because Inductor lowers `add` with
-`alpha` and `addcmul` on CPU to a separate multiply and add (it compiles C++ with `-ffp-contract=off`).
-`addcmul_` follows the device's eager order: on CPU fma(value·t1, t2, self), on CUDA fma(value, t1·t2, self).
+ATen's CPU kernels evaluate `self + alpha·other` and `self + value·t1·t2` with a fused multiply-add (one
+rounding of product and sum: its vector kernels on CPUs with FMA, AVX2 and later; measured on AVX2, torch
+2.13), and the official Sophia class's moment, curvature and parameter updates are exactly such calls.
+Written as `x * a + y`, the same update rounds twice: over the 30 steps of tests/optim/test_sophia.py that
+moves 55% of m and 17% of θ by an ulp or more. Eagerly, the functions here are those ATen calls. Under
+`torch.compile` they emit Inductor's own `prims.fma` (`std::fma`/`at::vec::fmadd` in its C++, `tl.fma` in
+Triton), because Inductor lowers `add` with `alpha` and `addcmul` on CPU to a separate multiply and add (it
+compiles C++ with `-ffp-contract=off`). `addcmul_` follows the device's eager order: on CPU
+fma(value·t1, t2, self), on CUDA (recent torch) fma(value, t1·t2, self).
 Scalars may be Python floats, or 0-d tensors (`optim.fused.MultiTensorKernel` passes them so): a scalar
 meets the tensors rounded to their dtype, as eager rounds a Python scalar.
 """

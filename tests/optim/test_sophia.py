@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optim import SophiaG, SophiaH
-from optim.sophia import EMA_ALL, EMA_SQUARE_ALL, SOPHIA_G_STEP, SOPHIA_H_STEP
+from optim.sophia import SOPHIA_G_HESSIAN_EMA, SOPHIA_G_STEP, SOPHIA_H_HESSIAN_EMA, SOPHIA_H_STEP
 from tests.compiled import compiled_code_runs
 
 SHAPES = [(3, 4), (1,), (5,), (2, 3, 2), (256, 300)]  # groups: the first two, then the rest
@@ -129,10 +129,10 @@ def test_fused_path_is_bit_identical_to_the_reference_loop(variant):
         params = make_params(torch.float32)
         if variant == "G":
             optimizer = SophiaG(grouped(params), rho=0.05, bs=40, fused=fused)
-            kernels = (SOPHIA_G_STEP, EMA_SQUARE_ALL)
+            kernels = (SOPHIA_G_STEP, SOPHIA_G_HESSIAN_EMA)
         else:
             optimizer = SophiaH(grouped(params), rho=0.5, fused=fused)
-            kernels = (SOPHIA_H_STEP, EMA_ALL)
+            kernels = (SOPHIA_H_STEP, SOPHIA_H_HESSIAN_EMA)
         with compiled_code_runs(*kernels) if fused else contextlib.nullcontext():
             run(optimizer, params, variant)
         results.append((params, optimizer.state_dict()["state"]))
@@ -270,7 +270,7 @@ def test_sophia_g_equals_the_official_class_bit_for_bit(dtype, fused):
     # last bit. Wrong here: a multiply-add rounds twice (the fused path's compiled code included), an
     # operation is reordered, or a scalar is rounded differently from the official class.
     expected = official_sophia_g(dtype)
-    with compiled_code_runs(SOPHIA_G_STEP, EMA_SQUARE_ALL) if fused else contextlib.nullcontext():
+    with compiled_code_runs(SOPHIA_G_STEP, SOPHIA_G_HESSIAN_EMA) if fused else contextlib.nullcontext():
         *actual, optimizer = project_sophia_g(dtype, fused)
     for name, got, want in zip(("θ", "m", "h"), actual, expected, strict=True):
         for i, (a, b) in enumerate(zip(got, want, strict=True)):

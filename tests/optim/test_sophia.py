@@ -1,5 +1,6 @@
-"""Sophia-G and Sophia-H against a float64 NumPy transcription of the update (docs/optimizers.md), the fused
-path against the eager reference loop, and the diagnostics against hand computations."""
+"""Sophia-G and Sophia-H against a float64 NumPy transcription of the update (docs/optimizers.md), Sophia-G
+against a transcription of the official class, bit for bit in float32 and float64 (docs/fidelity.md), the
+fused path against the eager reference loop, and the diagnostics against hand computations."""
 
 import contextlib
 

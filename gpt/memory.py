@@ -41,7 +41,7 @@ MATH_ATTENTION_BYTES = {"float32": 4, "bfloat16": 6, "float16": 6}
 # create_graph keeps the first backward's graph for the second: about the forward's size again.
 DOUBLE_BACKWARD_FACTOR = 2
 HEADROOM = 0.85  # use at most this share of the device's memory (context, allocator, fragmentation)
-CPU_MICRO_BATCH = 12  # away from CUDA (CPU runs, dry runs) the paper's micro-batch is the ceiling
+CPU_MICRO_BATCH = 12  # away from CUDA (CPU runs, dry runs) the ceiling: nanoGPT's default micro-batch
 
 
 @dataclass(frozen=True)

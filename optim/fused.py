@@ -7,11 +7,14 @@ into one loop that reads each input once and writes each output once (a C++/Open
 kernel on CUDA), which is what makes these steps as fast as torch's fused AdamW. Shapes are symbolic and
 dynamo does not specialise on Python floats, so one graph serves every tensor of a model and a
 learning-rate schedule never triggers a recompile. The compiled code performs the same float roundings in
-the same order as eager (Inductor compiles C++ with `-ffp-contract=off`, so no FMA contraction): kernels made
-of + − × ÷, sign and clamp agree bit for bit with the eager loop, which the tests check; a square root may
-differ in the last bit (ATen's eager CPU sqrt is not correctly rounded, the compiled one is: AdaHessian
-only). If compilation fails (no C++ compiler, an unsupported platform), the kernel logs one warning and runs
-the same function eagerly for the rest of the process: slower, same update.
+the same order as eager (Inductor compiles C++ with `-ffp-contract=off`, so it contracts no a·b + c into a
+fused multiply-add on its own; where eager ATen does fuse one, `optim.fma` asks for it explicitly): kernels
+made of + − × ÷, sign, clamp and those multiply-adds agree bit for bit with the eager loop, which the tests
+check; a square root may differ in the last bit (ATen's eager CPU sqrt is not correctly rounded, the
+compiled one is: AdaHessian only). If compilation fails (no C++ compiler, an unsupported platform), the
+kernel logs one warning and runs the same function eagerly for the rest of the process: slower, same update.
+Each kernel counts the calls its compiled function served (`compiled_calls`), so that a test can tell that
+the compiled code ran and not the eager fallback a failure earlier in the process left behind.
 FSDP2-sharded tensors (DTensors) are updated through their local shards: the update is elementwise and
 a parameter, its gradient and its state are sharded alike, so each rank updates exactly its own slice.
 """
@@ -46,20 +49,25 @@ class CompiledOrEager:
         self._options = compile_options
         self._compiled: Callable[..., Any] | None = None
         self._failed = False
+        self.compiled_calls = 0  # calls the compiled function served
 
     def _try_compiled(self, *args: Any) -> tuple[bool, Any]:
         """(True, result) from the compiled function, or (False, None) once compilation has failed."""
         if self._failed:
             return False, None
-        if self._compiled is None:
-            self._compiled = torch.compile(self.eager, fullgraph=True, **self._options)
         try:
-            return True, self._compiled(*args)
+            if self._compiled is None:
+                import torch._inductor.inductor_prims  # registers prims.fma (optim.fma) before tracing
+
+                self._compiled = torch.compile(self.eager, fullgraph=True, **self._options)
+            result = self._compiled(*args)
         except Exception as error:  # compilation fails before any tensor is touched
             self._failed = True
             log.warning("torch.compile of %s failed (%s: %s); running it eagerly from now on (same "
                         "results, slower)", self.eager.__name__, type(error).__name__, error)
             return False, None
+        self.compiled_calls += 1
+        return True, result
 
 
 class FusedKernel(CompiledOrEager):
@@ -156,14 +164,8 @@ class MultiTensorKernel(CompiledOrEager):
         self.per_tensor(lists, floats)
 
 
-def _ema_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
-    average.mul_(beta).add_(value * one_minus_beta)
-
-
 def _ema_square_(average: Tensor, value: Tensor, beta: float, one_minus_beta: float) -> None:
     average.mul_(beta).add_(value * value * one_minus_beta)
 
 
-EMA_SQUARE = FusedKernel(_ema_square_)  # average ← β·average + (1−β)·value²: the curvature EMAs
-EMA_ALL = MultiTensorKernel(_ema_)  # average ← β·average + (1−β)·value over lists of tensors in one call
-EMA_SQUARE_ALL = MultiTensorKernel(_ema_square_)
+EMA_SQUARE = FusedKernel(_ema_square_)  # average ← β·average + (1−β)·value²: AdaHessian's curvature EMA

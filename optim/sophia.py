@@ -11,8 +11,11 @@ Both variants share the step: decoupled weight decay, m ← β1·m + (1−β1)·
   there is no bs factor; the estimate can be negative and the denominator is max(ρ·h, ε): h ≤ 0 gives a sign
   step. u is Gaussian as in the paper, or Rademacher on request (`probe`).
 While h = 0 (before the first estimate) the ratio saturates and the step is lr·sign(m), as in the official
-code. The default `fused=True` path runs each tensor's update as one compiled elementwise kernel
-(`optim.fused`); `fused=False` is the eager per-tensor reference loop; both give bit-identical results.
+code. The updates are written as the official class writes them (`m.mul_(β1).add_(g, alpha=1−β1)`,
+`h.mul_(β2).addcmul_(ĝ, ĝ, value=1−β2)`, `θ.addcmul_(sign(m), ratio, value=−lr)`), each multiply-add rounded
+once (`optim.fma`), so that in float32 and float64 on CPU Sophia-G equals the official class bit for bit.
+The default `fused=True` path runs a param group's update as one compiled call (`optim.fused`);
+`fused=False` is the eager per-tensor reference loop; both give bit-identical results.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from torch.distributed.tensor import DTensor
 from optim.base import BaseOptimizer
 from optim.checks import check_hyperparameters
 from optim.curvature import PROBES, aligned_estimates
-from optim.fused import EMA_ALL, EMA_SQUARE_ALL, MultiTensorKernel
+from optim.fma import add_, addcmul_
+from optim.fused import MultiTensorKernel
 from optim.registry import OptimizerEntry, full_size_state, register
 
 
@@ -42,10 +46,10 @@ def _sophia_step_(
 ) -> None:
     # 1 − β1 arrives precomputed in float64: computing it inside the kernel would round β1 to float32 first.
     param.mul_(decay)
-    exp_avg.mul_(beta1).add_(grad * one_minus_beta1)
-    # The paper's clip(m / d, 1): bit for bit the official code's sign(m)·min(|m| / d, 1), because d > 0 and
-    # IEEE division is symmetric in sign, with fewer operations per element.
-    param.sub_(lr * (exp_avg / _denominator(hessian, scale, eps, floor)).clamp(-1.0, 1.0))
+    add_(exp_avg.mul_(beta1), grad, one_minus_beta1)
+    # The official θ.addcmul_(sign(m), min(|m| / d, 1), value=−lr) as θ + (−lr)·clip(m / d, ±1) rounded once:
+    # the same product bit for bit (d > 0 and IEEE division is symmetric in sign), with fewer operations.
+    add_(param, (exp_avg / _denominator(hessian, scale, eps, floor)).clamp(-1.0, 1.0), -lr)
 
 
 def _sophia_g_step_(*args: Any) -> None:
@@ -56,9 +60,19 @@ def _sophia_h_step_(*args: Any) -> None:
     _sophia_step_(*args, floor=True)
 
 
+def _gnb_hessian_ema_(hessian: Tensor, gnb_grad: Tensor, beta2: float, one_minus_beta2: float) -> None:
+    addcmul_(hessian.mul_(beta2), gnb_grad, gnb_grad, one_minus_beta2)  # the official update_hessian
+
+
+def _hutchinson_hessian_ema_(hessian: Tensor, estimate: Tensor, beta2: float, one_minus_beta2: float) -> None:
+    add_(hessian.mul_(beta2), estimate, one_minus_beta2)
+
+
 # One kernel per variant rather than one with a flag: each compiled function has its own recompile budget.
 SOPHIA_G_STEP = MultiTensorKernel(_sophia_g_step_)
 SOPHIA_H_STEP = MultiTensorKernel(_sophia_h_step_)
+SOPHIA_G_HESSIAN_EMA = MultiTensorKernel(_gnb_hessian_ema_)  # h ← β2·h + (1−β2)·ĝ⊙ĝ, a group in one call
+SOPHIA_H_HESSIAN_EMA = MultiTensorKernel(_hutchinson_hessian_ema_)  # h ← β2·h + (1−β2)·u⊙Hu
 
 
 class _Sophia(BaseOptimizer):
@@ -165,7 +179,7 @@ class SophiaG(_Sophia):
         for group in self.param_groups:
             beta2 = group["betas"][1]
             params = list(self._stepped(group))
-            EMA_SQUARE_ALL.select(group["fused"])(
+            SOPHIA_G_HESSIAN_EMA.select(group["fused"])(
                 ([self._state(param)["hessian"] for param in params], [param.grad for param in params]),
                 (beta2, 1.0 - beta2))
 
@@ -219,7 +233,7 @@ class SophiaH(_Sophia):
             values.append(estimate)
         for group, hessians, values in per_group.values():
             beta2 = group["betas"][1]
-            EMA_ALL.select(group["fused"])((hessians, values), (beta2, 1.0 - beta2))
+            SOPHIA_H_HESSIAN_EMA.select(group["fused"])((hessians, values), (beta2, 1.0 - beta2))
 
 
 register(OptimizerEntry("sophia_g", lambda: SophiaG, full_size_state(2)))  # m, h

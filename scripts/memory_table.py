@@ -1,7 +1,7 @@
 """Print docs/scaling.md's memory table: the estimated peak per GPU of each paper model (bf16, AdamW or
-Sophia state) at the paper's micro-batch, and the micro-batches the framework picks on 40, 80 and 141 GiB
-GPUs for 480 sequences over 8 GPUs, with and without activation checkpointing. Estimates (gpt/memory.py),
-not measurements: `bash scripts/gpu_check.sh` prints the measured peak next to them."""
+Sophia state) at a micro-batch of 12 (nanoGPT's default), and the micro-batches the framework picks on 40,
+80 and 141 GiB GPUs for 480 sequences over 8 GPUs, with and without activation checkpointing. Estimates
+(gpt/memory.py), not measurements: `bash scripts/gpu_check.sh` prints the measured peak next to them."""
 
 from __future__ import annotations
 

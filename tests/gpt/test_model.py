@@ -148,3 +148,22 @@ def test_generate_greedy_and_top_k():
 def test_block_size_enforced():
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny()(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_loss_is_computed_in_the_logits_precision_and_at_least_float32():
+    """A float64 model's loss is float64, equal to log-sum-exp minus the target logit averaged in float64:
+    wrong if the loss were rounded through float32 (a float64 comparison against a reference would then
+    stop at 1e-7). Float32 logits give the float32 loss, and bfloat16 logits are upcast before it."""
+    model = tiny(vocab_size=64).double()
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    logits, loss = model(x, y)
+    expected = (torch.logsumexp(logits, dim=-1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+    assert loss.dtype == torch.float64
+    assert abs(loss.item() - expected.item()) <= 1e-14 * expected.item()
+    assert loss.item() != torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item()
+    assert tiny(vocab_size=64)(x, y)[1].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits, bf16_loss = tiny(vocab_size=64)(x, y)
+    assert bf16_logits.dtype == torch.bfloat16 and bf16_loss.dtype == torch.float32
+    assert bf16_loss.item() == torch.nn.functional.cross_entropy(
+        bf16_logits.float().flatten(0, 1), y.flatten()).item()

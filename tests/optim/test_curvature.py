@@ -21,6 +21,7 @@ from optim.curvature import (
     rademacher_like,
     sample_from_logits,
 )
+from tests.compiled import compiled_code_runs
 from tests.tiny_model import tiny_gpt
 
 Z = 5.0
@@ -403,10 +404,12 @@ def test_gnb_loss_value_and_gradient_equal_plain_cross_entropy(dtype):
 @pytest.mark.slow
 def test_compiled_gnb_kernels_equal_plain_cross_entropy(monkeypatch):
     # The path the trainer takes on real logits (over MIN_COMPILED_LOGITS): compiled statistics and gradient.
-    for kernel in (curvature.ROW_STATISTICS, curvature.CROSS_ENTROPY_GRAD):
+    kernels = (curvature.ROW_STATISTICS, curvature.CROSS_ENTROPY_GRAD)
+    for kernel in kernels:
         monkeypatch.setattr(kernel, "min_numel", 0)
     logits = (torch.randn(2, 32, 300, generator=torch.Generator().manual_seed(2)) * 4).bfloat16()
-    assert_gnb_loss_matches_plain_cross_entropy(logits)
+    with compiled_code_runs(*kernels):
+        assert_gnb_loss_matches_plain_cross_entropy(logits)
 
 
 def test_non_finite_logits_give_a_non_finite_loss_and_labels_in_range():

@@ -34,9 +34,10 @@ def _run(size: str, optim: str, steps: int = STEPS) -> Run:
     return SIZES[size], optim, steps, (), f"{SIZES[size]}-{optim}-{steps}steps-seed1337"
 
 
-def _fig7c_cell(beta2: float, rho: float) -> Run:
+def _fig7c_cell(optim: str, beta2: float, rho: float) -> Run:
     overrides = (f"optim.betas=[0.965,{beta2}]", f"optim.rho={rho}")
-    return "gpt2_30m", "sophia_g", STEPS, overrides, f"fig7c/beta2_{beta2}-rho{rho}-seed1337"
+    figure = "fig7c" if optim == "sophia_g" else f"fig7c_{optim}"
+    return "gpt2_30m", optim, STEPS, overrides, f"{figure}/beta2_{beta2}-rho{rho}-seed1337"
 
 
 RUNS: dict[str, list[Run]] = {
@@ -45,7 +46,9 @@ RUNS: dict[str, list[Run]] = {
     "fig5": [_run(s, o, k) for s in ("small", "medium") for o in ("adamw", "sophia_g")
              for k in (100_000, 200_000, 400_000)],
     "fig1c": [_run(s, o) for s in ("small", "medium", "540m", "large") for o in ("adamw", "sophia_h")],
-    "fig7c": [_fig7c_cell(b, r) for b in (0.95, 0.99, 0.995) for r in (0.03, 0.05, 0.1, 0.2)],
+    "fig7c": [_fig7c_cell("sophia_g", b, r) for b in (0.95, 0.99, 0.995) for r in (0.03, 0.05, 0.1, 0.2)],
+    "fig7c_sophia_h": [_fig7c_cell("sophia_h", b, r) for b in (0.95, 0.99, 0.995)
+                       for r in (0.01, 0.03, 0.05, 0.1, 0.2)],
 }
 # The official configs (docs/fidelity.md): (lr, min_lr, rho) of the official runs.
 TABLE = {("gpt2_small", "adamw"): (6e-4, 3e-5, None), ("gpt2_medium", "adamw"): (3e-4, 6e-5, None),
@@ -111,7 +114,7 @@ def test_a_run_in_several_figures_is_one_run(sweeps) -> None:
     runs: dict[str, dict] = {}
     for job in itertools.chain.from_iterable(sweeps.values()):
         assert runs.setdefault(job["out_dir"], job) == job, job["out_dir"]
-    assert len(runs) == 12 + 8 + 2 + 12  # Fig. 4, Fig. 5's longer runs, Fig. 1c's 540M pair, Fig. 7c
+    assert len(runs) == 12 + 8 + 2 + 12 + 15  # Fig. 4, Fig. 5's longer runs, Fig. 1c's 540M pair, Fig. 7c × 2
     shared = "runs/paper/gpt2_small-adamw-100000steps-seed1337"
     assert all(shared in by_dir(sweeps[f]) for f in ("fig1c", "fig4", "fig5"))
 
@@ -141,8 +144,15 @@ def test_fig5_schedule_follows_the_total(sweeps) -> None:
         assert f"-{total}steps-" in job["out_dir"]
 
 
-def test_fig7c_grid_holds_the_papers_best_cell(sweeps) -> None:
-    assert any(job["optim"]["betas"][1] == 0.99 and job["optim"]["rho"] == 0.1 for job in sweeps["fig7c"])
+@pytest.mark.parametrize("figure, optim, lr", [("fig7c", "sophia_g", 1e-3),
+                                               ("fig7c_sophia_h", "sophia_h", 1e-3)])
+def test_each_fig7c_grid_holds_the_papers_best_cell_for_its_variant(sweeps, figure, optim, lr) -> None:
+    """Both variants' grids run on the 30M model at the proposed 30M rate (configs/hparams/gpt2_30m_<optim>),
+    vary only β2 and ρ, and contain the paper's best cell (β2 0.99, ρ 0.1)."""
+    jobs = sweeps[figure]
+    assert {(job["model"]["name"], job["optim"]["name"], job["optim"]["lr"]) for job in jobs} == {
+        ("gpt2_30m", optim, lr)}
+    assert any(job["optim"]["betas"][1] == 0.99 and job["optim"]["rho"] == 0.1 for job in jobs)
 
 
 def test_a_model_on_the_command_line_narrows_the_sweep(tmp_path, monkeypatch) -> None:

@@ -48,8 +48,18 @@ def compose_study(overrides: list[str]) -> tuple[str, dict, dict]:
         GlobalHydra.instance().clear()
 
 
+def show_progress() -> None:
+    """The study's and the data preparation's progress lines on standard output, as plain lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("gpt.study", "data"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [handler], False
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    show_progress()
     overrides = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in overrides):
         print(__doc__)

@@ -12,10 +12,11 @@ that differs in anything else never lands in another's directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from gpt.config import Settings, describe_composition_error, load_settings
+from gpt.config import ModelSettings, Settings, describe_composition_error, load_settings
 from gpt.model import GPT
 from gpt.plan import training_flops_per_token
 from gpt.study.schema import Budget, LadderSpec, OptimizerSpec, Study
@@ -162,6 +163,13 @@ def _reference(spec: LadderSpec, cfg: Any, where: str) -> float:
     return float(reference)
 
 
+@functools.lru_cache(maxsize=8)
+def meta_model(fields: tuple[tuple[str, Any], ...]) -> GPT:
+    """The model's shapes without its memory (built once per model: the arms of a study share it)."""
+    with torch.device("meta"):
+        return GPT(ModelSettings(**dict(fields)))
+
+
 def resolve_arm(study: Study, model: str, spec: OptimizerSpec) -> Arm:
     """Compose and check the arm's config; every problem is a UserError naming the study's key."""
     where = f"study {study.name}, optimizer {spec.label} on {model}"
@@ -182,12 +190,11 @@ def resolve_arm(study: Study, model: str, spec: OptimizerSpec) -> Arm:
         cfg = compose_train([*choices, *settings_overrides, *probe], where)
     ladders = tuple(Ladder(s.name, s.key, s.scale, _reference(s, cfg, f"{where}, tune.{s.name}"), s.step,
                            s.points, s.limits, s.values) for s in spec.tune)
-    references = [f"{ladder.key}={override_value(ladder.value(ladder.start))}" for ladder in ladders]
-    cfg = compose_train([*choices, *settings_overrides, *references, *probe], where)
+    for ladder in ladders:  # the plan's config: every tuned value at its reference
+        OmegaConf.update(cfg, ladder.key, ladder.value(ladder.start), merge=False)
     try:
         settings = load_settings(cfg)
-        with torch.device("meta"):
-            network = GPT(settings.model)
+        network = meta_model(tuple(sorted(asdict(settings.model).items())))
         check_run(settings.optim, strategy="single", schedule=settings.schedule.name)
         tokens_per_step = settings.train.global_batch_size * settings.model.block_size
         build_optimizer(settings.optim, network, tokens_per_step)

@@ -81,7 +81,7 @@ def summarize(state: StudyState) -> dict[str, Any]:
                           zip(arm.ladders, cell.descent.incumbent, strict=True)},
                 "references": {ladder.name: ladder.reference for ladder in arm.ladders},
                 "converged": cell.descent.converged, "tuning": _tuning(cell), "notes": _notes(cell),
-                "runs": [{"seed": spec.seed, "dir": str(spec.out_dir),
+                "runs": [{"seed": spec.seed, "dir": str(spec.out_dir.relative_to(study.run_root)),
                           "final_loss": _finite_or_none(state.results[spec.out_dir].final_loss),
                           "diverged": state.results[spec.out_dir].diverged} for spec in cell.final_runs],
                 "final_loss_mean": _finite_or_none(mean), "final_loss_sem": sem, "diverged_seeds": diverged,

@@ -4,7 +4,8 @@ Every problem is a `UserError` naming the key and what it accepts, raised before
 defaults live in `configs/run_study.yaml` (the study group is merged over them). A tuned hyper-parameter is
 declared once for the whole study under `tune` (the same search for every optimizer: the fairness the study
 is for) and an optimizer's own `tune` entry may change its fields, usually only its `reference`, or add a
-hyper-parameter; a reference left out is the optimizer's configured value, filled in by `train_config`.
+hyper-parameter; an own entry that names a `scale` is a whole search of its own, not merged with the shared
+one. A reference left out is the optimizer's configured value, filled in by gpt/study/arms.py.
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def _optimizer(label: str, fields: Any, shared: Mapping[str, Any], where: str) -
         raise UserError(f"{where}.tune must map hyper-parameter names to their search fields")
     ladders = []
     for name in [*shared, *(name for name in own if name not in shared)]:
-        merged = {**(shared.get(name) or {}), **(own.get(name) or {})}
+        mine = own.get(name) or {}
+        merged = dict(mine) if "scale" in mine else {**(shared.get(name) or {}), **mine}
         ladders.append(_ladder(name, merged, f"{where}.tune.{name}"))
     keys = [ladder.key for ladder in ladders]
     if len(set(keys)) != len(keys):

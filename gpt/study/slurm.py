@@ -37,6 +37,7 @@ class SubmititSettings:
     gpus_per_run: int
     threads_per_run: int
     poll_s: float
+    max_num_timeout: int
     parameters: dict[str, Any]
 
 
@@ -52,11 +53,13 @@ def submitit_settings(node: dict[str, Any]) -> SubmititSettings:
     if taken:
         raise UserError(f"launcher.parameters sets {', '.join(taken)}: one job is one run on one node with "
                         "launcher.gpus_per_run GPUs; set that instead")
-    poll = node.get("poll_s")
+    poll, requeues = node.get("poll_s"), node.get("max_num_timeout")
     if not isinstance(poll, (int, float)) or poll <= 0:
         raise UserError(f"launcher.poll_s must be a number of seconds > 0, got {poll!r}")
+    if not isinstance(requeues, int) or isinstance(requeues, bool) or requeues < 0:
+        raise UserError(f"launcher.max_num_timeout must be an integer >= 0, got {requeues!r}")
     return SubmititSettings(str(node.get("cluster")), str(node.get("folder")), node["gpus_per_run"],
-                            node["threads_per_run"], float(poll), parameters)
+                            node["threads_per_run"], float(poll), requeues, parameters)
 
 
 def _submitit() -> Any:
@@ -106,10 +109,11 @@ class SubmititLauncher:
         submitit = _submitit()
         self.settings, self.log_dir, self.poll_s = settings, log_dir, settings.poll_s
         try:
-            self.executor = submitit.AutoExecutor(folder=settings.folder, cluster=settings.cluster)
+            self.executor = submitit.AutoExecutor(folder=settings.folder, cluster=settings.cluster,
+                                                  slurm_max_num_timeout=settings.max_num_timeout)
             self.executor.update_parameters(**settings.parameters, gpus_per_node=settings.gpus_per_run,
                                             tasks_per_node=1, nodes=1)
-        except (ValueError, AssertionError, RuntimeError) as error:
+        except (ValueError, NameError, AssertionError, RuntimeError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"launcher=slurm: submitit refused the settings ({first})") from None
         self.running: dict[Path, tuple[RunSpec, Any]] = {}

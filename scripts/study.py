@@ -4,8 +4,9 @@ end-of-training speed-ups over the baseline and their confidence intervals.
     python scripts/study.py study=<name> [launcher=slurm] [study.dry_run=true] [study.<key>=<value> ...]
 
 `study=<name>` composes configs/study/<name>.yaml with Hydra over the defaults in configs/run_study.yaml;
-`launcher=local` (the default) runs several runs at once on this machine, `launcher=slurm` submits job arrays
-through submitit. The plan (runs, tokens, FLOPs, GPU-hours) is printed first; `study.dry_run=true` stops there.
+`launcher=local` (the default) runs several runs at once on this machine, `launcher=slurm` submits job
+arrays through submitit. The plan (runs, tokens, FLOPs, GPU-hours) comes first; `study.dry_run=true` stops
+there.
 Finished runs are found and skipped, interrupted ones resume: rerunning the command continues the study, and
 a finished study only rewrites its report (runs/study/<name>/report.md, report.json, figures/). Declaring a
 study and reading its report: docs/study.md.

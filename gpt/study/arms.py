@@ -52,8 +52,11 @@ def override_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{override_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
-    return text if _PLAIN.fullmatch(text) and not _reads_as_other_type(text) else (
-        "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'")
+    if _PLAIN.fullmatch(text) and not _reads_as_other_type(text):
+        return text
+    # Hydra's quoted strings: backslashes escape only before a quote or the closing quote
+    doubled = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, text)
+    return "'" + doubled.replace("'", "\\'") + "'"
 
 
 def _reads_as_other_type(text: str) -> bool:
@@ -106,7 +109,9 @@ class Arm:
         return self.settings.train.global_batch_size * self.settings.model.block_size
 
     def steps(self, budget: Budget, tokens_per_parameter: float) -> int:
-        tokens = budget.tokens if budget.tokens is not None else budget.chinchilla * tokens_per_parameter * self.params
+        if budget.tokens is not None:
+            return max(1, round(budget.tokens / self.tokens_per_step))
+        tokens = budget.chinchilla * tokens_per_parameter * self.params
         return max(1, round(tokens / self.tokens_per_step))
 
 
@@ -219,8 +224,8 @@ def resolve_arms(study: Study) -> list[Arm]:
         for budget in study.budgets:
             steps = arm.steps(budget, study.tokens_per_parameter)
             if max(warmups) >= steps:
-                raise UserError(f"study {study.name}: budget {budget.label()} gives {arm.label} on {arm.model} "
-                                f"{steps} steps, no more than its warm-up of {max(warmups)}: a run would end "
-                                "before reaching its peak learning rate; raise the budget or shorten "
-                                "schedule.warmup_steps")
+                raise UserError(f"study {study.name}: budget {budget.label()} gives {arm.label} on "
+                                f"{arm.model} {steps} steps, no more than its warm-up of {max(warmups)}: a "
+                                "run would end before reaching its peak learning rate; raise the budget or "
+                                "shorten schedule.warmup_steps")
     return arms

@@ -49,7 +49,7 @@ def prepare_data(arms: list[Arm]) -> None:
 
 
 def launcher_settings(node: dict[str, Any]) -> tuple[LocalSettings | SubmititSettings, LocalRate | None]:
-    """The launcher group's settings, checked, and what the plan needs to estimate a local CPU study's time."""
+    """The launcher group's settings, checked, and what the plan needs to estimate a CPU study's time here."""
     name = node.get("name")
     if name not in LAUNCHERS:
         raise UserError(f"launcher.name={name!r} is not one of {', '.join(LAUNCHERS)}")

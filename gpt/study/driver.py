@@ -29,13 +29,14 @@ class Launcher(Protocol):
 
     def free_slots(self) -> int: ...
     def start(self, specs: list[RunSpec]) -> None: ...
-    def poll(self) -> list[tuple[RunSpec, Outcome | None | UserError]]: ...
+    def poll(self) -> list[tuple[RunSpec, Outcome | UserError | None]]: ...
     def stop(self) -> None: ...
 
 
 def describe(spec: RunSpec) -> str:
     values = " ".join(f"{name}={value:g}" for name, value in spec.values.items())
-    return f"{spec.arm.model} {spec.arm.label} {spec.steps} steps {values} seed {spec.seed}".replace("  ", " ")
+    return " ".join(filter(None, [spec.arm.model, spec.arm.label, f"{spec.steps} steps", values,
+                                  f"seed {spec.seed}"]))
 
 
 @contextlib.contextmanager
@@ -89,7 +90,8 @@ def run_study(state: StudyState, launcher: Launcher) -> int:
                                               "study asking (a signal from elsewhere?)"))
                 else:
                     state.results[spec.out_dir] = result
-                    verdict = f"diverged ({result.note})" if result.diverged else f"val {result.final_loss:.4f}"
+                    verdict = (f"diverged ({result.note})" if result.diverged
+                               else f"val {result.final_loss:.4f}")
                     log.info("done   %s: %s", describe(spec), verdict)
     if failures:
         more = f" (and {len(failures) - 1} more failed run(s), in the log above)" if len(failures) > 1 else ""

@@ -44,7 +44,8 @@ def start(spec: RunSpec, log_path: Path, env: dict[str, str], gpus: int = 0) -> 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(train_command(spec, gpus), stdout=subprocess.DEVNULL, stderr=log,
-                                env={**os.environ, **env}, start_new_session=True, preexec_fn=_die_with_parent)
+                                env={**os.environ, **env}, start_new_session=True,
+                                preexec_fn=_die_with_parent)
 
 
 def error_line(log_path: Path) -> str:
@@ -59,7 +60,7 @@ def conclude(spec: RunSpec, returncode: int, log_path: Path) -> Outcome | None:
     outcome = read_outcome(spec.out_dir, spec.steps)
     if outcome is not None:
         return outcome
-    if returncode == 0 or returncode < 0 and -returncode in (signal.SIGTERM, signal.SIGINT):
+    if returncode == 0 or (returncode < 0 and -returncode in (signal.SIGTERM, signal.SIGINT)):
         return None  # stopped by a signal after saving: a rerun resumes it
     line = error_line(log_path)
     if returncode == 2 and is_divergence(line):

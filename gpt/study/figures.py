@@ -45,31 +45,39 @@ def sensitivity_slice(cell: Cell, index: int) -> list[tuple[float, float]]:
     return [(ladder.value(rung), loss) for rung, loss in sorted(found.items())]
 
 
+def _x_range(values: list[float], log: bool) -> tuple[float, float]:
+    low, high = min(values), max(values)
+    if log:
+        return low / 1.5, high * 1.5
+    margin = 0.05 * (high - low) or 1.0
+    return low - margin, high + margin
+
+
 def draw_sensitivity(state: StudyState, model: str, name: str, out: Path) -> None:
     cells = [cell for cell in state.cells() if cell.arm.model == model and cell.budget == cell.tuning_budget
              and any(ladder.name == name for ladder in cell.arm.ladders)]
     budgets = sorted({cell.budget for cell in cells})
     figure, axes = _figure(len(budgets))
     for ax, budget in zip(axes, budgets, strict=True):
-        values: list[float] = []
+        values, log_scale = [], False
         for cell in (c for c in cells if c.budget == budget):
             index = [ladder.name for ladder in cell.arm.ladders].index(name)
+            ladder = cell.arm.ladders[index]
             points = sensitivity_slice(cell, index)
-            good = [(v, loss) for v, loss in points if math.isfinite(loss)]
-            (line,) = ax.plot(*zip(*good), marker="o", label=cell.arm.label) if good else ax.plot([], [])
-            chosen = cell.arm.ladders[index].value(cell.descent.incumbent[index])
-            ax.plot([v for v, _ in good if v == chosen], [loss for v, loss in good if v == chosen], marker="*",
-                    markersize=14, color=line.get_color(), linestyle="none")
-            bad = [v for v, loss in points if not math.isfinite(loss)]
-            if bad:  # on the top edge: x in data units, y in axes units
-                ax.scatter(bad, [1.0] * len(bad), marker="x", color=line.get_color(),
+            good = [(value, loss) for value, loss in points if math.isfinite(loss)]
+            (line,) = ax.plot([v for v, _ in good], [loss for _, loss in good], marker="o",
+                              label=cell.arm.label)
+            chosen = ladder.value(cell.descent.incumbent[index])
+            ax.plot([v for v, _ in good if v == chosen], [loss for v, loss in good if v == chosen],
+                    marker="*", markersize=14, color=line.get_color(), linestyle="none")
+            diverged = [value for value, loss in points if not math.isfinite(loss)]
+            if diverged:  # on the top edge: x in data units, y in axes units
+                ax.scatter(diverged, [1.0] * len(diverged), marker="x", color=line.get_color(),
                            transform=ax.get_xaxis_transform(), clip_on=False)
-            values += [v for v, _ in points]
-        log_scale = cells[0].arm.ladders[[ladder.name for ladder in cells[0].arm.ladders].index(name)].scale == "log"
-        pad = (min(values) / 1.5, max(values) * 1.5) if log_scale else (
-            min(values) - 0.05 * (max(values) - min(values) or 1), max(values) + 0.05 * (max(values) - min(values) or 1))
-        ax.set(xscale="log" if log_scale else "linear", xlim=pad, xlabel=name, ylabel="final val_loss (tuning seed)",
-               title=f"{model}, {state.study.budgets[budget].label()}")
+            values += [value for value, _ in points]
+            log_scale = ladder.scale == "log"
+        ax.set(xscale="log" if log_scale else "linear", xlim=_x_range(values, log_scale), xlabel=name,
+               ylabel="final val_loss (tuning seed)", title=f"{model}, {state.study.budgets[budget].label()}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(f"sensitivity to {name} (★ tuned; × diverged)")
@@ -83,9 +91,11 @@ def draw_curves(state: StudyState, model: str, out: Path) -> None:
     for ax, budget in zip(axes, budgets, strict=True):
         tops, bottoms = [], []
         for cell in (c for c in cells if c.budget == budget):
-            by_step = [{r["step"]: r["val_loss"] for r in val_records(spec.out_dir)} for spec in cell.final_runs]
+            by_step = [{r["step"]: r["val_loss"] for r in val_records(spec.out_dir)}
+                       for spec in cell.final_runs]
             steps = sorted(set.intersection(*(set(records) for records in by_step)))
-            y = np.array([[records[s] if records[s] is not None else np.nan for s in steps] for records in by_step])
+            y = np.array([[np.nan if records[s] is None else records[s] for s in steps]
+                          for records in by_step])
             x = np.array(steps) * cell.arm.tokens_per_step
             (line,) = ax.plot(x, np.nanmean(y, axis=0), label=f"{cell.arm.label} ({len(by_step)} seeds)")
             ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=line.get_color(), alpha=0.2,
@@ -109,7 +119,8 @@ def draw_figures(state: StudyState, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for model in state.study.models:
-        names = dict.fromkeys(ladder.name for arm in state.arms if arm.model == model for ladder in arm.ladders)
+        arms = [arm for arm in state.arms if arm.model == model]
+        names = dict.fromkeys(ladder.name for arm in arms for ladder in arm.ladders)
         for name in names:
             path = out_dir / f"sensitivity_{model}_{name}.png"
             draw_sensitivity(state, model, name, path)

@@ -61,10 +61,11 @@ def local_settings(node: dict[str, Any]) -> LocalSettings:
     if parallel is None:
         parallel = fits
     if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-        raise UserError(f"launcher.parallel must be null (as many as fit) or an integer >= 1, got {parallel!r}")
+        raise UserError(f"launcher.parallel must be null (as many as fit) or an integer >= 1, got "
+                        f"{parallel!r}")
     if gpus and parallel > fits:
-        raise UserError(f"launcher.parallel={parallel} runs of {gpus} GPU(s) each need {parallel * gpus} GPUs; "
-                        f"this machine shows {visible_gpus()}")
+        raise UserError(f"launcher.parallel={parallel} runs of {gpus} GPU(s) each need {parallel * gpus} "
+                        f"GPUs; this machine shows {visible_gpus()}")
     poll = node.get("poll_s")
     if not isinstance(poll, (int, float)) or poll <= 0:
         raise UserError(f"launcher.poll_s must be a number of seconds > 0, got {poll!r}")
@@ -77,7 +78,8 @@ class LocalLauncher:
     def __init__(self, settings: LocalSettings, log_dir: Path) -> None:
         self.settings, self.log_dir = settings, log_dir
         self.poll_s = settings.poll_s
-        self.running: dict[Path, tuple[RunSpec, subprocess.Popen, int, Path]] = {}  # out_dir -> (.., slot, log)
+        # out_dir -> (the run, its process, its slot, its log)
+        self.running: dict[Path, tuple[RunSpec, subprocess.Popen, int, Path]] = {}
 
     def _env(self, slot: int) -> dict[str, str]:
         threads = str(self.settings.threads_per_run)
@@ -98,7 +100,7 @@ class LocalLauncher:
             process = start(spec, log_path, self._env(slot), self.settings.gpus_per_run)
             self.running[spec.out_dir] = (spec, process, slot, log_path)
 
-    def poll(self) -> list[tuple[RunSpec, Outcome | None | UserError]]:
+    def poll(self) -> list[tuple[RunSpec, Outcome | UserError | None]]:
         """The runs that ended since the last call, with their outcome (None: stopped early; a UserError: the
         run failed)."""
         ended = []

@@ -1,12 +1,13 @@
 """The study's plan, printed before any run starts: runs, tokens, FLOPs, and GPU-hours at the assumed MFU.
 
-Coordinate descent decides its runs as it goes, so the count is given two ways: expected (as when each tuned
-value ends one rung above its reference: one move per hyper-parameter, then a round that confirms it) and at most
-(every sweep extended to its limits in every round, capped by the number of distinct configurations). Each
-run costs steps × tokens/step × training FLOPs per token (gpt/plan.py's count: the model's 6N + attention,
-curvature passes included); GPU-hours divide that by the assumed MFU of the A100's and H100's peaks, exactly
-as the training plan does. For CPU runs on this machine, evaluation FLOPs (a forward pass, a third of a
-training token's) and a start-up cost per run are added, at the local launcher's stated FLOP rate per thread.
+Coordinate descent decides its runs as it goes, so the count is given two ways: expected (as when each
+tuned value ends one rung above its reference: one move per hyper-parameter, then a round that confirms it)
+and at most (every sweep extended to its limits in every round, capped by the number of distinct
+configurations). Each run costs steps × tokens/step × training FLOPs per token (gpt/plan.py's count: the
+model's 6N + attention, curvature passes included); GPU-hours divide that by the assumed MFU of the A100's
+and H100's peaks, exactly as the training plan does. For CPU runs on this machine, evaluation FLOPs (a
+forward pass, a third of a training token's) and a start-up cost per run are added, at the local launcher's
+stated FLOP rate per thread.
 """
 
 from __future__ import annotations
@@ -110,9 +111,11 @@ def describe_plan(study: Study, arms: list[Arm], cells: list[CellPlan], local: L
     models = ", ".join(f"{arm.model} ({_human(arm.params)} parameters, {arm.tokens_per_step:,} tokens/step)"
                        for arm in {arm.model: arm for arm in arms}.values())
     seeds = ", ".join(map(str, study.seeds))
+    counts = " × ".join(f"{n} {word}{'s' if n != 1 else ''}" for n, word in (
+        (len(study.optimizers), "optimizer"), (len(study.budgets), "budget"), (len(study.models), "model")))
     lines = [
-        f"plan: study {study.name}: {len(study.optimizers)} optimizers × {len(study.budgets)} budgets × "
-        f"{len(study.models)} models, baseline {study.baseline}, data {arms[0].settings.data['name']}",
+        f"plan: study {study.name}: {counts}, baseline {study.baseline}, "
+        f"data {arms[0].settings.data['name']}",
         f"  models: {models}",
         f"  tuning: coordinate descent (at most {study.max_rounds} rounds) at seed {study.tuning_seed}, "
         f"{'at every budget' if study.tune_at == 'every_budget' else 'at the smallest budget'}; "
@@ -124,23 +127,26 @@ def describe_plan(study: Study, arms: list[Arm], cells: list[CellPlan], local: L
     ]
     arm_of = {(arm.model, arm.label): arm for arm in arms}
     for c in cells:
-        lines.append(f"| {c.model} | {c.optimizer} | {_ladder_text(arm_of[c.model, c.optimizer])} | {c.budget} | "
-                     f"{c.steps:,} | {c.tokens_per_run:,} | {c.runs_expected} ({c.runs_at_most}) | "
-                     f"{c.training_flops_expected:.3g} |")
+        tuned = _ladder_text(arm_of[c.model, c.optimizer])
+        lines.append(f"| {c.model} | {c.optimizer} | {tuned} | {c.budget} | {c.steps:,} | "
+                     f"{c.tokens_per_run:,} | {c.runs_expected} ({c.runs_at_most}) | "
+                     f"{_human(c.training_flops_expected, 'FLOP')} |")
     expected, most = (sum(getattr(c, f"runs_{w}") for c in cells) for w in ("expected", "at_most"))
     tokens = sum(c.runs_expected * c.tokens_per_run for c in cells)
     flops = sum(c.training_flops_expected for c in cells)
     evaluation = sum(c.evaluation_flops_expected for c in cells)
     lines += ["", f"  runs: {expected} expected (at most {most}); {_tokens(tokens)}, "
-                  f"{_human(flops, 'FLOP')} of training (+ {_human(evaluation, 'FLOP')} of evaluation) expected"]
+                  f"{_human(flops, 'FLOP')} of training (+ {_human(evaluation, 'FLOP')} of evaluation) "
+                  "expected"]
     dtype, mfu = cells[0].dtype, cells[0].assumed_mfu
     for gpu in list(GPU_PEAKS)[:2]:
-        lines.append(f"  time at {mfu:.0%} MFU on {gpu} ({_human(_gpu_peak(gpu, dtype), 'FLOP/s')} {dtype} peak): "
+        peak = _human(_gpu_peak(gpu, dtype), "FLOP/s")
+        lines.append(f"  time at {mfu:.0%} MFU on {gpu} ({peak} {dtype} peak): "
                      f"{_gpu_time(gpu_hours(cells, gpu, 'expected'), 8)} expected, "
                      f"{_gpu_time(gpu_hours(cells, gpu, 'at_most'), 8)} at most")
     if local is not None:
         lines.append(
-            f"  this machine: {local.parallel} runs at once × {local.threads_per_run} threads at "
+            f"  this machine: {local.parallel} runs at once × {local.threads_per_run} thread(s) at "
             f"{local.flops_per_thread:.3g} FLOP/s per thread and {local.startup_s:g} s to start a run: "
             f"≈ {local_hours(cells, local, 'expected') * 60:,.0f} min expected, "
             f"{local_hours(cells, local, 'at_most') * 60:,.0f} min at most")

@@ -75,12 +75,14 @@ def render(summary: dict[str, Any], cost: dict[str, Any], figures: list[Path], o
         f"# Study `{summary['study']}`",
         "",
         f"`python scripts/study.py study={summary['study']}`: each optimizer tuned by the same coordinate "
-        f"descent at seed {summary['tuning_seed']}, then run at seeds {', '.join(map(str, summary['seeds']))}; "
-        f"speed-ups over `{baseline}`. What each number means and how it is computed: docs/study.md.",
+        f"descent at seed {summary['tuning_seed']}, then run at seeds "
+        f"{', '.join(map(str, summary['seeds']))}; speed-ups over `{baseline}`. What each number means and "
+        "how it is computed: docs/study.md.",
     ]
     for model, result in summary["models"].items():
         lines += [
-            "", f"## {model} ({result['parameters']:,} parameters, {result['tokens_per_step']:,} tokens per step)",
+            "", f"## {model} ({result['parameters']:,} parameters, {result['tokens_per_step']:,} tokens per "
+                "step)",
             "", _fit_text(result["baseline_fit"], baseline), "",
             f"| optimizer | budget | tuned | final val loss: mean ± s.e. (seeds) | speed-up over {baseline} "
             f"(Wen et al.), {level}% CI | the paper's measure: × to reach {baseline}'s final loss mid-run |",
@@ -90,12 +92,13 @@ def render(summary: dict[str, Any], cost: dict[str, Any], figures: list[Path], o
             budget = f"{cell['budget']} ({cell['steps']:,} steps, {cell['chinchilla']:.3g}× Chinchilla)"
             paper = cell["paper_measure"]["text"] if cell["paper_measure"] else "n/a"
             wen = cell["speedup"]["text"] if result["baseline_fit"] else "n/a (fewer than three budgets)"
-            lines.append(f"| {cell['optimizer']} | {budget} | {_tuned(cell)} | {_loss(cell)} | {wen} | {paper} |")
+            row = [cell["optimizer"], budget, _tuned(cell), _loss(cell), wen, paper]
+            lines.append("| " + " | ".join(row) + " |")
         notes = [f"- {cell['optimizer']}, {cell['budget']}: {note}" for cell in result["cells"]
                  for note in cell["notes"]]
-        lines += ["", "The paper's measure reads the middle of the runs (the data at which a run first reaches "
-                      f"{baseline}'s final loss at the same budget); it is not the end-of-training comparison "
-                      "and is given for comparison with the Sophia paper's 2×."]
+        lines += ["", "The paper's measure reads the middle of the runs (the data at which a run first "
+                      f"reaches {baseline}'s final loss at the same budget); it is not the end-of-training "
+                      "comparison and is given for comparison with the Sophia paper's 2×."]
         if notes:
             lines += ["", "Notes:", *notes]
         lines += ["", "### Tuning (final validation loss at the tuning seed; the kept value in bold)", ""]
@@ -107,11 +110,12 @@ def render(summary: dict[str, Any], cost: dict[str, Any], figures: list[Path], o
     noise = summary["seed_noise_sd"]
     lines += [
         "", "## Runs and cost", "",
-        f"{summary['runs']} runs ({summary['diverged_runs']} diverged); seed noise (the pooled standard deviation "
-        f"of a final loss about its group's mean, which the bootstrap resamples): "
+        f"{summary['runs']} runs ({summary['diverged_runs']} diverged); seed noise (the pooled standard "
+        "deviation of a final loss about its group's mean, which the bootstrap resamples): "
         + (f"{noise:.4f}." if noise is not None else "n/a (one seed)."),
-        f"Training time summed over the runs' own clocks: {cost['training_minutes']:.1f} min. This invocation "
-        f"started {cost['runs_started']} run(s) and took {cost['wall_minutes']:.1f} min on {cost['machine']}.",
+        f"Training time summed over the runs' own clocks: {cost['training_minutes']:.1f} min. This "
+        f"invocation started {cost['runs_started']} run(s) and took {cost['wall_minutes']:.1f} min on "
+        f"{cost['machine']}.",
     ]
     return "\n".join(lines) + "\n"
 

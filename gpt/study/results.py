@@ -45,7 +45,8 @@ def summarize(state: StudyState) -> dict[str, Any]:
     """The study's results; every cell must be finished (state.needed() empty)."""
     study = state.study
     cells = state.cells()
-    finals = {id(cell): [state.results[spec.out_dir].final_loss for spec in cell.final_runs] for cell in cells}
+    finals = {id(cell): [state.results[spec.out_dir].final_loss for spec in cell.final_runs]
+              for cell in cells}
     residuals = pooled_residuals(list(finals.values()))
     models = {}
     for model in study.models:
@@ -63,7 +64,8 @@ def summarize(state: StudyState) -> dict[str, Any]:
             losses, arm = finals[id(cell)], cell.arm
             diverged = sum(not math.isfinite(x) for x in losses)
             mean = statistics.fmean(losses) if not diverged else math.inf
-            sem = statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 and not diverged else None
+            sem = (statistics.stdev(losses) / math.sqrt(len(losses)) if len(losses) > 1 and not diverged
+                   else None)
             wen = wen_speedup(baseline, losses, tokens[id(cell)], residuals, study.bootstrap_samples,
                               study.confidence)
             base_cell = base_cells[cell.budget]
@@ -91,7 +93,8 @@ def summarize(state: StudyState) -> dict[str, Any]:
                     "target": paper.target, "tokens_to_target": paper.to_target, "ratios": paper.ratios,
                     "text": paper.text()},
             })
-        models[model] = {"parameters": model_cells[0].arm.params, "tokens_per_step": model_cells[0].arm.tokens_per_step,
+        arm = model_cells[0].arm
+        models[model] = {"parameters": arm.params, "tokens_per_step": arm.tokens_per_step,
                          "baseline_fit": fit, "cells": entries}
     tuning_runs = [spec for spec in state.specs.values() if spec.out_dir in state.results]
     return {

@@ -96,6 +96,10 @@ def flatten_overrides(tree: Any, where: str, prefix: str = "") -> dict[str, Any]
     return flat
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -132,12 +136,13 @@ def _ladder(name: str, fields: Mapping[str, Any], where: str) -> LadderSpec:
             raise UserError(f"{where}.values must be increasing and distinct, got {list(values)}")
         extra = [k for k in ("step", "points", "limits") if fields.get(k) is not None]
         if extra:
-            raise UserError(f"{where}: {', '.join(extra)} apply to log and linear scales; scale: values sweeps "
-                            "the listed values")
+            raise UserError(f"{where}: {', '.join(extra)} apply to log and linear scales; scale: values "
+                            "sweeps the listed values")
         if reference is not None and reference not in values:
             raise UserError(f"{where}.reference {reference} is not among its values {list(values)}")
         count = len(values)
-        return LadderSpec(name, key, scale, reference, None, tuple(range(count)), (0, count - 1), tuple(values))
+        return LadderSpec(name, key, scale, reference, None, tuple(range(count)), (0, count - 1),
+                          tuple(values))
     step = fields.get("step")
     if not _is_number(step) or (scale == "log" and step <= 1) or (scale == "linear" and step <= 0):
         minimum = "a number > 1 (the ratio between rungs)" if scale == "log" else "a number > 0"
@@ -175,7 +180,7 @@ def _optimizer(label: str, fields: Any, shared: Mapping[str, Any], where: str) -
 
 
 def _budget(fields: Any, where: str) -> Budget:
-    if not isinstance(fields, Mapping) or len(fields) != 1 or next(iter(fields)) not in ("tokens", "chinchilla"):
+    if not isinstance(fields, Mapping) or len(fields) != 1 or not set(fields) <= {"tokens", "chinchilla"}:
         raise UserError(f"{where} must be {{tokens: N}} or {{chinchilla: K}} (K × tokens_per_parameter "
                         f"tokens per parameter), got {fields!r}")
     (kind, value), = fields.items()
@@ -221,13 +226,13 @@ def load_study(node: Mapping[str, Any], name: str) -> Study:
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise UserError(f"{where}.seeds must be a list of distinct integers >= 0, got {seeds!r}")
     checks = [
-        ("tuning_seed", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"),
-        ("max_rounds", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+        ("tuning_seed", lambda v: _is_integer(v) and v >= 0, "an integer >= 0"),
+        ("max_rounds", lambda v: _is_integer(v) and v >= 1, "an integer >= 1"),
         ("tune_at", lambda v: v in TUNE_AT, " or ".join(TUNE_AT)),
         ("final_lr_fraction", lambda v: v is None or (_is_number(v) and 0 <= v <= 1),
          "null (schedule.min_lr as configured) or a fraction of optim.lr in [0, 1]"),
         ("tokens_per_parameter", lambda v: _is_number(v) and v > 0, "a number > 0"),
-        ("bootstrap_samples", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 100,
+        ("bootstrap_samples", lambda v: _is_integer(v) and v >= 100,
          "an integer >= 100"),
         ("confidence", lambda v: _is_number(v) and 0.5 <= v < 1, "a number in [0.5, 1)"),
         ("data", lambda v: isinstance(v, str), "a configs/data/ choice"),

@@ -81,7 +81,8 @@ def _best(losses: Mapping[int, float], start: int) -> int:
     return min(losses, key=lambda rung: (losses[rung], abs(rung - start), rung))
 
 
-def descend(ladders: tuple[Ladder, ...], loss_of: Callable[[Point], float | None], max_rounds: int) -> Descent:
+def descend(ladders: tuple[Ladder, ...], loss_of: Callable[[Point], float | None], max_rounds: int
+            ) -> Descent:
     """Replay coordinate descent with the losses `loss_of` knows (None: not run yet)."""
     descent = Descent(incumbent=tuple(ladder.start for ladder in ladders))
     swept_with: dict[int, Point] = {}  # ladder -> the other ladders' incumbents when it was last swept

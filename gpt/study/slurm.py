@@ -43,11 +43,10 @@ class SubmititSettings:
 
 def submitit_settings(node: dict[str, Any]) -> SubmititSettings:
     """configs/launcher/slurm.yaml, checked."""
-    for key in ("gpus_per_run", "threads_per_run"):
+    for key, least in (("gpus_per_run", 0), ("threads_per_run", 1)):
         value = node.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "gpus_per_run" else 1):
-            raise UserError(f"launcher.{key} must be an integer >= {0 if key == 'gpus_per_run' else 1}, "
-                            f"got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise UserError(f"launcher.{key} must be an integer >= {least}, got {value!r}")
     parameters = dict(node.get("parameters") or {})
     taken = [key for key in parameters if key in STUDY_SET_PARAMETERS]
     if taken:
@@ -77,7 +76,7 @@ class TrainJob:
     def __init__(self) -> None:
         self.process: subprocess.Popen | None = None
 
-    def __call__(self, spec: RunSpec, log_path: Path, env: dict[str, str], gpus: int) -> Outcome | None | str:
+    def __call__(self, spec: RunSpec, log_path: Path, env: dict[str, str], gpus: int) -> Outcome | str | None:
         done = read_outcome(spec.out_dir, spec.steps)
         if done is not None:
             return done
@@ -135,7 +134,7 @@ class SubmititLauncher:
         if jobs:
             log.info("submitted %d run(s) as job array %s", len(jobs), jobs[0].job_id.split("_")[0])
 
-    def poll(self) -> list[tuple[RunSpec, Outcome | None | UserError]]:
+    def poll(self) -> list[tuple[RunSpec, Outcome | UserError | None]]:
         ended = []
         for out_dir, (spec, job) in list(self.running.items()):
             if not job.done():
@@ -143,7 +142,7 @@ class SubmititLauncher:
             del self.running[out_dir]
             try:
                 result = job.result()
-            except Exception as error:  # the job itself failed: submitit re-raises it here  # noqa: BLE001
+            except Exception as error:  # the job itself failed: submitit re-raises it here
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 result = UserError(f"run {spec.out_dir}: job {job.job_id} failed ({first}); its log: "
                                    f"{job.paths.stderr}")

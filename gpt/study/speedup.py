@@ -89,7 +89,8 @@ def fit_power_laws(tokens: Sequence[float], losses: np.ndarray) -> list[PowerLaw
         high, low = np.where(go_left, right, high), np.where(go_left, low, left)
     b = (low + high) / 2
     a, c, _ = _profile(ratios[None, :] ** -b[:, None], y)
-    return [PowerLaw(float(ai), float(bi), float(ci), float(min(tokens))) for ai, bi, ci in zip(a, b, c, strict=True)]
+    d0 = float(min(tokens))
+    return [PowerLaw(float(ai), float(bi), float(ci), d0) for ai, bi, ci in zip(a, b, c, strict=True)]
 
 
 def fit_power_law(tokens: Sequence[float], losses: Sequence[float]) -> PowerLaw:
@@ -139,9 +140,10 @@ def wen_speedup(baseline: dict[float, Sequence[float]], losses: Sequence[float],
     means = np.array([np.mean(usable[d]) for d in budgets])
     fit = fit_power_law(budgets, means)
     if fit.degenerate:
-        return Speedup(None, None, None, None, f"the baseline's losses {', '.join(f'{m:.4f}' for m in means)} "
-                       "do not follow a·D^(−b) + c with a > 0 and b inside "
-                       f"({B_MIN}, {B_MAX}): they do not flatten with data as the fit assumes")
+        shown = ", ".join(f"{m:.4f}" for m in means)
+        return Speedup(None, None, None, None, f"the baseline's losses {shown} do not follow "
+                       f"a·D^(−b) + c with a > 0 and b inside ({B_MIN}, {B_MAX}): they do not flatten with "
+                       "data as the fit assumes")
     loss = float(np.mean(losses))
     needed = fit.tokens_for(loss)
     low_end, high_end = budgets[0] / tokens, budgets[-1] / tokens
@@ -151,8 +153,9 @@ def wen_speedup(baseline: dict[float, Sequence[float]], losses: Sequence[float],
         counts = [len(usable[d]) for d in budgets]
         redrawn = means + np.stack([rng.choice(residuals, (samples, n)).mean(axis=1) for n in counts], axis=1)
         sample_losses = loss + rng.choice(residuals, (samples, len(losses))).mean(axis=1)
+        curves = fit_power_laws(budgets, redrawn)
         draws = np.array([curve.tokens_for(value) / tokens if curve.a > 0 else math.inf
-                          for curve, value in zip(fit_power_laws(budgets, redrawn), sample_losses, strict=True)])
+                          for curve, value in zip(curves, sample_losses, strict=True)])
         tail = (1 - confidence) / 2 * 100
         interval = tuple(float(np.percentile(draws, q, method="inverted_cdf")) for q in (tail, 100 - tail))
     if needed > budgets[-1]:
@@ -172,8 +175,8 @@ def first_crossing(points: Sequence[tuple[float, float]], target: float) -> floa
         if y is not None and y <= target:
             if previous is None:
                 return float(x)
-            (x0, y0), fraction = previous, (previous[1] - target) / (previous[1] - y)
-            return x0 + fraction * (x - x0)
+            (x0, y0) = previous
+            return x0 + (y0 - target) / (y0 - y) * (x - x0)
         previous = (x, y) if y is not None else previous
     return None
 

@@ -63,7 +63,8 @@ def test_report_matches_the_runs_own_metrics(study):
     assert len(cells) == 4
     for cell in cells:
         name, steps = cell["optimizer"], cell["steps"]
-        sweep = {lr: run["loss"] for (o, s, lr, seed), run in runs.items() if (o, s, seed) == (name, steps, 0)}
+        sweep = {lr: run["loss"] for (optim, s, lr, seed), run in runs.items()
+                 if (optim, s, seed) == (name, steps, 0)}
         assert len(sweep) == 3
         best = min(sweep, key=sweep.get)
         assert cell["tuned"] == {"lr": best}
@@ -71,7 +72,7 @@ def test_report_matches_the_runs_own_metrics(study):
         assert cell["final_loss_mean"] == pytest.approx(statistics.fmean(losses), abs=1e-12)
         assert cell["final_loss_sem"] == pytest.approx(statistics.stdev(losses) / math.sqrt(2), abs=1e-12)
         assert cell["speedup"]["value"] is None and "needs three" in cell["speedup"]["reason"]
-        baseline = [c for c in cells if c["optimizer"] == "adamw" and c["steps"] == steps][0]
+        (baseline,) = [c for c in cells if c["optimizer"] == "adamw" and c["steps"] == steps]
         assert cell["paper_measure"]["target"] == pytest.approx(baseline["final_loss_mean"], abs=1e-12)
         if name == "lion":
             assert sweep[1e4] == math.inf and best != 1e4
@@ -112,7 +113,8 @@ def test_killed_study_resumes_without_repeating_a_finished_run_and_reports_the_s
     while any((tmp_path / "runs").rglob(".lock")):  # its runs in progress save and stop
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    finished = {key: run for key, run in finished_runs(tmp_path / "runs").items() if math.isfinite(run["loss"])}
+    finished = {key: run for key, run in finished_runs(tmp_path / "runs").items()
+                if math.isfinite(run["loss"])}
     assert 5 <= len(finished) < 16
     mtimes = {key: run["metrics"].stat().st_mtime_ns for key, run in finished.items()}
     results_before = len(finished) + sum(1 for _ in (tmp_path / "runs").rglob("diverged.txt"))
@@ -127,7 +129,8 @@ def test_slurm_path_through_submitits_local_executor_gives_the_local_numbers(stu
     """launcher=slurm with submitit's local executor: each run a submitit job (an array per batch), its pickle
     and logs in the launcher's folder; the results equal the local launcher's bit for bit (same runs, same
     single thread)."""
-    adamw_only = {**TINY, "budgets": TINY["budgets"][:1], "optimizers": {"adamw": TINY["optimizers"]["adamw"]}}
+    adamw_only = {**TINY, "budgets": TINY["budgets"][:1],
+                  "optimizers": {"adamw": TINY["optimizers"]["adamw"]}}
     write_study(tmp_path / "configs", "tiny_slurm", adamw_only, study["root"] / "data")
     folder = tmp_path / "submitit"
     run_study(study_command(tmp_path / "configs", "tiny_slurm", tmp_path, "launcher=slurm",
@@ -161,7 +164,8 @@ def test_a_preempted_slurm_job_saves_stops_and_resumes_to_the_straight_result(st
     long = {**TINY, "budgets": [{"tokens": 256 * 96}], "optimizers": {"adamw": TINY["optimizers"]["adamw"]}}
     node = {**yaml.safe_load(yaml.safe_dump(long)), "out_dir": str(tmp_path / "study"), "dry_run": False,
             "run_root": str(tmp_path / "runs"), "tuning_seed": 0, "max_rounds": 3, "tune_at": "every_budget",
-            "final_lr_fraction": 0.05, "tokens_per_parameter": 20, "bootstrap_samples": 100, "confidence": 0.95}
+            "final_lr_fraction": 0.05, "tokens_per_parameter": 20, "bootstrap_samples": 100,
+            "confidence": 0.95}
     node["overrides"]["data"]["dir"] = str(study["root"] / "data")
     spec_study = load_study(node, "preempt")
     (arm,) = resolve_arms(spec_study)

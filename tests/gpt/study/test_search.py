@@ -1,5 +1,5 @@
-"""Coordinate descent over ladders, against brute force and hand-worked sweeps: the tuning every optimizer of a
-study goes through, so a fault here makes every comparison unfair in the same silent way."""
+"""Coordinate descent over ladders, against brute force and hand-worked sweeps: the tuning every optimizer of
+a study goes through, so a fault here makes every comparison unfair in the same silent way."""
 
 from __future__ import annotations
 

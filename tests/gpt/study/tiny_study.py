@@ -56,6 +56,7 @@ def study_command(config_dir: Path, name: str, out: Path, *extra: str) -> list[s
 
 
 def run_study(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
+                            timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result

@@ -109,9 +109,8 @@ class Arm:
         return self.settings.train.global_batch_size * self.settings.model.block_size
 
     def steps(self, budget: Budget, tokens_per_parameter: float) -> int:
-        if budget.tokens is not None:
-            return max(1, round(budget.tokens / self.tokens_per_step))
-        tokens = budget.chinchilla * tokens_per_parameter * self.params
+        tokens = (budget.tokens if budget.tokens is not None
+                  else budget.chinchilla * tokens_per_parameter * self.params)
         return max(1, round(tokens / self.tokens_per_step))
 
 

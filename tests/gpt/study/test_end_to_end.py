@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpt.study.local import usable_cores
 from tests.gpt.study.tiny_study import TIMEOUT, TINY, environment, run_study, study_command, write_study
 
 pytestmark = pytest.mark.slow
@@ -79,6 +80,8 @@ def test_report_matches_the_runs_own_metrics(study):
             tuning = cell["tuning"][0]["losses"]
             assert {"value": 1e4, "final_loss": None} in tuning  # diverged: in the report, not chosen
     assert study["report"]["diverged_runs"] == 2  # Lion at 1e4, at both budgets
+    events = [line.split()[0] for line in study["stdout"].splitlines() if line.startswith(("start", "done"))]
+    assert events[:usable_cores()] == ["start"] * usable_cores()  # as many runs at once as cores
     markdown = (study["out"] / "study" / "report.md").read_text()
     assert "| lion | 4,096 tokens (16 steps" in markdown and "diverged" in markdown
     for figure in ("sensitivity_gpt2_tiny_lr.png", "loss_vs_tokens_gpt2_tiny.png"):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.cli import run_cli
 from gpt.study.arms import resolve_arms
 from gpt.study.conduct import prepare_data
 from gpt.study.driver import run_study
@@ -30,7 +31,6 @@ from gpt.study.report import machine
 from gpt.study.schema import load_study
 from gpt.study.state import StudyState
 
-from runs import run_cli
 from study import compose_study
 
 TOKENS_PER_STEP = 16 * 128  # the CPU study's batch

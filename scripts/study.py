@@ -24,11 +24,10 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common.cli import run_cli
 from common.errors import UserError
 from gpt.config import describe_composition_error
 from gpt.study.conduct import conduct
-
-from runs import run_cli
 
 
 def compose_study(overrides: list[str]) -> tuple[str, dict, dict]:

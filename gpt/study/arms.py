@@ -27,7 +27,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from common.errors import UserError
-from gpt.config import ModelSettings, Settings, describe_composition_error, load_settings
+from gpt.config import ModelSettings, Settings, describe_composition_error, parse_config
 from gpt.model import GPT
 from gpt.plan import training_flops_per_token
 from gpt.study.schema import Budget, LadderSpec, OptimizerSpec, Study
@@ -197,7 +197,7 @@ def resolve_arm(study: Study, model: str, spec: OptimizerSpec) -> Arm:
     for ladder in ladders:  # the plan's config: every tuned value at its reference
         OmegaConf.update(cfg, ladder.key, ladder.value(ladder.start), merge=False)
     try:
-        settings = load_settings(cfg)
+        settings = parse_config(cfg)  # typed and checked; values left to the device stay null
         network = meta_model(tuple(sorted(asdict(settings.model).items())))
         check_run(settings.optim, strategy="single", schedule=settings.schedule.name)
         tokens_per_step = settings.train.global_batch_size * settings.model.block_size

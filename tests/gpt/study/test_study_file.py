@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
+from common.cli import run_cli
 from gpt.study.arms import compose_train, override_value, resolve_arms, run_spec
 from gpt.study.schema import load_study
 from tests.gpt.study.tiny_study import REPO, TINY, environment, write_study
 
 sys.path.insert(0, str(REPO / "scripts"))
 study_script = importlib.import_module("study")
-runs_script = importlib.import_module("runs")
 
 
 def broken(change) -> dict:
@@ -64,7 +64,7 @@ def test_bad_study_file_is_one_line_and_exit_2(case, tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)
     write_study(tmp_path / "configs", "bad", broken(change), tmp_path / "data")
     with pytest.raises(SystemExit) as exit_info:
-        runs_script.run_cli(lambda: study_script.main(
+        run_cli(lambda: study_script.main(
             ["study=bad", f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "study.dry_run=false"]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err

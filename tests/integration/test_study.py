@@ -44,12 +44,12 @@ def without_cost(report: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
-    """The tiny study, run once without interruption."""
+def study(tmp_path_factory, byte_data) -> dict:
+    """The tiny study, run once without interruption (on the session's prepared sample)."""
     root = tmp_path_factory.mktemp("study")
-    write_study(root / "configs", "tiny", TINY, root / "data")
+    write_study(root / "configs", "tiny", TINY, byte_data)
     result = run_study(study_command(root / "configs", "tiny", root / "straight"), root)
-    return {"root": root, "out": root / "straight", "stdout": result.stdout,
+    return {"root": root, "data": byte_data, "out": root / "straight", "stdout": result.stdout,
             "report": json.loads((root / "straight" / "study" / "report.json").read_text())}
 
 
@@ -134,7 +134,7 @@ def test_slurm_path_through_submitits_local_executor_gives_the_local_numbers(stu
     single thread)."""
     adamw_only = {**TINY, "budgets": TINY["budgets"][:1],
                   "optimizers": {"adamw": TINY["optimizers"]["adamw"]}}
-    write_study(tmp_path / "configs", "tiny_slurm", adamw_only, study["root"] / "data")
+    write_study(tmp_path / "configs", "tiny_slurm", adamw_only, study["data"])
     folder = tmp_path / "submitit"
     run_study(study_command(tmp_path / "configs", "tiny_slurm", tmp_path, "launcher=slurm",
                             "launcher.cluster=local", f"launcher.folder={folder}", "launcher.gpus_per_run=0",
@@ -169,7 +169,7 @@ def test_a_preempted_slurm_job_saves_stops_and_resumes_to_the_straight_result(st
             "run_root": str(tmp_path / "runs"), "tuning_seed": 0, "max_rounds": 3, "tune_at": "every_budget",
             "final_lr_fraction": 0.05, "tokens_per_parameter": 20, "bootstrap_samples": 100,
             "confidence": 0.95}
-    node["overrides"]["data"]["dir"] = str(study["root"] / "data")
+    node["overrides"]["data"]["dir"] = str(study["data"])
     spec_study = load_study(node, "preempt")
     (arm,) = resolve_arms(spec_study)
     spec = run_spec(spec_study, arm, 0, (0,), 0)

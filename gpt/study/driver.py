@@ -4,7 +4,8 @@ Each turn replays the study's state from the finished runs (gpt/study/state.py),
 are not running as far as the launcher has room (the longest first, so that a long run does not start last
 and hold up the end), then waits for runs to end. A divergence is a result like any other. A failed run stops
 the study from starting more; the runs in progress are waited for, then the failure is reported. SIGINT or
-SIGTERM asks the runs in progress to save and stop; a rerun of the same command resumes them.
+SIGTERM asks the local runs in progress to save and stop (Slurm jobs go on; the study stops waiting for them);
+a rerun of the same command resumes them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 class Launcher(Protocol):
     poll_s: float
+    stops_runs: bool  # stop() ends the runs in progress (local processes), or leaves them going (Slurm)
 
     def free_slots(self) -> int: ...
     def start(self, specs: list[RunSpec]) -> None: ...
@@ -65,6 +67,8 @@ def run_study(state: StudyState, launcher: Launcher) -> int:
                 log.info("stop requested: the runs in progress save a checkpoint and stop")
                 launcher.stop()
                 asked_to_stop = True
+                if not launcher.stops_runs:
+                    break
             if not failures and not received:
                 waiting = [spec for spec in state.needed() if spec.out_dir not in state.running]
                 room = min(launcher.free_slots(), len(waiting))

@@ -77,7 +77,7 @@ class LocalLauncher:
 
     def __init__(self, settings: LocalSettings, log_dir: Path) -> None:
         self.settings, self.log_dir = settings, log_dir
-        self.poll_s = settings.poll_s
+        self.poll_s, self.stops_runs = settings.poll_s, True
         # out_dir -> (the run, its process, its slot, its log)
         self.running: dict[Path, tuple[RunSpec, subprocess.Popen, int, Path]] = {}
 

@@ -96,9 +96,12 @@ def render(summary: dict[str, Any], cost: dict[str, Any], figures: list[Path], o
             lines.append("| " + " | ".join(row) + " |")
         notes = [f"- {cell['optimizer']}, {cell['budget']}: {note}" for cell in result["cells"]
                  for note in cell["notes"]]
+        noise = result["seed_noise_sd"]
         lines += ["", "The paper's measure reads the middle of the runs (the data at which a run first "
                       f"reaches {baseline}'s final loss at the same budget); it is not the end-of-training "
-                      "comparison and is given for comparison with the Sophia paper's 2×."]
+                      "comparison and is given for comparison with the Sophia paper's 2×. Seed noise (the "
+                      "pooled standard deviation of a final loss about its group's mean, which the bootstrap "
+                      "resamples): " + (f"{noise:.4f}." if noise is not None else "n/a (one seed).")]
         if notes:
             lines += ["", "Notes:", *notes]
         lines += ["", "### Tuning (final validation loss at the tuning seed; the kept value in bold)", ""]
@@ -107,15 +110,11 @@ def render(summary: dict[str, Any], cost: dict[str, Any], figures: list[Path], o
                 lines += [f"- {cell['optimizer']}, {cell['budget']}:", *_tuning_lines(cell)]
     lines += ["", "## Figures", ""]
     lines += [f"![{path.stem}]({path.relative_to(out_dir)})" for path in figures]
-    noise = summary["seed_noise_sd"]
     lines += [
         "", "## Runs and cost", "",
-        f"{summary['runs']} runs ({summary['diverged_runs']} diverged); seed noise (the pooled standard "
-        "deviation of a final loss about its group's mean, which the bootstrap resamples): "
-        + (f"{noise:.4f}." if noise is not None else "n/a (one seed)."),
-        f"Training time summed over the runs' own clocks: {cost['training_minutes']:.1f} min. This "
-        f"invocation started {cost['runs_started']} run(s) and took {cost['wall_minutes']:.1f} min on "
-        f"{cost['machine']}.",
+        f"{summary['runs']} runs ({summary['diverged_runs']} diverged). Training time summed over the runs' "
+        f"own clocks: {cost['training_minutes']:.1f} min. This invocation started {cost['runs_started']} "
+        f"run(s) and took {cost['wall_minutes']:.1f} min on {cost['machine']}.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -47,10 +47,11 @@ def summarize(state: StudyState) -> dict[str, Any]:
     cells = state.cells()
     finals = {id(cell): [state.results[spec.out_dir].final_loss for spec in cell.final_runs]
               for cell in cells}
-    residuals = pooled_residuals(list(finals.values()))
-    models = {}
+    models, noise = {}, {}
     for model in study.models:
         model_cells = [cell for cell in cells if cell.arm.model == model]
+        residuals = pooled_residuals([finals[id(cell)] for cell in model_cells])  # one model's seed noise
+        noise[model] = float(math.sqrt(statistics.fmean(residuals**2))) if len(residuals) else None
         tokens = {id(cell): cell.steps * cell.arm.tokens_per_step for cell in model_cells}
         base_cells = {cell.budget: cell for cell in model_cells if cell.arm.label == study.baseline}
         baseline = {tokens[id(cell)]: finals[id(cell)] for cell in base_cells.values()}
@@ -88,20 +89,19 @@ def summarize(state: StudyState) -> dict[str, Any]:
                           "diverged": state.results[spec.out_dir].diverged} for spec in cell.final_runs],
                 "final_loss_mean": _finite_or_none(mean), "final_loss_sem": sem, "diverged_seeds": diverged,
                 "speedup": {"value": wen.value, "low": wen.low, "high": wen.high, "bound": wen.bound,
-                            "reason": wen.reason, "text": wen.text()},
+                            "reason": wen.reason, "readable": wen.readable, "text": wen.text()},
                 "paper_measure": None if paper is None else {
                     "target": paper.target, "tokens_to_target": paper.to_target, "ratios": paper.ratios,
                     "text": paper.text()},
             })
         arm = model_cells[0].arm
         models[model] = {"parameters": arm.params, "tokens_per_step": arm.tokens_per_step,
-                         "baseline_fit": fit, "cells": entries}
+                         "seed_noise_sd": noise[model], "baseline_fit": fit, "cells": entries}
     tuning_runs = [spec for spec in state.specs.values() if spec.out_dir in state.results]
     return {
         "study": study.name, "baseline": study.baseline, "seeds": list(study.seeds),
         "tuning_seed": study.tuning_seed, "confidence": study.confidence,
-        "bootstrap_samples": study.bootstrap_samples, "seed_noise_sd": (
-            float(math.sqrt(statistics.fmean(residuals**2))) if len(residuals) else None),
+        "bootstrap_samples": study.bootstrap_samples,
         "runs": len(tuning_runs),
         "diverged_runs": sum(state.results[spec.out_dir].diverged for spec in tuning_runs),
         "models": models,

@@ -106,7 +106,7 @@ class SubmititLauncher:
 
     def __init__(self, settings: SubmititSettings, log_dir: Path) -> None:
         submitit = _submitit()
-        self.settings, self.log_dir, self.poll_s = settings, log_dir, settings.poll_s
+        self.settings, self.log_dir, self.poll_s, self.stops_runs = settings, log_dir, settings.poll_s, False
         try:
             self.executor = submitit.AutoExecutor(folder=settings.folder, cluster=settings.cluster,
                                                   slurm_max_num_timeout=settings.max_num_timeout)

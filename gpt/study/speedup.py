@@ -107,12 +107,18 @@ class Speedup:
     high: float | None
     bound: str | None  # "> x" or "< x" when the data needed lies beyond the baseline's budgets
     reason: str | None  # why there is no number (None when there is one)
+    readable: tuple[float, float] | None = None  # the speed-ups the fit can give: its budgets over this one
 
     def text(self) -> str:
         if self.value is None:
             return f"{self.bound} ({self.reason})" if self.bound else f"n/a ({self.reason})"
-        interval = f" [{self.low:.2f}, {self.high:.2f}]" if self.low is not None else ""
-        return f"{self.value:.2f}×{interval}"
+        if self.low is None:
+            return f"{self.value:.2f}×"
+        least, most = self.readable
+        # an end beyond what the baseline's budgets can say is a bound
+        low = f"< {least:.2f}" if self.low < least else f"{self.low:.2f}"
+        high = f"> {most:.2f}" if self.high > most else f"{self.high:.2f}"
+        return f"{self.value:.2f}× [{low}, {high}]"
 
 
 def pooled_residuals(groups: Sequence[Sequence[float]]) -> np.ndarray:
@@ -158,13 +164,14 @@ def wen_speedup(baseline: dict[float, Sequence[float]], losses: Sequence[float],
                           for curve, value in zip(curves, sample_losses, strict=True)])
         tail = (1 - confidence) / 2 * 100
         interval = tuple(float(np.percentile(draws, q, method="inverted_cdf")) for q in (tail, 100 - tail))
+    readable = (low_end, high_end)
     if needed > budgets[-1]:
         return Speedup(None, *interval, f"> {high_end:.2f}×", "the baseline would need more data than its "
-                       "largest budget: the fit is not read beyond it")
+                       "largest budget: the fit is not read beyond it", readable)
     if needed < budgets[0]:
         return Speedup(None, *interval, f"< {low_end:.2f}×", "the baseline would need less data than its "
-                       "smallest budget: the fit is not read below it")
-    return Speedup(needed / tokens, *interval, None, None)
+                       "smallest budget: the fit is not read below it", readable)
+    return Speedup(needed / tokens, *interval, None, None, readable)
 
 
 def first_crossing(points: Sequence[tuple[float, float]], target: float) -> float | None:

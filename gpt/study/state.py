@@ -28,10 +28,6 @@ class Cell:
     descent: Descent
     final_runs: list[RunSpec] = field(default_factory=list)  # empty until the descent is done
 
-    @property
-    def tuned(self) -> Point | None:
-        return self.descent.incumbent if self.descent.done else None
-
 
 class StudyState:
     def __init__(self, study: Study, arms: list[Arm]) -> None:
@@ -90,7 +86,3 @@ class StudyState:
                 if self.outcome(spec) is None:
                     needed.setdefault(spec.out_dir, spec)
         return list(needed.values())
-
-    @property
-    def done(self) -> bool:
-        return not self.needed()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gpt.study.speedup import (
+    Speedup,
     first_crossing,
     fit_power_law,
     paper_measure,
@@ -119,3 +120,10 @@ def test_paper_measure_is_the_baseline_cost_over_the_crossing():
     measure = paper_measure(curves, 3.5, 400)
     assert measure.ratios == pytest.approx([3.2, 2.0])
     assert measure.to_target[2] is None and measure.text() == "2.60× (2.00–3.20), 2/3 reached"
+
+
+def test_an_interval_end_beyond_the_budgets_is_printed_as_a_bound():
+    """The fit is read only within the baseline's budgets (here 0.5× to 2× this budget): an interval end
+    beyond them is a bound, not a number."""
+    assert Speedup(1.5, 1.2, 2.5, None, None, (0.5, 2.0)).text() == "1.50× [1.20, > 2.00]"
+    assert Speedup(0.6, 0.4, 0.9, None, None, (0.5, 2.0)).text() == "0.60× [< 0.50, 0.90]"

@@ -40,9 +40,10 @@ def _die_with_parent() -> None:
 
 
 def start(spec: RunSpec, log_path: Path, env: dict[str, str], gpus: int = 0) -> subprocess.Popen:
-    """Start the run in its own session (a Ctrl-C reaches it once, forwarded by the study, not twice)."""
+    """Start the run in its own session (a Ctrl-C reaches it once, forwarded by the study, not twice). The
+    log holds this attempt only (the run's train.log keeps every session), so its error line is this one's."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    with open(log_path, "wb") as log:
         return subprocess.Popen(train_command(spec, gpus), stdout=subprocess.DEVNULL, stderr=log,
                                 env={**os.environ, **env}, start_new_session=True,
                                 preexec_fn=_die_with_parent)

@@ -11,6 +11,11 @@ seeds reached the target at all; a group none of whose seeds reaches it shows "n
 curvature passes; time is in seconds in the JSON, in hours in the table (minutes when the baseline took under
 two hours), and compares only runs on the same hardware under the same load: the report carries a
 `time_warning` (printed under the table) when the runs' throughput says the load changed.
+
+This is the Sophia paper's measure, read in the middle of a run: it compares single runs and favours the
+schedule that decays first. For the end-of-training comparison over several budgets, with every optimizer
+tuned the same way and intervals over seeds (Wen et al.'s speed-up), run a study: scripts/study.py
+(docs/study.md).
 """
 
 from __future__ import annotations
@@ -23,24 +28,21 @@ from typing import Any
 
 from common.cli import run_cli
 from common.errors import UserError
+from gpt.study.speedup import first_crossing
 
 from runs import Run, group_labels, group_runs, time_warning
 
 COSTS = ("steps", "flops", "time")
+MEASURE = ("the Sophia paper's, read mid-run: the steps, FLOPs and time at which each run first reaches the "
+           "baseline's final loss (end-of-training speed-ups over several budgets: scripts/study.py)")
 
 
 def cost_to_reach(run: Run, target: float) -> dict[str, float] | None:
     """Steps, FLOPs and seconds at which val_loss first reaches `target`, or None if it never does."""
-    previous = None
-    for record in run.series("val_loss"):
-        if record["val_loss"] <= target:
-            if previous is None:
-                return {axis: run.x_value(record, axis) for axis in COSTS}
-            fraction = (previous["val_loss"] - target) / (previous["val_loss"] - record["val_loss"])
-            return {axis: run.x_value(previous, axis)
-                    + fraction * (run.x_value(record, axis) - run.x_value(previous, axis)) for axis in COSTS}
-        previous = record
-    return None
+    records = run.series("val_loss")
+    costs = {axis: first_crossing([(run.x_value(r, axis), r["val_loss"]) for r in records], target)
+             for axis in COSTS}
+    return None if costs["steps"] is None else costs
 
 
 def spread(values: list[float]) -> dict[str, float] | None:
@@ -60,7 +62,7 @@ def compare(baseline_paths: list[str], paths: list[str]) -> dict[str, Any]:
     target = statistics.fmean(record["val_loss"] for record in finals)
     baseline_cost = {axis: statistics.fmean(run.x_value(record, axis) for run, record in
                                             zip(baseline, finals, strict=True)) for axis in COSTS}
-    report: dict[str, Any] = {"target_val_loss": target, "baseline": {
+    report: dict[str, Any] = {"measure": MEASURE, "target_val_loss": target, "baseline": {
         "label": labels[0], "runs": [str(run.path) for run in baseline], **baseline_cost}, "groups": [],
         "time_warning": time_warning([run for group in groups for run in group])}
     for group, label in zip(groups, labels, strict=True):
@@ -90,6 +92,7 @@ def format_table(report: dict[str, Any]) -> str:
     base = report["baseline"]
     unit, seconds_per_unit = ("hours", 3600) if base["time"] >= 2 * 3600 else ("minutes", 60)
     lines = [
+        f"measure: {report['measure']}",
         f"target: val_loss {report['target_val_loss']:.4f} = final val_loss of {base['label']} "
         f"(mean of {len(base['runs'])} run(s)), reached at step {base['steps']:,.0f}, "
         f"{base['flops']:.3e} FLOPs, {base['time'] / seconds_per_unit:.2f} {unit}",

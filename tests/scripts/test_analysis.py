@@ -147,7 +147,10 @@ def test_baseline_first_form_and_mixed_baseline(tmp_path: Path, capsys: pytest.C
     base = make_run(tmp_path, "base")
     other = make_run(tmp_path, "other", optim="lion", lr=1e-4)
     speedup.main(["--baseline", base, "--", other])
-    assert "lion" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lion" in out
+    # the table says which measure it is: the paper's mid-run one, not a study's end-of-training speed-up
+    assert out.startswith("measure: the Sophia paper's, read mid-run")
     with pytest.raises(UserError, match="differ only by seed"):
         speedup.compare([base, other], [other])
 

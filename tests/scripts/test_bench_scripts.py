@@ -45,3 +45,15 @@ def test_bench_prepare_counts_the_same_tokens_as_raw_tiktoken(tmp_path):
     assert report["tokens"] >= 100_000
     assert pipeline["tokens"] == report["tokens"] + pipeline["documents"]
     assert pipeline["documents"] == report["documents"]
+
+
+@pytest.mark.slow
+def test_bench_study_times_the_same_runs_both_ways(tmp_path):
+    """Otherwise the runner's two ways are timed on different work, or one of them trains nothing: both
+    train every run from scratch (the scratch folder is gone afterwards) and the ratio is of their medians."""
+    report = run_script("bench_study", tmp_path, "--runs", "2", "--steps", "41", "--repeats", "1",
+                        "--work", str(tmp_path / "work"))
+    parallel, sequential = report["median_seconds"]["parallel"], report["median_seconds"]["sequential"]
+    assert report["ways"]["parallel"]["threads"] == 1 and report["ways"]["sequential"]["parallel"] == 1
+    assert report["ratio_parallel_to_sequential"] == pytest.approx(parallel / sequential)
+    assert min(parallel, sequential) > 0 and not (tmp_path / "work").exists()

@@ -14,7 +14,7 @@ import yaml
 
 from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
-from gpt.run_dir import identity_differences
+from gpt.run_identity import identity_differences
 from gpt.trainer import train
 from tests.hydra_compose import compose_train, losses, read_records, tiny_run
 

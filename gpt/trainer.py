@@ -266,18 +266,20 @@ class Trainer:
             return {}
         if rt.is_main and (warning := self._step_time_warning()):
             log.warning(warning)
-        self.loader = self._open_loader()
-        self.checkpoints.data_identity = self.loader.data.identity()
-        self.checkpoints.resume()
-        self.run_dir.start(self.config, plan)
-        state = self.state
-        metrics = MetricsLog(self.out_dir, rt.is_main)
-        rt.on_main(lambda: self._cut_back(metrics))
-        state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id, self.out_dir)
-        if state.step >= t.max_steps and state.pending_record is None:
-            log.info("already at step %d = train.max_steps: nothing to do", state.step)
-            return {"step": state.step}
         with StopRequested(t.stop_grace_s, self._abandon) as stop:
+            stop.busy("the start of the run (data, resume)")
+            self.loader = self._open_loader()
+            self.checkpoints.data_identity = self.loader.data.identity()
+            self.checkpoints.resume()
+            self.run_dir.start(self.config, plan)
+            state = self.state
+            metrics = MetricsLog(self.out_dir, rt.is_main)
+            rt.on_main(lambda: self._cut_back(metrics))
+            state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id,
+                                                 self.out_dir)
+            if state.step >= t.max_steps and state.pending_record is None:
+                log.info("already at step %d = train.max_steps: nothing to do", state.step)
+                return {"step": state.step}
             record = self._loop(metrics, stop)
         metrics.close()
         if rt.is_main:
@@ -318,6 +320,9 @@ class Trainer:
         t, state, rank = self.settings.train, self.state, self.runtime.rank
         state.start_clock()
         record, hessian_time = {}, None
+        if self._stop_agreed(stop):  # signalled while the run started
+            stop.hand_over(f"before step {state.step + 1}: nothing new to save")
+            return record
         if state.pending_record is not None or state.step == 0:
             stop.busy(f"the evaluation of step {state.step}")
             if (scores := self._evaluations(stop)) is None:

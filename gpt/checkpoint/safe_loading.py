@@ -71,9 +71,11 @@ def load_state_file(path: Path, required: tuple[str, ...], map_location: Any = "
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise UnsafeCheckpoint(f"{path} holds {refused_object(e)}, which is not checkpoint data: refused "
-                               "unloaded (a checkpoint is data, never code); restore it from a trusted copy"
-                               ) from None
+        if "GLOBAL" in str(e):  # a pickle naming an object the weights-only unpickler does not allow
+            raise UnsafeCheckpoint(f"{path} holds {refused_object(e)}, which is not checkpoint data: refused "
+                                   "unloaded (a checkpoint is data, never code); restore it from a trusted "
+                                   "copy") from None
+        raise DamagedCheckpoint(f"{path} is not a readable torch file ({refused_object(e)})") from None
     except (RuntimeError, EOFError, ValueError) as e:  # not a torch file (the zip reader's errors)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DamagedCheckpoint(f"{path} is not a readable torch file ({first})") from None

@@ -116,8 +116,8 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e)):
-            raise UserError(f"cannot write the export {out} ({getattr(e, 'strerror', None) or e}); its "
-                            "partial files were removed: free disk space and rerun") from None
+            raise UserError(f"cannot write {out} ({getattr(e, 'strerror', None) or e}); its partial files "
+                            "were removed: free disk space and rerun") from None
         raise
 
 

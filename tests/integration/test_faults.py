@@ -42,10 +42,11 @@ from common.errors import UserError
 from data import blocks
 from data.loader import TokenData
 from data.prepare import prepare
-from gpt.checkpoint import CheckpointDir, sha256_file
+from gpt.checkpoint import CheckpointDir
 from gpt.run_lock import RunLock
 from tests.determinism import assert_same_numbers
 from tests.hydra_compose import run_train_py, tiny_overrides
+from tests.planted import plant_state_file
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
@@ -505,23 +506,12 @@ def foreign_state(path: Path) -> None:
     torch.save({"model": {"weight": torch.ones(3)}}, path)
 
 
-class RunsCode:
-    """A pickle that runs a command when loaded without the weights-only unpickler: it creates MARKER."""
-
-    def __reduce__(self):
-        return (os.system, (f"touch {MARKER}",))
-
-
 MARKER = Path("/tmp") / f"sophia-gpt-planted-pickle-{os.getpid()}"
 
 
 def planted_pickle(path: Path) -> None:
     """A state.pt that names code, its manifest entry recomputed to match: only the loader can tell."""
-    torch.save({"model": {"x": RunsCode()}, "optimizer": {}}, path)
-    manifest_path = path.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"]["state.pt"] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    manifest_path.write_text(json.dumps(manifest))
+    plant_state_file(path.parent, MARKER)
 
 
 def future_format(path: Path) -> None:

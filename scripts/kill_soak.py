@@ -15,10 +15,11 @@ completed, and its final weights, optimizer and scaler state (every tensor bit f
 files and every metrics line (all keys but wall-clock timings) are compared with the straight run's.
 
 `--ranks N` runs both under `torchrun --standalone --nproc_per_node=N` (DDP, or FSDP with
-`train.strategy=fsdp`). Without a `data.dir=` override each run prepares its own copy of the data, so that
-the preparation can be interrupted; pass one to share prepared data. Bit-identity holds where repeating a run
-repeats its floating-point operations (CPU; on CUDA, atomics reorder sums: use --rtol). Exit status 0 when
-everything matches, 1 when something differs (listed), 2 when the run cannot hold the faults asked for.
+`train.strategy=fsdp`); a fault is sent to torchrun and to every worker at once (Linux: found in /proc).
+Without a `data.dir=` override each run prepares its own copy of the data, so that the preparation can be
+interrupted; pass one to share prepared data. Bit-identity holds where repeating a run repeats its
+floating-point operations (CPU; on CUDA, atomics reorder sums: use --rtol). Exit status 0 when everything
+matches, 1 when something differs (listed), 2 when the run cannot hold the faults asked for.
 """
 
 from __future__ import annotations
@@ -53,29 +54,64 @@ POLL_S = 0.001
 
 
 class Job:
-    """One launch of the run, its own process group (a fault reaches every process, as Slurm sends it)."""
+    """One launch of the run. A fault reaches every process of it, as Slurm signals a job step or a dying node
+    ends it: the launcher and its descendants (torchrun starts each worker in a session of its own, so a
+    signal to the launcher's process group would not reach them)."""
 
     def __init__(self, command: list[str], log: Path, env: dict[str, str]) -> None:
         self.log = log
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, cwd=log.parent, env=env, stdout=open(log, "w"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.signalled: list[int] = []
 
     def running(self) -> bool:
         return self.process.poll() is None
 
     def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
+        self.signalled = [self.process.pid, *descendants(self.process.pid)]
+        for pid in self.signalled:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def wait(self, timeout: float) -> int:
+        """The launcher's exit status, once it and every process signalled with it have ended."""
+        deadline = time.monotonic() + timeout
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
-            return self.process.wait()
+            status = self.process.wait()
+        while any(alive(pid) for pid in self.signalled) and time.monotonic() < deadline + 30:
+            time.sleep(0.05)
+        return status
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for a parent to reap it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 class Run:

@@ -79,6 +79,7 @@ class TrainSettings:
     strategy: str
     on_nonfinite: str
     max_skipped: int
+    stop_grace_s: float
     dry_run: bool
     gpu: str
     assumed_mfu: float
@@ -213,6 +214,9 @@ def _check(s: Settings) -> None:
                         f"train.eval_interval={t.eval_interval}: HellaSwag is scored with validation loss")
     if not s.out_dir.strip():
         raise UserError("out_dir is empty; give the run its own directory, e.g. out_dir=runs/my_run")
+    if not (math.isfinite(t.stop_grace_s) and t.stop_grace_s > 0):
+        raise UserError(f"train.stop_grace_s={t.stop_grace_s} must be a number of seconds > 0 (the time a "
+                        "stop signal waits for the step in progress)")
     if not (math.isfinite(t.grad_clip) and t.grad_clip >= 0):
         raise UserError(f"train.grad_clip={t.grad_clip} must be a finite number >= 0 (0 disables clipping)")
     if not (math.isfinite(s.schedule.min_lr) and s.schedule.min_lr >= 0):

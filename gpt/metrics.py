@@ -1,9 +1,12 @@
 """Run metrics: `metrics.jsonl` (the file every plot and analysis reads), the console line, and wandb.
 
-Only rank 0 writes. On resume the file is cut back to the records of steps the checkpoint already covers (none
-when there is no checkpoint: the step-0 evaluation is redone), so a run killed after logging but before
-checkpointing never leaves duplicated or torn lines. wandb mirrors the same records when enabled (offline
-mode needs no network) and continues the same run id across resumes.
+Only rank 0 writes. Each record is appended whole or not at all: a write that fails part-way (a full disk) is
+cut back to the last whole line and reported. On resume the file is cut back to the records of steps the
+checkpoint already covers (none when there is no checkpoint: the step-0 evaluation is redone), so a run
+killed after logging but before checkpointing never leaves duplicated or torn lines; a record written at a
+stop that the resumed run completes (marked `partial`: the window of a stop between two records, or a
+record whose evaluation the stop abandoned) is dropped too. wandb mirrors the same records when enabled
+(offline mode needs no network) and continues the same run id across resumes.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from common.files import write_atomic
+from common.files import append_whole, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +47,20 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, out_dir: Path, enabled: bool, resume_step: int) -> None:
+    def __init__(self, out_dir: Path, enabled: bool) -> None:
         self.path = Path(out_dir) / METRICS_FILE
         self.enabled = enabled
         self.wandb_run = None
-        if enabled:
-            self._truncate_after(resume_step)
 
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+    def resume(self, step: int, record_pending: bool) -> None:
+        """Keep the records of the steps up to `step`, the checkpoint's, except a `partial` record of that
+        step (the resumed run completes its window) and, when the checkpoint holds a record still to be
+        written (`record_pending`: its evaluation was abandoned), the record of that step."""
+        if not (self.enabled and self.path.exists()):
             return
-        kept = [r for r in read_metrics(self.path) if step > 0 and r.get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path) if step > 0 and (
+            r.get("step", 0) < step
+            or (r.get("step") == step and not r.get("partial") and not record_pending))]
         write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def start_wandb(
@@ -71,12 +78,16 @@ class MetricsLog:
         return self.wandb_run.id
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append `record` as one line (an OSError, e.g. a full disk, leaves the file's whole lines as they
+        were)."""
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            append_whole(fd, (json.dumps(record) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if v is not None}, step=record["step"])
 

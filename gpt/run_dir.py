@@ -1,47 +1,86 @@
-"""The run directory: its `config.yaml`, its `train.log`, and the rule for what may change on resume.
+"""The run directory as one process uses it: the lock first, then its files, and never another run's files.
 
-Rerunning with the same `out_dir` resumes; rerunning with a different model, optimizer, data or seed into
-the same `out_dir` would silently mix two experiments, so it is refused with the list of differences.
-Settings that do not change what is trained (eval and log cadence, checkpointing) may, and so may the step
-budget when the schedule's length is set apart from it (`schedule.decay_steps`).
+`RunDirectory` takes the `out_dir` lock (rank 0) before anything is decided or written there, so that of two
+runs started at once on the same directory the second is refused before it touches a file. It writes
+`plan.txt` and `config.yaml` together when the run starts (after every start-up check, so a refused resume
+leaves the records of the run it refused untouched), keeps `train.log`, and remembers which files this
+process created. A run that fails before it started removes exactly those, while it still holds the lock,
+and then releases the lock: a config error or a dry run leaves no directory that looks like a run, and
+never removes what another run wrote. A write that fails (a full disk) is one line naming the file; nothing
+is left half-written (`common.files`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from common.errors import UserError
-from common.files import write_atomic
-from gpt.config import ModelSettings, ProtocolSettings, as_plain
+from common.files import append_whole, write_atomic
+from gpt.run_lock import RunLock
+
+if TYPE_CHECKING:
+    from gpt.distributed import Runtime
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
 PLAN_FILE = "plan.txt"
-# Prefixes of config keys that define the experiment: a resume must not change them.
-IDENTITY_KEYS = ("model.", "optim.", "data.name", "data.tokenizer", "data.val_fraction", "data.split_seed",
-                 "train.seed", "train.init_from", "train.global_batch_size", "schedule.name",
-                 "schedule.warmup_steps", "schedule.min_lr", "schedule.decay_steps", "protocol.")
 log = logging.getLogger(__name__)
 
 
-def setup_logging(out_dir: Path, is_main: bool) -> None:
-    """Rank 0 logs to the console and train.log; other ranks only report warnings."""
+def disk_error(path: Path, error: OSError, what: str = "write") -> UserError:
+    """The one line for a file that could not be written (a full disk, a quota, a file-size limit)."""
+    return UserError(f"cannot {what} {path} ({error.strerror or error}); free disk space (or raise the "
+                     "quota) and rerun")
+
+
+class WholeLineLog(logging.Handler):
+    """`train.log`: each record appended whole or not at all. A write that fails (a full disk) ends the file
+    log with one warning on the console, which goes on logging; the file keeps only whole lines."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.fd is None:
+            return
+        try:
+            append_whole(self.fd, (self.format(record) + "\n").encode())
+        except OSError as e:
+            self.close()
+            log.warning("warning: cannot write %s (%s): the log continues on the console only", self.path,
+                        e.strerror or e)
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+        super().close()
+
+
+def setup_logging(log_file: Path | None, is_main: bool) -> None:
+    """Rank 0 logs to the console and, when given, `log_file`; other ranks only report warnings."""
     root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, WholeLineLog):
+            handler.close()
     root.handlers.clear()
     root.setLevel(logging.INFO if is_main else logging.WARNING)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(out_dir / LOG_FILE)
+    if is_main and log_file is not None:
+        file = WholeLineLog(log_file)
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
 
@@ -52,79 +91,80 @@ def is_empty(out_dir: str | Path) -> bool:
     return not path.is_dir() or not any(path.iterdir())
 
 
-def discard_unstarted(out_dir: str | Path) -> None:
-    """Remove a run directory that was empty when this job began and in which no run started (no
-    config.yaml): a config error or a dry run must not leave a directory that looks like a run. Only the files
-    the start-up writes are removed; anything else keeps the directory."""
-    path = Path(out_dir)
-    if (path / CONFIG_FILE).exists():
-        return
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == path.resolve():
-            root.removeHandler(handler)
-            handler.close()
-    for name in (LOG_FILE, PLAN_FILE):
-        (path / name).unlink(missing_ok=True)
+def remove_if_empty(out_dir: str | Path) -> None:
+    """Remove a directory that holds nothing (atomic: a directory another run has written into stays)."""
     with contextlib.suppress(OSError):
-        path.rmdir()
+        os.rmdir(out_dir)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists become tuples so values can be compared and hashed."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+class RunDirectory:
+    """One run directory as this process uses it; a context that holds the lock (rank 0, unless `lock` is
+    false: a dry run) and, if the block fails before `start`, removes the files this process created."""
 
+    def __init__(self, path: str | Path, runtime: Runtime, *, lock: bool = True) -> None:
+        self.path, self.runtime = Path(path), runtime
+        self.is_main = runtime.is_main
+        self.lock = RunLock(self.path) if lock and self.is_main else None
+        self.created: list[Path] = []
+        self.started = False
 
-# Experiment-defining keys added after runs existed, with the values those runs were trained with.
-_ADDED_KEYS = {"model.scale_attn_by_inverse_layer_idx": ModelSettings.scale_attn_by_inverse_layer_idx,
-               **flatten({"protocol": as_plain(asdict(ProtocolSettings()))})}
+    def __enter__(self) -> RunDirectory:
+        lock = self.lock
+        self.runtime.on_main(lambda: lock.acquire() if lock is not None else None)
+        return self
 
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and not self.started:
+            self.discard_created()
+        self.release()
 
-def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable `key: old -> new` lines for every experiment-defining key that differs. A key that an
-    older run's config lacks because it predates the key compares as the default it was trained with."""
-    flat_old, flat_new = {**_ADDED_KEYS, **flatten(old)}, flatten(new)
-    lines = []
-    for key in sorted(set(flat_old) | set(flat_new)):
-        if key.startswith(IDENTITY_KEYS) and flat_old.get(key) != flat_new.get(key):
-            lines.append(f"{key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}")
-    return lines
+    def start_logging(self) -> None:
+        """The console, and `train.log` when this process holds the directory (not for a dry run)."""
+        path = self.path / LOG_FILE if self.lock is not None else None
+        if path is not None:
+            self._note_creation(path)
+        try:
+            setup_logging(path, self.is_main)
+        except OSError as e:
+            raise disk_error(path, e, "open") from None
 
+    def start(self, config: dict[str, Any], plan: str) -> None:
+        """The run starts: its plan and resolved config are recorded (rank 0). From here on the directory
+        holds a run, and nothing in it is removed when the run fails."""
+        if self.is_main:
+            self.write(PLAN_FILE, plan + "\n")
+            self.write(CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        self.started = True
 
-def check_compatible(old: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    differences = identity_differences(old, new)
-    if differences:
-        hint, horizon = "", flatten(old).get("schedule.decay_steps")
-        if horizon is not None and any(line.startswith("schedule.decay_steps:") for line in differences):
-            hint = (" (schedule.decay_steps defaults to train.max_steps; to train on at the final learning "
-                    f"rate, set schedule.decay_steps={horizon})")
-        raise UserError(
-            f"{where} holds a different experiment ({'; '.join(differences)}); "
-            f"use another out_dir, or the original settings to resume it{hint}"
-        )
+    def write(self, name: str, content: str) -> None:
+        path = self.path / name
+        self._note_creation(path)
+        try:
+            write_atomic(path, content)
+        except OSError as e:
+            raise disk_error(path, e) from None
 
+    def _note_creation(self, path: Path) -> None:
+        if not path.exists() and path not in self.created:
+            self.created.append(path)
 
-def check_same_data(manifest: dict[str, Any], data: dict[str, Any], config: dict[str, Any],
-                    where: str) -> None:
-    """A resume must read the data its checkpoint was trained on: the same preparation (fingerprint), sizes
-    and content (digest of the block hashes, data/blocks.py). `data.dir` may change (data moved to another
-    disk) as long as what it holds is the same; checkpoints older than this record are not checked."""
-    recorded = manifest.get("data")
-    if recorded is None:
-        return
-    old_dir, new_dir = manifest["config"]["data"].get("dir"), config["data"].get("dir")
-    differences = [f"{key}: {recorded.get(key)!r} -> {data.get(key)!r}" for key in sorted(recorded)
-                   if recorded.get(key) != data.get(key)]
-    if differences:
-        moved = f" (data.dir {old_dir} -> {new_dir})" if old_dir != new_dir else ""
-        raise UserError(f"{where} was trained on other data than data.dir holds now{moved}: "
-                        f"{'; '.join(differences)}; point data.dir at the data it was trained on, or use "
-                        "another out_dir")
-    if old_dir != new_dir:
-        log.info("data.dir changed from %s to %s; it holds the same data (fingerprint and content)", old_dir,
-                 new_dir)
+    def discard_created(self) -> None:
+        """Remove the files this process created (rank 0, still holding the lock)."""
+        if not self.is_main:
+            return
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, WholeLineLog) and handler.path in self.created:
+                root.removeHandler(handler)
+                handler.close()
+        for path in self.created:
+            path.unlink(missing_ok=True)
+        self.created.clear()
+
+    def release(self) -> None:
+        """Release the lock (also from another thread, for a run ended from there)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def read_config(out_dir: Path) -> dict[str, Any] | None:
@@ -143,7 +183,3 @@ def read_config(out_dir: Path) -> dict[str, Any] | None:
         raise UserError(f"{path} holds a {type(config).__name__}, not a mapping of settings; restore it, or "
                         "move it away to resume from the checkpoints' own record of the config")
     return config
-
-
-def write_config(out_dir: Path, config: dict[str, Any]) -> None:
-    write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))

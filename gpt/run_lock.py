@@ -26,15 +26,12 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.errors import UserError
-
-if TYPE_CHECKING:
-    from gpt.distributed import Runtime
 
 LOCK_FILE = ".lock"
 HEARTBEAT_S = 30.0
@@ -86,24 +83,35 @@ class RunLock:
                 "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "token": self.token}
 
     def _create(self) -> bool:
-        """Create the lock file exclusively; False if it exists."""
+        """Create the lock file exclusively; False if it exists. A lock that cannot be written whole (a full
+        disk) is removed again: a torn lock would read as a live holder until its heartbeat aged."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # again: a failed start may have removed it empty
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(), f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._record(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _read(self) -> tuple[dict[str, Any], float] | None:
-        """The holder's record and the heartbeat's mtime; None if the lock vanished meanwhile."""
-        try:
-            mtime = self.path.stat().st_mtime
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return None
+        """The holder's record and the heartbeat's mtime; None if the lock vanished meanwhile. An empty lock
+        is read again for up to a second: its holder may be writing it right now."""
+        for _ in range(20):
+            try:
+                mtime = self.path.stat().st_mtime
+                text = self.path.read_text()
+            except FileNotFoundError:
+                return None
+            if text:
+                break
+            time.sleep(0.05)
         try:
             holder = json.loads(text)
         except ValueError:
@@ -136,10 +144,12 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lock or raise a UserError naming its holder."""
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             for _ in range(5):
-                if self._create():
-                    break
+                try:
+                    if self._create():
+                        break
+                except FileNotFoundError:
+                    continue  # the empty directory was removed between mkdir and create: make it again
                 found = self._read()
                 if found is None:
                     continue  # released meanwhile: try again
@@ -204,16 +214,3 @@ class RunLock:
             self._thread = None
         if self._read_file(self.path).get("token") == self.token:
             self.path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def holding_out_dir(out_dir: str | Path, runtime: Runtime, enabled: bool = True) -> Iterator[None]:
-    """Hold the lock of `out_dir` for the block: taken by rank 0 (which shares its error with every rank,
-    so all stop together), released at the end however the block ends."""
-    lock = RunLock(Path(out_dir)) if runtime.is_main and enabled else None
-    runtime.on_main(lambda: lock.acquire() if lock is not None else None)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()

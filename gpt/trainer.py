@@ -1,11 +1,13 @@
 """The training loop: build everything from a validated config, resume if a checkpoint exists, train.
 
+`train` takes the run directory (its lock first: `gpt.run_dir`) before anything is decided or written there.
 `Trainer._loop` reads top to bottom: per step the learning rate, the curvature pass when due, gradient
 accumulation (`_step`), the update policy (`_update`: the optimizer step, or a skip or stop on a non-finite
 loss), the metrics record (`_record`) with an evaluation when due, and a checkpoint when the checkpoint
-component says one is due. The loop's own state (`LoopState`) is one more stateful part of the checkpoint.
-Every random draw is derived from (seed, step, ...), and the data order is a pure function of the step, so a
-resumed run continues exactly as the straight run would have.
+component says one is due. The loop's own state (`gpt.loop_state.LoopState`, the metrics window included) is
+one more stateful part of the checkpoint. Every random draw is derived from (seed, step, ...), and the data
+order is a pure function of the step, so a resumed run continues exactly as the straight run would have.
+Stop signals are honoured within `train.stop_grace_s` (`gpt.stop_signal`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import statistics
+import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from common.errors import UserError
-from common.files import write_atomic
 from data.loader import BatchLoader, TokenData
 from data.prepare import prepare, unprepared_reason
 from data.split_size import validation_warning
@@ -48,23 +46,17 @@ from gpt.distributed import (
 )
 from gpt.eval.hellaswag import PeriodicHellaSwag
 from gpt.eval.pretrained import init_weights
+from gpt.loop_state import LoopState
 from gpt.memory import meta_model
 from gpt.metrics import MetricsLog, format_line
 from gpt.model import GPT
 from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.protocol import micro_loss_divisor
-from gpt.run_dir import (
-    PLAN_FILE,
-    check_compatible,
-    discard_unstarted,
-    is_empty,
-    read_config,
-    setup_logging,
-    write_config,
-)
-from gpt.run_lock import holding_out_dir
+from gpt.run_dir import RunDirectory, disk_error, is_empty, read_config, remove_if_empty
+from gpt.run_identity import check_compatible
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
+from gpt.stop_signal import StopRequested, measured_cpu_flops, step_time_warning
 from optim import (
     GroupSchedule,
     build_optimizer,
@@ -75,9 +67,7 @@ from optim import (
 )
 
 log = logging.getLogger(__name__)
-SPIKE_FACTOR = 5.0  # a loss above this multiple of the median of the recent losses is recorded as a spike
-RECENT_LOSSES = 100  # how many losses of applied steps that median is taken over
-SPIKE_MIN_HISTORY = 10  # no spike is flagged before this many losses are known
+__all__ = ["LoopState", "StopRequested", "Trainer", "train"]
 
 
 def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any]:
@@ -85,8 +75,12 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
 
     `keep_process_group` leaves the process group up for the next job of a Hydra multirun in this process,
     which then joins it again (`distributed.shutdown()` ends it after the last job). Under torchrun, a
-    second `init_process_group` in the same workers waits forever in the agent's rendezvous store."""
-    fresh = is_empty(cfg.out_dir) and int(os.environ.get("RANK", 0)) == 0  # rank 0 tidies up
+    second `init_process_group` in the same workers waits forever in the agent's rendezvous store.
+
+    A job that fails (or a dry run) removes the `out_dir` it found empty (Hydra creates it before the job),
+    if it is still empty: the files this job created there are already gone (`RunDirectory`), and a
+    directory another run has written into is never removed."""
+    found_empty = int(os.environ.get("RANK", 0)) == 0 and is_empty(cfg.out_dir)  # rank 0 tidies up
     try:
         # Every rule is checked here, on every rank, before any rendezvous (e.g. a batch that cannot be split
         # over the ranks), and so is a plan that cannot fit the memory of this machine at all.
@@ -96,92 +90,15 @@ def train(cfg: DictConfig, *, keep_process_group: bool = False) -> dict[str, Any
         runtime = init_runtime(settings.train.strategy, settings.train.device)
         out_dir = agree_on_run_dir(runtime, settings.out_dir)
         with leaving_together(runtime, keep_process_group, out_of_memory_advice(settings)):
-            with holding_out_dir(out_dir, runtime, enabled=not settings.train.dry_run):
-                result = Trainer(settings, runtime, plan, out_dir).run()
-    except UserError:
-        if fresh:
-            discard_unstarted(cfg.out_dir)
+            with RunDirectory(out_dir, runtime, lock=not settings.train.dry_run) as run_dir:
+                result = Trainer(settings, runtime, plan, run_dir).run()
+    except BaseException:
+        if found_empty:
+            remove_if_empty(cfg.out_dir)
         raise
-    if fresh and settings.train.dry_run:
-        discard_unstarted(cfg.out_dir)
+    if found_empty and settings.train.dry_run:
+        remove_if_empty(cfg.out_dir)
     return result
-
-
-class StopRequested:
-    """SIGTERM/SIGINT/SIGUSR1 set a flag; the loop finishes the step, saves, then hands the signal to the
-    handler that was installed before (e.g. submitit's requeue on USR1) or exits cleanly. A second Ctrl-C
-    does not wait for a long step: it interrupts at once (the last checkpoint is still intact)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self.previous = {sig: signal.signal(sig, self._handle)
-                         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            self.restore()
-            raise KeyboardInterrupt
-        self.signal = signum
-        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
-
-    def __enter__(self) -> StopRequested:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def hand_over(self, when: str) -> None:
-        """Log that the run stopped `when` (e.g. "after step 4, checkpoint saved: rerun to resume"), then
-        hand the signal on."""
-        name = signal.Signals(self.signal).name if self.signal else "a signal on another rank"
-        log.info("stopped by %s %s", name, when)
-        self.restore()
-        handler = self.previous.get(self.signal)
-        if callable(handler) and handler is not signal.default_int_handler:
-            handler(self.signal, None)
-
-
-@dataclass
-class LoopState:
-    """What the loop carries from step to step, saved with every checkpoint, so that a resumed run times,
-    flags spikes and counts skipped steps exactly where the straight run would."""
-
-    step: int = 0  # optimizer steps done
-    elapsed_s: float = 0.0  # training wall-clock of the earlier sessions of this run
-    recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOSSES))
-    skipped_in_row: int = 0
-    wandb_id: str | None = None
-    _started: float = field(default_factory=time.perf_counter, repr=False)
-
-    def start_clock(self) -> None:
-        self._started = time.perf_counter()
-
-    def clock(self, now: float | None = None) -> float:
-        """Training wall-clock so far, the earlier sessions included."""
-        return self.elapsed_s + (time.perf_counter() if now is None else now) - self._started
-
-    def end_step(self, loss: float, skipped: bool) -> bool:
-        """Count a finished step; whether its loss is a spike (above SPIKE_FACTOR × the recent median)."""
-        self.step += 1
-        if skipped:
-            return False
-        spike = (len(self.recent_losses) >= SPIKE_MIN_HISTORY
-                 and loss > SPIKE_FACTOR * statistics.median(self.recent_losses))
-        self.recent_losses.append(loss)
-        return spike
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "elapsed_s": self.clock(), "recent_losses": list(self.recent_losses),
-                "skipped_in_row": self.skipped_in_row, "wandb_id": self.wandb_id}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.elapsed_s = state["step"], state["elapsed_s"]
-        self.recent_losses = deque(state["recent_losses"], maxlen=RECENT_LOSSES)
-        self.skipped_in_row, self.wandb_id = state["skipped_in_row"], state["wandb_id"]
 
 
 @dataclass
@@ -196,30 +113,19 @@ class StepOutcome:
     spike: bool = False
 
 
-@dataclass
-class LogWindow:
-    """The steps since the last metrics record: throughput and clip fraction are taken over them."""
-
-    steps: int = 0
-    clipped: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, outcome: StepOutcome) -> None:
-        self.steps += 1
-        self.clipped += outcome.clipped
-
-
 class Trainer:
     """The run's parts (model, optimizer, schedule, curvature schedule, scaler, loop state, checkpoints)
     built from validated settings before any data work; `run()` opens the data, resumes and trains."""
 
     def __init__(self, settings: Settings, runtime: Runtime, plan: BatchPlan,
-                 out_dir: str | Path | None = None) -> None:
-        """`out_dir`: the run directory all ranks agreed on (default: `settings.out_dir`)."""
+                 run_dir: RunDirectory | None = None) -> None:
+        """`run_dir`: the run directory all ranks agreed on, held (default: `settings.out_dir`, not held,
+        for a dry run)."""
         self.settings, self.runtime, self.plan = settings, runtime, plan
         t = settings.train
-        self.out_dir = Path(out_dir or settings.out_dir)
-        setup_logging(self.out_dir, runtime.is_main)
+        self.run_dir = run_dir or RunDirectory(settings.out_dir, runtime, lock=False)
+        self.out_dir = self.run_dir.path
+        self.run_dir.start_logging()
         # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
         self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], plan)
         self.config = settings.record()  # the resolved config, as written to config.yaml
@@ -317,7 +223,7 @@ class Trainer:
         total = torch.zeros(2, device=self.runtime.device)
         for first, count, weight in self.loader.val_schedule(self.settings.train.eval_sequences):
             if stop is not None and self._stop_agreed(stop):
-                log.warning("evaluation abandoned for the stop signal: its val_loss is not recorded")
+                log.warning("evaluation abandoned for the stop signal: a rerun evaluates this step again")
                 self.model.train()
                 return None
             x, y = self.loader.val_batch(first, count)
@@ -342,9 +248,13 @@ class Trainer:
         return None if val_loss is None else {"val_loss": val_loss, **self._downstream(self.state.step)}
 
     def _stop_agreed(self, stop: StopRequested) -> bool:
-        """Whether any rank was signalled to stop: a collective when distributed, no device sync alone."""
+        """Whether any rank was signalled to stop: a collective when distributed, no device sync alone. Once
+        agreed, the loop acts on the stop, and its watchdog stands down."""
         signalled = stop.signal is not None
-        return not self.runtime.all_ranks(not signalled) if self.runtime.distributed else signalled
+        agreed = not self.runtime.all_ranks(not signalled) if self.runtime.distributed else signalled
+        if agreed:
+            stop.honoured()
+        return agreed
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -354,54 +264,104 @@ class Trainer:
         log.info(plan)
         if t.dry_run:
             return {}
-        if rt.is_main:
-            write_atomic(self.out_dir / PLAN_FILE, plan + "\n")
-        self.loader = self._open_loader()
-        self.checkpoints.data_identity = self.loader.data.identity()
-        self.checkpoints.resume()
-        if rt.is_main:
-            write_config(self.out_dir, self.config)
-        state = self.state
-        metrics = MetricsLog(self.out_dir, rt.is_main, resume_step=state.step)
-        state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id, self.out_dir)
-        if state.step >= t.max_steps:
-            log.info("already at step %d = train.max_steps: nothing to do", state.step)
-            return {"step": state.step}
-        with StopRequested() as stop:
+        if rt.is_main and (warning := self._step_time_warning()):
+            log.warning(warning)
+        with StopRequested(t.stop_grace_s, self._abandon) as stop:
+            stop.busy("the start of the run (data, resume)")
+            self.loader = self._open_loader()
+            self.checkpoints.data_identity = self.loader.data.identity()
+            self.checkpoints.resume()
+            self.run_dir.start(self.config, plan)
+            state = self.state
+            metrics = MetricsLog(self.out_dir, rt.is_main)
+            rt.on_main(lambda: self._cut_back(metrics))
+            state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id,
+                                                 self.out_dir)
+            if state.step >= t.max_steps and state.pending_record is None:
+                log.info("already at step %d = train.max_steps: nothing to do", state.step)
+                return {"step": state.step}
             record = self._loop(metrics, stop)
         metrics.close()
         if rt.is_main:
             log.info("run directory: %s (metrics.jsonl, train.log, checkpoints/)", self.out_dir)
         return record
 
+    def _step_time_warning(self) -> str | None:
+        """Whether one step will outlast what a stop signal waits for: the plan's FLOPs per rank at the GPU's
+        peak × train.assumed_mfu, or at a matmul rate measured on this CPU (both optimistic)."""
+        t = self.settings.train
+        rate = self.peak * t.assumed_mfu if self.peak else measured_cpu_flops()
+        flops = self.flops_per_token * self.plan.tokens_per_step / self.runtime.world_size
+        return step_time_warning(flops, rate, t.stop_grace_s, t.log_interval)
+
+    def _cut_back(self, metrics: MetricsLog) -> None:
+        """metrics.jsonl back to the checkpoint's step (rank 0)."""
+        try:
+            metrics.resume(self.state.step, record_pending=self.state.pending_record is not None)
+        except OSError as e:
+            raise disk_error(metrics.path, e, "cut back") from None
+
+    def _abandon(self, why: str, status: int) -> None:
+        """End the run from the stop watchdog's thread while the main thread is still inside a step or an
+        evaluation: one line with the checkpoint a rerun resumes from, the lock released, logs flushed."""
+        if self.runtime.is_main:
+            done = self.checkpoints.dir.complete_steps()
+            resume = (f"rerun to resume from {self.checkpoints.dir.last_complete()}" if done
+                      else "rerun to start over")
+            log.warning("%s; nothing of it is saved: %s", why, resume)
+            self.run_dir.release()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
     def _loop(self, metrics: MetricsLog, stop: StopRequested) -> dict[str, Any]:
         """Train from `self.state.step` to train.max_steps (or a stop); returns the last metrics record."""
         t, state, rank = self.settings.train, self.state, self.runtime.rank
         state.start_clock()
-        record, window, hessian_time = {}, LogWindow(), None
-        if state.step == 0:
+        record, hessian_time = {}, None
+        if self._stop_agreed(stop):  # signalled while the run started
+            stop.hand_over(f"before step {state.step + 1}: nothing new to save")
+            return record
+        if state.pending_record is not None or state.step == 0:
+            stop.busy(f"the evaluation of step {state.step}")
             if (scores := self._evaluations(stop)) is None:
-                stop.hand_over("during the evaluation of step 0: nothing trained, nothing to save")
+                saved = "its checkpoint is saved" if state.step else "nothing trained, nothing to save"
+                stop.hand_over(f"during the evaluation of step {state.step}: {saved}")
                 return {}
-            record = {"step": 0, "tokens": 0, **scores, "elapsed_s": 0.0}
-            _write(metrics, record)
+            # a record whose evaluation a stop abandoned is completed now (at the checkpoint's weights)
+            record = {**(state.pending_record or {"step": 0, "tokens": 0}), **scores}
+            record.pop("partial", None)
+            if state.step == 0:
+                record["elapsed_s"] = 0.0
+            state.pending_record = None
+            self._write(metrics, record)
         for step in range(state.step, t.max_steps):
+            stop.busy(f"step {step + 1}")
             torch.manual_seed(derive_seed(t.seed, "step", step, rank))  # dropout: a function of the step
             lr = self.schedule.apply(step)  # each group's own base rate × the schedule's factor
             if self.curvature is not None and self.curvature.due(step):
                 hessian_time = run_curvature_pass(self.curvature, self.forward, self.optimizer, self.loader,
                                                   step, t.seed, self.runtime, self.autocast, self.scaler)
             loss, grad_norm, stopping = self._step(step, stop)
+            if stopping:
+                stop.honoured()
             outcome = self._update(StepOutcome(lr, loss, grad_norm))
-            window.add(outcome)
             is_eval = state.step % t.eval_interval == 0 or state.step == t.max_steps
             if is_eval or outcome.spike or outcome.skipped or state.step % t.log_interval == 0:
-                record = self._record(outcome, window, hessian_time)
-                scores = self._evaluations(stop) if is_eval else {}
-                stopping = stopping or scores is None  # an evaluation abandoned for a stop: save and go
+                record, scores = self._record(outcome, hessian_time), {}
+                if is_eval:
+                    stop.busy(f"the evaluation of step {state.step}")
+                    scores = self._evaluations(stop)
+                if scores is None:  # abandoned for a stop: saved to be completed by the resumed run
+                    stopping, record["partial"] = True, True
+                    state.pending_record = dict(record)
                 record.update(scores or {})
-                _write(metrics, record)
-                window = LogWindow()
+                self._write(metrics, record)
+                state.new_window()
+            elif stopping:  # the window so far, marked partial: the resumed run continues the window
+                record = {**self._record(outcome, hessian_time), "partial": True}
+                self._write(metrics, record)
             if self.checkpoints.due(state.step, stopping):
                 self.checkpoints.save(state.step, stopping)
             if stopping:
@@ -446,7 +406,7 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         outcome.clipped = not outcome.skipped and 0 < grad_clip < outcome.grad_norm
-        outcome.spike = state.end_step(outcome.loss, outcome.skipped)
+        outcome.spike = state.end_step(outcome.loss, outcome.skipped, outcome.clipped)
         return outcome
 
     def _skip_or_stop(self, outcome: StepOutcome) -> None:
@@ -465,31 +425,42 @@ class Trainer:
         raise UserError(f"{message}: stopped before its update ({why}), nothing saved. Last good checkpoint: "
                         f"{last_good}. A lower optim.lr is another experiment: give it a new out_dir")
 
-    def _record(self, outcome: StepOutcome, window: LogWindow, hessian_time: float | None) -> dict[str, Any]:
-        """The metrics record of the step just finished; `window` covers the steps since the last record."""
+    def _record(self, outcome: StepOutcome, hessian_time: float | None) -> dict[str, Any]:
+        """The metrics record of the step just finished; its windowed values (clip fraction, throughput)
+        cover the `window_steps` steps since the last record, across resumes."""
         now = time.perf_counter()
-        step, tokens_per_step = self.state.step, self.plan.tokens_per_step
-        tokens_per_sec = window.steps * tokens_per_step / max(now - window.start, 1e-9)
+        state, tokens_per_step = self.state, self.plan.tokens_per_step
+        steps, clock = state.window_steps, state.clock(now)
+        tokens_per_sec = steps * tokens_per_step / max(clock - state.window.start_s, 1e-9)
         record = {
-            "step": step, "tokens": step * tokens_per_step, "train_loss": outcome.loss, "lr": outcome.lr,
-            "grad_norm": outcome.grad_norm, "clipped": outcome.clipped,
-            "clip_fraction": window.clipped / window.steps, "tokens_per_sec": tokens_per_sec,
+            "step": state.step, "tokens": state.step * tokens_per_step, "train_loss": outcome.loss,
+            "lr": outcome.lr, "grad_norm": outcome.grad_norm, "clipped": outcome.clipped,
+            "clip_fraction": state.window.clipped / steps, "window_steps": steps,
+            "tokens_per_sec": tokens_per_sec,
             "mfu": (self.flops_per_token * tokens_per_sec / (self.peak * self.runtime.world_size)
                     if self.peak else None),
-            "elapsed_s": self.state.clock(now),
+            "elapsed_s": clock,
         }
         if outcome.spike:
             record["loss_spike"] = True
         if outcome.skipped:
             record["skipped_update"] = True
-            record["skipped_in_row"] = self.state.skipped_in_row
+            record["skipped_in_row"] = state.skipped_in_row
         if hasattr(self.optimizer, "win_rate"):
             record["win_rate"] = self.optimizer.win_rate()
             record["hessian_norm"] = self.optimizer.hessian_norm()
             record["hessian_time_s"] = hessian_time
         return record
 
-
-def _write(metrics: MetricsLog, record: dict[str, Any]) -> None:
-    metrics.write(record)
-    log.info(format_line(record))
+    def _write(self, metrics: MetricsLog, record: dict[str, Any]) -> None:
+        """Append the record (rank 0) and log its line; a failed append (a full disk) stops every rank."""
+        def append() -> None:
+            try:
+                metrics.write(record)
+            except OSError as e:
+                last = self.checkpoints.last_complete()
+                raise UserError(f"cannot append the record of step {record['step']} to {metrics.path} "
+                                f"({e.strerror or e}); the file keeps its whole lines. Free disk space and "
+                                f"rerun to resume from the last checkpoint, {last}") from None
+        self.runtime.on_main(append)
+        log.info(format_line(record))

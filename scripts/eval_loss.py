@@ -25,7 +25,7 @@ from common.cli import run_cli
 from common.errors import UserError
 from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.distributed import autocast_factory, pick_device
-from gpt.eval.pretrained import is_project_checkpoint, load_pretrained
+from gpt.eval.pretrained import check_exists_or_hub_name, is_project_checkpoint, load_pretrained
 
 TRAIN_DEFAULTS = OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "train.yaml").train
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write {loss, perplexity, ...} to this file")
     args = parser.parse_args(argv)
     if args.data_dir is None and not is_project_checkpoint(Path(args.model)):
+        check_exists_or_hub_name(args.model)  # a missing run is named, not taken for a hub name
         raise UserError("Hugging Face weights come with no data folder; pass --data-dir <a prepared folder>")
     device = pick_device(args.device)
     loaded = load_pretrained(args.model, device)

@@ -2,11 +2,13 @@
 
     python scripts/plot_diagnostics.py RUN... --out diagnostics.png [--bins 50]
 
-Each metrics record's `clip_fraction` covers the steps since the previous record, so fractions are averaged
-weighted by those step counts: over `--bins` equal spans of training, pooling a group's seeds (left panel),
-and over the whole run (one bar per group: the mean over seeds, with their min–max where there are several;
-also printed). The right panel shows `win_rate` (the fraction of coordinates Sophia did not clip) for the
-Sophia runs; it is left out when no run is a Sophia run. One legend below the panels names the groups.
+Each metrics record's `clip_fraction` covers the steps since the previous record (its `window_steps`; in
+files older than that key, the step difference), so fractions are averaged weighted by those step counts (a
+record written at a stop between two records covers fewer steps): over `--bins` equal spans of training,
+pooling a group's seeds (left panel), and over the whole run (one bar per group: the mean over seeds, with
+their min–max where there are several; also printed). The right panel shows `win_rate` (the fraction of
+coordinates Sophia did not clip) for the Sophia runs; it is left out when no run is a Sophia run. One legend
+below the panels names the groups.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from runs import Run, aligned_series, group_labels, group_runs
 
 def clipped_steps(run: Run, edges: np.ndarray) -> np.ndarray:
     """Clipped steps and all steps (two rows) in each span [edges[i], edges[i+1]) of training: a record's
-    clip_fraction covers the steps since the previous record, all counted in the span of its own step."""
+    clip_fraction covers its `window_steps` steps (older records: those since the previous record), all
+    counted in the span of its own step."""
     records = run.series("clip_fraction")
     ends = np.array([r["step"] for r in records], dtype=float)
-    covered = np.diff(ends, prepend=0.0)
+    since_previous = np.diff(ends, prepend=0.0)
+    covered = np.array([r.get("window_steps", gap) for r, gap in zip(records, since_previous, strict=True)],
+                       dtype=float)
     clipped = covered * np.array([r["clip_fraction"] for r in records])
     span = np.clip(np.searchsorted(edges, ends, side="right") - 1, 0, len(edges) - 2)
     return np.stack([np.bincount(span, clipped, len(edges) - 1), np.bincount(span, covered, len(edges) - 1)])

@@ -1,8 +1,9 @@
 """Read run directories (`config.yaml` + `metrics.jsonl`) for the analysis scripts, group seeds, label groups.
 
-Runs form one group when they are the same experiment up to the seed: the keys gpt/run_dir.py says define an
-experiment (model, optimizer, data, batch, schedule) except `train.seed`, plus `train.max_steps`, which sets
-the schedule's length. Hardware-only settings (micro-batch, device) and cadences do not split a group.
+Runs form one group when they are the same experiment up to the seed: the keys gpt/run_identity.py says
+define an experiment (every key it does not allow to change on resume) except `train.seed`, plus
+`train.max_steps`, which sets the schedule's length. Hardware-only settings (micro-batch, device) and
+cadences do not split a group; a key an older run predates counts as the value it was trained with.
 FLOPs per token are gpt/plan.py's: the model's plus the optimizer's curvature passes. Wall-clock is only as
 comparable as the conditions it was measured in: `time_warning` says when the runs' throughput shows that the
 machine's load changed within or between them.
@@ -23,12 +24,12 @@ from common.errors import UserError
 from gpt.metrics import METRICS_FILE, read_metrics
 from gpt.model import GPT, GPTConfig
 from gpt.plan import training_flops_per_token
-from gpt.run_dir import CONFIG_FILE, IDENTITY_KEYS, flatten
+from gpt.run_dir import CONFIG_FILE
+from gpt.run_identity import ADDED_KEYS, defines_experiment, flatten
 
 # Beyond this ratio of throughputs (10th to 90th percentile within a run, slowest to fastest between runs),
 # elapsed time says more about the machine's load than about the optimizer.
 THROUGHPUT_SPREAD = 1.5
-GROUP_KEYS = (*(key for key in IDENTITY_KEYS if key != "train.seed"), "train.max_steps")
 # x-axis name -> the metrics key it is computed from.
 AXES = {"steps": "step", "tokens": "tokens", "flops": "tokens", "time": "elapsed_s"}
 
@@ -51,8 +52,9 @@ class Run:
 
     @cached_property
     def identity(self) -> tuple[tuple[str, Any], ...]:
-        flat = flatten(self.config)
-        return tuple(sorted((k, v) for k, v in flat.items() if k.startswith(GROUP_KEYS)))
+        flat = {**ADDED_KEYS, **flatten(self.config)}
+        return tuple(sorted((k, v) for k, v in flat.items()
+                            if k == "train.max_steps" or (defines_experiment(k) and k != "train.seed")))
 
     @property
     def label(self) -> str:

@@ -1,7 +1,7 @@
 """The tests' one way to compose `configs/train.yaml` with overrides, as `python train.py` would, the
-overrides of the tiny in-process training run most trainer tests use, what such a run recorded, and
-`python train.py` itself run in the test's process (its own entry function, without the seconds a new
-interpreter takes to import torch)."""
+overrides of the tiny in-process training run most trainer tests use, a resume that must have loaded a given
+checkpoint, what such a run recorded, and `python train.py` itself run in the test's process (its own entry
+function, without the seconds a new interpreter takes to import torch)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,24 @@ def tiny_run(out_dir: Path, data_dir: Path, *extra: str, steps: int = 8, interva
     """The tiny run in `out_dir` on the data in `data_dir`; `extra` overrides come last and win."""
     return ["experiment=quickstart", f"out_dir={out_dir}", f"data.dir={data_dir}",
             *tiny_overrides(steps, interval), *extra]
+
+
+def train_resumed(overrides: list[str], from_step: int) -> dict:
+    """`train` on a run directory that holds checkpoints; fails unless this session resumed from the
+    checkpoint of `from_step`. A rerun that silently started over would reproduce the same losses, so an
+    exact-resume test that does not check this cannot fail."""
+    from gpt.trainer import train
+
+    out_dir = Path(next(o for o in overrides if o.startswith("out_dir=")).removeprefix("out_dir="))
+    log_file = out_dir / "train.log"
+    before = log_file.stat().st_size
+    record = train(compose_train(overrides))
+    with open(log_file, "rb") as f:
+        f.seek(before)
+        session = f.read().decode()
+    checkpoint = out_dir / "checkpoints" / f"step_{from_step:08d}"
+    assert f"resumed from {checkpoint} (step {from_step})" in session, session[-2000:]
+    return record
 
 
 def run_train_py(args: list[str]) -> int:

@@ -15,6 +15,7 @@ and the final one are written before the run goes on or ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from common.errors import UserError
+from gpt.checkpoint.safe_loading import DamagedCheckpoint
 from gpt.checkpoint.storage import (
     CheckpointDir,
     first_nonfinite,
@@ -30,7 +32,7 @@ from gpt.checkpoint.storage import (
     start_training_state_save,
 )
 from gpt.distributed import Runtime
-from gpt.run_dir import check_compatible, check_same_data
+from gpt.run_identity import check_compatible, check_same_data
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,15 +89,18 @@ class Checkpointer:
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint (rank 0 chooses, all ranks load) into the stateful parts;
-        False for a fresh run. Leftovers of interrupted saves are removed first."""
-        path, manifest = self.rt.on_main(self._resume_point)
-        if path is None:
-            return False
-        with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training weights
-            others = load_training_state(path, self.model, self.optimizer, self._other_states(), self.sharded,
-                                         self.rt.device)
-        for name, part in self.others.items():
-            part.load_state_dict(others[name])
+        False for a fresh run. Leftovers of interrupted saves are removed first. A checkpoint that verifies
+        but does not load as a training state (an object not allowed, a foreign state: `DamagedCheckpoint`)
+        on any rank is skipped with a warning, as for a bad hash, and the next older one is tried."""
+        self.rt.on_main(self.dir.remove_partial)
+        while True:
+            path, manifest = self.rt.on_main(self._resume_point)
+            if path is None:
+                return False
+            problem = self._load(path)
+            if problem is None:
+                break
+            self.rt.on_main(functools.partial(self.dir.mark_unusable, path, problem))
         for name, part in self.records.items():
             record = manifest[name]
             if name == "loop" and "step" not in record:
@@ -104,12 +109,27 @@ class Checkpointer:
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return True
 
+    def _load(self, path: Path) -> str | None:
+        """Load the checkpoint at `path` into the stateful parts on every rank; None, or why it is damaged
+        (on this rank or another: every rank agrees)."""
+        problem = None
+        try:
+            with self.evaluation_weights():  # a checkpoint holds them; leaving switches to the training ones
+                others = load_training_state(path, self.model, self.optimizer, self._other_states(),
+                                             self.sharded, self.rt.device)
+            for name, part in self.others.items():
+                part.load_state_dict(others[name])
+        except DamagedCheckpoint as e:
+            problem = str(e)
+        if self.rt.all_ranks(problem is None):
+            return None
+        return problem or "it does not load on another rank"
+
     def _other_states(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self.others.items()}
 
     def _resume_point(self) -> tuple[Path | None, dict[str, Any]]:
         """Run by rank 0 alone: the checkpoint to resume and its manifest, checked against this run."""
-        self.dir.remove_partial()
         path = self.dir.resume_point()
         if path is None:
             return None, {}

@@ -1,11 +1,15 @@
-"""Reading torch.distributed.checkpoint (DCP) folders as data: nothing in them can run code.
+"""Reading checkpoints as data: nothing in them can run code, and what may not be there means damage.
 
-DCP stores its index (`.metadata`) with plain pickle and non-tensor values (learning rates, betas, step
-counts kept as numbers) as `torch.save` blobs that its default planner loads with `weights_only=False`: a
-replaced `.metadata` or blob, with its manifest entry recomputed, would run whatever its pickle names. Here
-the index is unpickled by an allow-list of DCP's own metadata types (plus `torch.Size`, dtypes, layouts and
-paths, which they hold), and every non-tensor value with `weights_only=True`. Anything else is refused with
-one line naming the object the file tried to load. Tensors were already read with `weights_only=True` by DCP.
+One policy for every file a run or a tool reads. A single file (`state.pt`, an exported `.pt`) is unpickled
+by torch's weights-only loader (tensors and plain containers); sharded checkpoints (torch.distributed.
+checkpoint, DCP) store their index (`.metadata`) with plain pickle and non-tensor values (learning rates,
+betas, step counts kept as numbers) as `torch.save` blobs that DCP's default planner loads with
+`weights_only=False`: here the index is unpickled by an allow-list of DCP's own metadata types (plus
+`torch.Size`, dtypes, layouts and paths, which they hold), and every non-tensor value with
+`weights_only=True`. A file that names anything else (its manifest entry recomputed to match) is refused
+unloaded as a `DamagedCheckpoint`, in one line naming the object, never with torch's advice to load it with
+`weights_only=False` (which would run it). A damaged checkpoint is treated like one whose hash fails: a
+resume or an evaluation of a run directory falls back to the previous checkpoint, with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import io
 import pathlib
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +45,46 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class UnsafeCheckpoint(UserError):
-    """A sharded checkpoint that names code to run: refused, never loaded."""
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files verify against its manifest but do not hold what a checkpoint may (an object
+    not allowed, something other than a training state): skipped like one whose hash fails."""
+
+
+class UnsafeCheckpoint(DamagedCheckpoint):
+    """A checkpoint that names code to run: refused, never loaded."""
+
+
+def refused_object(error: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler refused, without its advice to load with weights_only=False."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if match:
+        return f"the object {match.group(1)}"
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and "weights_only" not in line and "Weights only load failed" not in line]
+    return lines[0] if lines else "an object a checkpoint may not hold"
+
+
+def load_state_file(path: Path, required: tuple[str, ...], map_location: Any = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """A single-file checkpoint or export loaded as data: a dict holding at least the `required` entries.
+    Anything else is a `DamagedCheckpoint` naming the file and what it holds."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # a pickle naming an object the weights-only unpickler does not allow
+            raise UnsafeCheckpoint(f"{path} holds {refused_object(e)}, which is not checkpoint data: refused "
+                                   "unloaded (a checkpoint is data, never code); restore it from a trusted "
+                                   "copy") from None
+        raise DamagedCheckpoint(f"{path} is not a readable torch file ({refused_object(e)})") from None
+    except (RuntimeError, EOFError, ValueError) as e:  # not a torch file (the zip reader's errors)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(f"{path} is not a readable torch file ({first})") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DamagedCheckpoint(f"{path} holds no {', '.join(missing)} (a {type(state).__name__}"
+                                + (f" of {', '.join(map(str, state))}" if isinstance(state, dict) else "")
+                                + "): not a checkpoint of this project")
+    return state
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -68,9 +111,11 @@ def read_metadata(checkpoint_dir: Path) -> Metadata:
     except UnsafeCheckpoint:
         raise
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}: {e}); restore the checkpoint") from None
+        raise DamagedCheckpoint(f"{path} is unreadable ({type(e).__name__}: {e}); restore the checkpoint"
+                                ) from None
     if not isinstance(metadata, Metadata):
-        raise UserError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; restore the checkpoint")
+        raise DamagedCheckpoint(f"{path} holds a {type(metadata).__name__}, not DCP metadata; restore the "
+                                "checkpoint")
     return metadata
 
 
@@ -79,7 +124,7 @@ class SafeReader(FileSystemReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:  # per-rank metadata files: not written by this project
-            raise UserError(f"{self.path} has per-rank metadata, which this project never writes")
+            raise DamagedCheckpoint(f"{self.path} has per-rank metadata, which this project never writes")
         metadata = read_metadata(Path(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
@@ -91,11 +136,9 @@ def _load_value(source: Path, read_item: ReadItem, value: io.BytesIO) -> Any:
     try:
         return torch.load(value, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next((line for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0])
         raise UnsafeCheckpoint(
-            f"{source}: the value {read_item.dest_index.fqn} is not plain data ({detail.strip()}): refused "
-            "unloaded (a checkpoint is data, never code); restore this checkpoint from a trusted copy"
+            f"{source}: the value {read_item.dest_index.fqn} is not plain data ({refused_object(e)}): "
+            "refused unloaded (a checkpoint is data, never code); restore this checkpoint from a trusted copy"
         ) from None
 
 

@@ -8,22 +8,22 @@ previous checkpoints untouched. Loading verifies the manifest and falls back to 
 with a warning, when it does not match. Old checkpoints are pruned only after a new one is complete, and only
 those older than it: a newer one that failed verification is replaced when the run reaches its step again, so
 the run directory always keeps the checkpoint it just wrote. Removal renames to a `.tmp` name first, so an
-interrupted prune leaves no half-deleted directory that looks complete. Files are loaded with
-`weights_only=True`, sharded ones through an allow-list (`safe_loading`): a checkpoint is data,
-never code.
+interrupted prune leaves no half-deleted directory that looks complete. Files are read as data by one policy
+(`safe_loading`): a checkpoint holding anything else is damaged, and skipped like one whose hash fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -31,12 +31,14 @@ from torch.optim import Optimizer
 
 from common.errors import UserError
 from common.files import fsync_path, write_atomic
+from gpt.checkpoint.safe_loading import DamagedCheckpoint, load_state_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STATE_FILE = "state.pt"
 SHARDED_DIR = "sharded"
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def sha256_file(path: Path) -> str:
@@ -74,6 +76,8 @@ class CheckpointDir:
     def __init__(self, root: str | Path, keep: int = 3) -> None:
         self.root = Path(root)
         self.keep = keep
+        self.unusable: dict[Path, str] = {}  # checkpoints found damaged (hash, format or content) and why
+        self._reported: set[Path] = set()
 
     def _final(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -184,18 +188,38 @@ class CheckpointDir:
         return None
 
     def newest_valid(self) -> Path | None:
-        """The newest checkpoint that verifies; each one skipped is reported with the one used instead."""
+        """The newest checkpoint that verifies and is not known damaged; each one skipped is reported once,
+        with the one used instead."""
         skipped = []
         for step in self.complete_steps():
             path = self._final(step)
-            problem = self.verify(path)
+            problem = self.unusable[path] if path in self.unusable else self.verify(path)
             if problem is None:
-                for bad, why in skipped:
-                    log.warning("checkpoint %s is unusable (%s); falling back to %s", bad, why, path.name)
+                self._report(skipped, f"falling back to {path.name}")
                 return path
-            skipped.append((path, problem))
-        for bad, why in skipped:
-            log.warning("checkpoint %s is unusable (%s); no older checkpoint verifies", bad, why)
+            self.unusable[path] = problem
+            skipped.append(path)
+        self._report(skipped, "no older checkpoint verifies")
+        return None
+
+    def _report(self, skipped: list[Path], outcome: str) -> None:
+        for path in skipped:
+            if path not in self._reported:
+                self._reported.add(path)
+                log.warning("checkpoint %s is unusable (%s); %s", path, self.unusable[path], outcome)
+
+    def mark_unusable(self, path: Path, problem: str) -> None:
+        """A checkpoint that verified but did not load (a `DamagedCheckpoint`): skipped from now on."""
+        self.unusable[path] = problem
+
+    def newest_loadable(self, load: Callable[[Path], T]) -> tuple[Path, T] | None:
+        """The newest checkpoint that verifies and that `load` reads without finding it damaged, and what
+        `load` returned; a damaged one is reported and the next older one tried, as for a bad hash."""
+        while (path := self.newest_valid()) is not None:
+            try:
+                return path, load(path)
+            except DamagedCheckpoint as e:
+                self.mark_unusable(path, str(e))
         return None
 
     def resume_point(self) -> Path | None:
@@ -203,8 +227,8 @@ class CheckpointDir:
         an error, not a fresh start: retraining from step 0 over them would hide the damage."""
         path = self.newest_valid()
         if path is None and self.complete_steps():
-            raise UserError(f"no checkpoint in {self.root} verifies (see the warnings above); move them "
-                            "away to start the run over")
+            raise UserError(f"no checkpoint in {self.root} verifies and loads (see the warnings above); move "
+                            "them away to start the run over")
         return path
 
 
@@ -329,10 +353,23 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: Optimizer,
         raise UserError(f"{directory} is a single-file checkpoint (written by one process or DDP), which "
                         "cannot be resumed sharded; resume it with train.strategy=ddp (any number of ranks) "
                         "or as one process")
-    state = torch.load(directory / STATE_FILE, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    path = directory / STATE_FILE
+    state = load_state_file(path, ("model", "optimizer"), map_location=device)
+    with _as_damage(path):
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
     return {k: state[k] for k in extra if k in state}
+
+
+@contextlib.contextmanager
+def _as_damage(path: Path) -> Iterator[None]:
+    """A state that loads as data but does not fit this run's model and optimizer (whose config matches the
+    checkpoint's): the file is not what its checkpoint says, a damaged checkpoint."""
+    try:
+        yield
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(f"{path} does not fit this model and optimizer ({first})") from None
 
 
 def load_model_weights(directory: Path, model: nn.Module) -> None:
@@ -350,8 +387,10 @@ def load_model_weights(directory: Path, model: nn.Module) -> None:
 
         load_into({"model": weights}, directory / SHARDED_DIR)  # only the keys named; never unpickles code
     else:
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-        model.load_state_dict(state["model"])
+        path = directory / STATE_FILE
+        state = load_state_file(path, ("model",), mmap=True)
+        with _as_damage(path):
+            model.load_state_dict(state["model"])
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

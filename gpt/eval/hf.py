@@ -11,7 +11,10 @@ optional extra (`pip install -e '.[hf]'`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import pickle
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from torch import Tensor
 from common.errors import UserError
 from common.files import fsync_path
 from data.tokenizers import Tokenizer, get_tokenizer
+from gpt.checkpoint.safe_loading import refused_object
 from gpt.model import GPT, GPTConfig
 
 HF_EXTRA = "pip install -e '.[hf]'"
@@ -87,17 +91,18 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
     """Write a folder that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load
-    offline. Built under `<out>.tmp` and renamed when complete: a folder named `out` is always whole."""
+    offline. Built in a fresh staging folder of its own beside `out` (`.<name>.<random>.tmp`) and renamed
+    when complete: a folder named `out` is always whole, and nothing that was there before is touched."""
     require_hf()
     from safetensors.torch import save_file
 
     from gpt.eval.hf_tokenizer import save_tokenizer
 
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a new (or empty) folder to export into")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new --out folder or delete it")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging_folder(out)
     try:
         save_file(to_hf_state(model, tokenizer.vocab_size), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
@@ -108,9 +113,26 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
             out.rmdir()
         tmp.replace(out)
         fsync_path(out.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or (type(e).__name__ == "SafetensorError" and "I/O error" in str(e)):
+            raise UserError(f"cannot write {out} ({getattr(e, 'strerror', None) or e}); its partial files "
+                            "were removed: free disk space and rerun") from None
         raise
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new folder beside `out` that no one else uses (mkdir is exclusive: a name taken is retried)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+            with contextlib.suppress(FileExistsError):
+                tmp.mkdir()
+                return tmp
+    except OSError as e:
+        raise UserError(f"cannot create {out} ({e.strerror or e}); choose another --out") from None
+    raise UserError(f"cannot find a free staging name beside {out}")
 
 
 # ------------------------------------------------------------------------------------------------- import
@@ -123,6 +145,9 @@ def read_hf(source: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
 
     try:
         hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+    except pickle.UnpicklingError as e:  # a weights file that names code: refused unloaded, never run
+        raise UserError(f"the weights of {source!r} hold {refused_object(e)}, which is not weight data: "
+                        "refused unloaded; use a trusted copy (safetensors cannot hold code)") from None
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load Hugging Face model {source!r} ({first}); pass an existing folder, or a "

@@ -6,9 +6,10 @@ the same way: a run directory stands for its newest checkpoint that verifies aga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from common.errors import UserError
 from data.tokenizers import Tokenizer, get_tokenizer
 from gpt.checkpoint import MANIFEST, CheckpointDir, load_model_weights, read_manifest
 from gpt.model import GPT, GPTConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,24 +29,34 @@ class Pretrained:
     run_config: dict[str, Any] | None  # the run's resolved config; None for Hugging Face weights
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint directory, or the newest one of a run directory that verifies against its manifest."""
+def resolve_checkpoint(path: Path, load: Callable[[Path], T] = lambda checkpoint: None) -> tuple[Path, T]:
+    """A checkpoint directory, or the newest one of a run directory that verifies against its manifest and
+    that `load` reads (a damaged one is skipped with a warning, as a resume does); and what `load` gave."""
     if (path / MANIFEST).is_file():
         problem = CheckpointDir(path.parent).verify(path)
         if problem:
             raise UserError(f"{path} is unusable: {problem}")
-        return path
-    newest = CheckpointDir(path / "checkpoints").newest_valid()
-    if newest is None:
+        return path, load(path)
+    found = CheckpointDir(path / "checkpoints").newest_loadable(load)
+    if found is None:
         raise UserError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint; "
                         "train it further (rerun its command) or pass another run")
-    return newest
+    return found
 
 
 def is_project_checkpoint(path: Path) -> bool:
     """True for a run directory or one of its checkpoints; False for anything else (e.g. a Hugging Face
     folder or hub name)."""
     return (path / MANIFEST).is_file() or (path / "checkpoints").is_dir()
+
+
+def check_exists_or_hub_name(source: str, named: str = "") -> None:
+    """A path that does not exist is named as such, not passed to the hub as a "repo id" it cannot be (hub
+    names are `name` or `org/name`)."""
+    path = Path(source)
+    if (path.is_absolute() or source.startswith(".") or source.count("/") > 1) and not path.exists():
+        raise UserError(f"{named}{path} does not exist (and is no Hugging Face hub name either): pass a run "
+                        "directory, a checkpoint, a Hugging Face model folder or hub name")
 
 
 def gpt_config(model_settings: dict[str, Any]) -> GPTConfig:
@@ -54,10 +67,13 @@ def gpt_config(model_settings: dict[str, Any]) -> GPTConfig:
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Pretrained:
-    checkpoint = resolve_checkpoint(path)
-    run_config = read_manifest(checkpoint)["config"]
-    model = GPT(gpt_config(run_config["model"]))
-    load_model_weights(checkpoint, model)
+    def load(checkpoint: Path) -> tuple[GPT, dict[str, Any]]:
+        run_config = read_manifest(checkpoint)["config"]
+        model = GPT(gpt_config(run_config["model"]))
+        load_model_weights(checkpoint, model)
+        return model, run_config
+
+    checkpoint, (model, run_config) = resolve_checkpoint(path, load)
     tokenizer = get_tokenizer(run_config["data"]["tokenizer"])
     return Pretrained(model.to(device).eval(), tokenizer, str(checkpoint), run_config)
 
@@ -67,9 +83,7 @@ def load_pretrained(source: str | Path, device: str | torch.device = "cpu") -> P
     path = Path(source)
     if is_project_checkpoint(path):
         return load_checkpoint(path, device)
-    looks_like_a_path = path.is_absolute() or str(source).startswith(".") or str(source).count("/") > 1
-    if looks_like_a_path and not path.exists():  # hub names are `name` or `org/name`
-        raise UserError(f"{path} does not exist (and is no Hugging Face hub name either)")
+    check_exists_or_hub_name(str(source))
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run directory, a checkpoint nor a Hugging Face model folder "
                         "(no checkpoints/, manifest.json or config.json)")
@@ -85,6 +99,7 @@ def init_weights(model: GPT, source: str) -> None:
     if not is_project_checkpoint(Path(source)):
         from gpt.eval.hf import init_from_hf
 
+        check_exists_or_hub_name(source, "train.init_from=")
         init_from_hf(model, source)
         return
     loaded = load_checkpoint(Path(source))

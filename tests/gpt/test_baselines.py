@@ -13,7 +13,7 @@ from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.model import GPT, GPTConfig
 from gpt.trainer import train
 from optim.registry import OPTIMIZERS
-from tests.hydra_compose import compose_train, tiny_run
+from tests.hydra_compose import compose_train, tiny_run, train_resumed
 
 SCHEDULE_FREE = ["optim=adamw_schedulefree", "schedule=constant", "schedule.warmup_steps=2"]
 
@@ -67,7 +67,7 @@ def test_schedule_free_resumed_across_an_evaluation_equals_the_straight_run(tmp_
     extra = [*SCHEDULE_FREE, "train.eval_interval=2"]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    train_resumed(tiny_run(resumed, byte_data, *extra), from_step=4)
     assert sorted(series(straight, "val_loss")) == [0, 2, 4, 6, 8]
     for key in ("train_loss", "val_loss"):
         assert series(resumed, key) == series(straight, key), key
@@ -84,7 +84,7 @@ def test_muon_resume_keeps_each_part_at_its_own_rate_and_is_exact(tmp_path, byte
              "schedule.warmup_steps=2"]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    train_resumed(tiny_run(resumed, byte_data, *extra), from_step=4)
     assert series(resumed, "train_loss") == series(straight, "train_loss")
     groups = torch.load(resumed / "checkpoints" / "step_00000008" / "state.pt",
                         weights_only=True)["optimizer"]["param_groups"]
@@ -101,7 +101,7 @@ def test_soap_resumed_across_preconditioner_refreshes_equals_the_straight_run(tm
              "schedule.warmup_steps=2"]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    train_resumed(tiny_run(resumed, byte_data, *extra), from_step=4)
     assert len(series(straight, "train_loss")) == 8
     assert series(resumed, "train_loss") == series(straight, "train_loss")
 

@@ -14,9 +14,9 @@ import yaml
 
 from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
-from gpt.run_dir import identity_differences
+from gpt.run_identity import identity_differences
 from gpt.trainer import train
-from tests.hydra_compose import compose_train, losses, read_records, tiny_run
+from tests.hydra_compose import compose_train, losses, read_records, tiny_run, train_resumed
 
 
 @pytest.fixture
@@ -122,8 +122,8 @@ def test_official_adamw_resumed_with_another_accumulation_is_refused(tmp_path, b
                                      "schedule.decay_steps=2")))
     fair = tmp_path / "fair"
     train(compose_train(tiny_run(fair, byte_data, "train.max_steps=2", "train.ckpt_interval=2")))
-    record = train(compose_train(tiny_run(fair, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
-                                          "schedule.decay_steps=2")))
+    record = train_resumed(tiny_run(fair, byte_data, "train.max_steps=4", "train.micro_batch_size=8",
+                                    "schedule.decay_steps=2"), from_step=2)
     assert record["step"] == 4
 
 

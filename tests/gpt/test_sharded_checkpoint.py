@@ -9,7 +9,6 @@ one a shared run directory invites: a `.metadata` (or a non-tensor value) replac
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import subprocess
@@ -20,21 +19,12 @@ import pytest
 import torch
 
 from common.errors import UserError
-from gpt.checkpoint import MANIFEST, CheckpointDir, load_training_state, save_training_state, sha256_file
+from gpt.checkpoint import CheckpointDir, load_training_state, save_training_state
 from gpt.model import GPT, GPTConfig
+from tests.planted import Planted, reseal
 from tests.tiny_model import stepped
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-class Planted:
-    """Pickles to a call of os.system: what an attacker would place in a checkpoint."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def sharded_checkpoint(root: Path, scale: object = 2.0) -> Path:
@@ -44,14 +34,6 @@ def sharded_checkpoint(root: Path, scale: object = 2.0) -> Path:
     staging = ckpts.begin(1)
     save_training_state(staging, model, optimizer, {"scaler": {"scale": scale}}, sharded=True, is_main=True)
     return ckpts.commit(1, {"config": {}})
-
-
-def reseal(checkpoint: Path) -> None:
-    """Recompute every manifest entry, as someone replacing a file would."""
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
-    for name, entry in manifest["files"].items():
-        entry.update(bytes=(checkpoint / name).stat().st_size, sha256=sha256_file(checkpoint / name))
-    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
 
 
 def planted_metadata(tmp_path: Path, marker: Path) -> Path:

@@ -12,7 +12,7 @@ from common.errors import UserError
 from gpt.checkpoint import CheckpointDir, read_manifest
 from gpt.trainer import train
 from optim import OPTIMIZERS
-from tests.hydra_compose import compose_train, losses, read_records, tiny_run
+from tests.hydra_compose import compose_train, losses, read_records, tiny_run, train_resumed
 
 TINY_RATES = sorted((Path(__file__).resolve().parents[2] / "configs" / "hparams").glob("gpt2_tiny_*.yaml"))
 
@@ -51,7 +51,7 @@ def test_resume_is_exact(tmp_path, byte_data, model):
     extra = ["model.dropout=0.1", "schedule.decay_steps=8", *model]
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    train_resumed(tiny_run(resumed, byte_data, *extra), from_step=4)
     assert losses(straight) == losses(resumed)
     steps = [r["step"] for r in read_records(resumed)]
     assert steps == sorted(set(steps)), "metrics.jsonl has duplicated records after the resume"
@@ -64,7 +64,7 @@ def test_sophia_resume_across_a_hessian_step_is_exact(tmp_path, byte_data):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(compose_train(tiny_run(straight, byte_data, *extra)))
     train(compose_train(tiny_run(resumed, byte_data, *extra, "train.max_steps=4")))
-    train(compose_train(tiny_run(resumed, byte_data, *extra)))
+    train_resumed(tiny_run(resumed, byte_data, *extra), from_step=4)
     assert losses(straight) == losses(resumed)
     records = [r for r in read_records(straight) if "win_rate" in r]
     assert records and all(0.0 <= r["win_rate"] <= 1.0 for r in records)
@@ -112,10 +112,11 @@ def test_resume_with_another_budget_that_reshapes_the_schedule_is_refused(tmp_pa
     with pytest.raises(UserError, match=re.escape("schedule.decay_steps: 2 -> 4")) as refused:
         train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1")))
     assert "set schedule.decay_steps=2)" in str(refused.value)
-    resumed = compose_train(tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1",
-                                     "schedule.decay_steps=2"))
-    record = train(resumed)
-    assert record["step"] == 4 and record["lr"] == resumed.schedule.min_lr  # held after the original horizon
+    resumed = tiny_run(out, byte_data, "train.max_steps=4", "schedule.warmup_steps=1",
+                       "schedule.decay_steps=2")
+    record = train_resumed(resumed, from_step=2)
+    min_lr = compose_train(resumed).schedule.min_lr
+    assert record["step"] == 4 and record["lr"] == min_lr  # held after the original horizon
 
 
 def test_dry_run_prints_plan_without_data(tmp_path, capsys):

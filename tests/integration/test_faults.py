@@ -46,6 +46,7 @@ from gpt.checkpoint import CheckpointDir
 from gpt.run_lock import RunLock
 from tests.determinism import assert_same_numbers
 from tests.hydra_compose import run_train_py, tiny_overrides
+from tests.planted import plant_state_file
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 300  # seconds for any one subprocess: a hang is a failure, not a stuck suite
@@ -338,6 +339,155 @@ def test_stop_signal_abandons_a_long_evaluation(window, tmp_path, data_dir):
         assert "stopped by SIGTERM after step 4, checkpoint saved" in stdout
 
 
+# ------------------------------------------------------------------------------------ steps too long to wait
+
+@pytest.mark.slow
+def test_stop_signal_abandons_a_step_longer_than_the_grace_and_the_rerun_resumes(tmp_path, data_dir,
+                                                                                tiny_straight):
+    """Step 3 takes 10 minutes (slow_step_train.py delays its batches; as a huge context or a first
+    compilation would) and SIGTERM comes during it, with train.stop_grace_s=3. Wrong if the run waits for
+    the step (the issue: a first step that ignored SIGTERM and two SIGINTs for ten minutes), exits without
+    saying why and from where a rerun resumes, keeps the out_dir locked, or if the rerun does not resume
+    from the last checkpoint and reproduce the straight run."""
+    out = tmp_path / "run"
+    overrides = [*TINY, "train.max_steps=4", "train.ckpt_interval=1", "train.stop_grace_s=3"]
+    command = train_command(out, data_dir, overrides)
+    slow = [sys.executable, str(Path(__file__).parent / "slow_step_train.py"), *command[2:]]
+    process = subprocess.Popen(slow, cwd=tmp_path, env={**environment(), "SLOW_STEP_S": "600",
+                                                        "SLOW_FROM_STEP": "2"},
+                               stdout=open(tmp_path / "stdout.txt", "w"),
+                               stderr=open(tmp_path / "stderr.txt", "w"))
+    deadline = time.monotonic() + TIMEOUT
+    while not (checkpoint(out, 2) / "manifest.json").exists():  # step 3 starts right after
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
+        time.sleep(0.01)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("the run did not stop within 60 s of SIGTERM: it waited for its 10-minute step")
+    took = time.monotonic() - signalled
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert process.returncode == 0 and 3 <= took < 60, (process.returncode, took)
+    assert (f"stopped by SIGTERM during step 3, which did not finish within train.stop_grace_s=3 s of the "
+            f"signal; nothing of it is saved: rerun to resume from {checkpoint(out, 2)}") in stdout, stdout
+    assert not (out / ".lock").exists(), "the abandoned run kept the out_dir locked"
+    assert [r["step"] for r in finished_records(out)] == [0, 1, 2]
+
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 2)} (step 2)" in result.stdout
+    straight = {step: values for step, values in curve(tiny_straight).items() if step <= 4}
+    assert_same_numbers(curve(out), straight)
+
+
+@pytest.mark.slow
+def test_a_context_too_long_to_stop_warns_first_and_honours_sigterm(tmp_path, data_dir):
+    """model.block_size=100000, which the data can serve: one step is hours of CPU. Wrong if the run starts
+    without saying so (with the plan's FLOPs and a rate), or if SIGTERM during its first evaluation (one
+    forward of 100,000 tokens, no Python code to notice a flag) is not honoured within the grace."""
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, TINY, "model.block_size=100000", "train.global_batch_size=1",
+                            "train.micro_batch_size=1", "train.eval_sequences=1", "train.stop_grace_s=5")
+    process = start(command, tmp_path)
+    config_seen: list[float] = []
+
+    def evaluating() -> bool:  # 2 s after config.yaml: the step-0 evaluation's one forward is under way
+        if not config_seen and (out / "config.yaml").exists():
+            config_seen.append(time.monotonic())
+        return bool(config_seen) and time.monotonic() > config_seen[0] + 2
+
+    signal_when(process, evaluating, signal.SIGTERM)
+    output = (tmp_path / "stdout.txt").read_text()
+    warning = next(line for line in output.splitlines() if line.startswith("warning: one step"))
+    assert "FLOP per rank, at least" in warning and "longer than train.stop_grace_s=5 s" in warning, warning
+    assert output.index("plan:") < output.index(warning), "the warning must come before the run starts"
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert ("stopped by SIGTERM during the evaluation of step 0, which did not finish within "
+            "train.stop_grace_s=5 s of the signal; nothing of it is saved: rerun to start over") in output
+
+
+# ------------------------------------------------------------------------- windowed diagnostics on resume
+
+# The KILL model with records every 4 steps and clipping at 3.0, which (measured) clips steps 1-6 and not 7-8:
+# the record of step 8 covers a window (5-8) half clipped. Checkpoints every 3 steps: not a multiple of 4.
+WINDOW = [*KILL, "train.log_interval=4", "train.eval_interval=8", "train.ckpt_interval=3",
+          "train.grad_clip=3.0", "schedule.decay_steps=8"]
+
+
+@pytest.fixture(scope="session")
+def window_reference(data_dir, tmp_path_factory) -> dict[int, dict]:
+    """The WINDOW run straight with a record at every step: the independent reference for each window (a
+    log interval changes which steps are recorded, never the training)."""
+    cwd = tmp_path_factory.mktemp("window_reference")
+    result = run(train_command(cwd / "run", data_dir, WINDOW, "train.log_interval=1"), cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {r["step"]: r for r in finished_records(cwd / "run")}
+
+
+def expected_window(reference: dict[int, dict], first: int, last: int) -> dict:
+    """What the record of step `last` reports for the window of steps `first`..`last`."""
+    clipped = [reference[step]["clipped"] for step in range(first, last + 1)]
+    return {"clip_fraction": sum(clipped) / len(clipped), "window_steps": len(clipped),
+            **{key: reference[last].get(key) for key in ("train_loss", "lr", "grad_norm", "clipped")}}
+
+
+def window_of(record: dict) -> dict:
+    return {key: record.get(key) for key in ("clip_fraction", "window_steps", "train_loss", "lr", "grad_norm",
+                                             "clipped")}
+
+
+@pytest.mark.slow
+def test_windowed_diagnostics_after_a_sigterm_mid_window_equal_the_straight_runs(tmp_path, data_dir,
+                                                                               window_reference):
+    """SIGTERM during step 5-7, inside the window 5-8. Wrong if the stop writes no record of the steps since
+    the last one (a run never resumed would lose them), if that record is not marked partial or does not say
+    how many steps it covers, or if after the rerun the record of step 8 covers another window than 5-8 (the
+    issue's 4/7 instead of 5/10) or the partial record is left next to it."""
+    reference = window_reference
+    assert 0 < expected_window(reference, 5, 8)["clip_fraction"] < 1, "the window must be partly clipped"
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, WINDOW)
+    process = start(command, tmp_path)
+    signal_when(process, lambda: 4 in logged(out), signal.SIGTERM)  # step 5 is under way
+    assert process.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    records = logged(out)
+    stopped = max(records)
+    assert 5 <= stopped <= 7 and complete_steps(out)[0] == stopped, records.keys()
+    assert records[stopped]["partial"] is True
+    assert_same_numbers(window_of(records[stopped]), expected_window(reference, 5, stopped))
+
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, stopped)} (step {stopped})" in result.stdout
+    records = {r["step"]: r for r in finished_records(out)}
+    assert sorted(records) == [0, 4, 8], "the partial record was not replaced by the whole window's"
+    assert_same_numbers(window_of(records[8]), expected_window(reference, 5, 8))
+    assert_same_numbers(window_of(records[4]), expected_window(reference, 1, 4))
+
+
+@pytest.mark.slow
+def test_windowed_diagnostics_after_a_sigkill_between_records_equal_the_straight_runs(tmp_path, data_dir,
+                                                                                     window_reference):
+    """SIGKILL once the checkpoint of step 6 exists (mid-window: records every 4 steps, checkpoints every 3).
+    Wrong if the resumed run's record of step 8 covers only the steps since the checkpoint (7-8) instead of
+    the window 5-8, because the checkpoint did not hold the window's counters."""
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, WINDOW)
+    process = start(command, tmp_path)
+    signal_when(process, lambda: (checkpoint(out, 6) / "manifest.json").exists(), signal.SIGKILL)
+    assert complete_steps(out) == [6, 3] and max(logged(out)) == 4, "the kill missed its window"
+
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {checkpoint(out, 6)} (step 6)" in result.stdout
+    records = {r["step"]: r for r in finished_records(out)}
+    assert sorted(records) == [0, 4, 8]
+    assert_same_numbers(window_of(records[8]), expected_window(window_reference, 5, 8))
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 def flip_bytes(path: Path) -> None:
@@ -356,6 +506,14 @@ def foreign_state(path: Path) -> None:
     torch.save({"model": {"weight": torch.ones(3)}}, path)
 
 
+MARKER = Path("/tmp") / f"sophia-gpt-planted-pickle-{os.getpid()}"
+
+
+def planted_pickle(path: Path) -> None:
+    """A state.pt that names code, its manifest entry recomputed to match: only the loader can tell."""
+    plant_state_file(path.parent, MARKER)
+
+
 def future_format(path: Path) -> None:
     manifest_path = path.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
@@ -369,15 +527,22 @@ def future_format(path: Path) -> None:
     (truncate, "state.pt has"),
     (foreign_state, "state.pt has"),
     (future_format, "format version 99, expected 1"),
-], ids=["flipped-bytes", "truncated", "foreign-file", "unknown-format-version"])
+    (planted_pickle, "{state} holds the object posix.system, which is not checkpoint data: refused unloaded"),
+], ids=["flipped-bytes", "truncated", "foreign-file", "unknown-format-version", "planted-pickle"])
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(damage, reason, tmp_path, tiny_straight,
                                                             data_dir):
     """Wrong if a damaged checkpoint is loaded, crashes the resume, or is skipped silently; the run must
-    resume from the previous one, say which, and reproduce the straight run."""
+    resume from the previous one, say which, and reproduce the straight run. A state.pt holding a pickle
+    that names code (its manifest recomputed) must not run it, and is damage like a bad hash: one warning
+    line, never a traceback or torch's advice to load with weights_only=False."""
     out = copy_run(tiny_straight, tmp_path)
     damage(checkpoint(out, 8) / "state.pt")
+    MARKER.unlink(missing_ok=True)
     result = run(train_command(out, data_dir, TINY), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not MARKER.exists(), "the checkpoint ran code"
+    assert "Traceback" not in result.stderr and "weights_only" not in result.stdout + result.stderr
+    reason = reason.format(state=checkpoint(out, 8) / "state.pt")
     warning = f"checkpoint {checkpoint(out, 8)} is unusable ({reason}"
     assert warning in result.stdout and "falling back to step_00000004" in result.stdout, result.stdout
     assert f"resumed from {checkpoint(out, 4)}" in result.stdout
@@ -500,6 +665,9 @@ BAD_CONFIGS = [
     (["schedule.decay_steps=-5"], ["schedule.decay_steps=-5 must be at least 1"]),
     # 2^33 × 64 embedding weights alone need 2^39 × 16 bytes = 8,192 GiB with AdamW, so at least that
     (["model.vocab_size=8589934592"], ["this plan needs at least ", "GiB per rank (549,755,", "GiB of RAM"]),
+    # a path that does not exist is named as such, not passed to the Hugging Face hub as a "repo id"
+    (["train.init_from={tmp}/nonexistent/run"], ["train.init_from={tmp}/nonexistent/run does not exist"]),
+    (["train.stop_grace_s=0"], ["train.stop_grace_s=0.0 must be a number of seconds > 0"]),
 ]
 
 
@@ -610,6 +778,35 @@ def test_second_train_py_on_a_held_out_dir_refuses_naming_the_holder(tmp_path, d
     assert_user_error(result, f"out_dir {out} is in use by another run", f"host {socket.gethostname()}",
                       f"pid {os.getpid()}")
     assert sorted(p.name for p in out.iterdir()) == [], "the refused run wrote into the out_dir"
+
+
+RACE_ROUNDS = 50
+
+
+@pytest.mark.slow
+def test_two_starts_racing_for_a_new_out_dir_never_touch_each_others_files(tmp_path, data_dir):
+    """Two train.py started together on a new out_dir, 50 times (race_starts.py beside this file: the holder
+    of the lock waits in its data loading until the other has exited, as a slow preparation or CUDA start
+    would keep it there). Wrong if the refused run removes or writes any file of the live one (the issue:
+    its train.log and plan.txt deleted, the winner then logging into a deleted file), if both run, or if
+    the refusal is not one line naming the holder."""
+    result = subprocess.run([sys.executable, str(Path(__file__).parent / "race_starts.py"), str(tmp_path),
+                             str(data_dir), str(RACE_ROUNDS)], cwd=tmp_path, env=environment(),
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rounds = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rounds) == RACE_ROUNDS
+    for outcome in rounds:
+        out = Path(outcome["out_dir"])
+        assert sorted(outcome["exit"]) == [0, 2], outcome
+        loser = outcome["stderr"][outcome["exit"].index(2)]
+        assert "Traceback" not in loser and loser.strip().splitlines()[-1].startswith(
+            f"error: out_dir {out} is in use by another run"), loser
+        assert sorted(p.name for p in out.iterdir()) == [
+            "checkpoints", "config.yaml", "metrics.jsonl", "plan.txt", "train.log"], outcome
+        log = (out / "train.log").read_text()
+        assert "plan:" in log and f"run directory: {out}" in log, "the winner's log lost its beginning or end"
+        assert [r["step"] for r in finished_records(out)] == [0, 1] and complete_steps(out) == [1]
 
 
 def rewrite_tokens(path: Path, change: Callable[[np.ndarray], np.ndarray]) -> None:
@@ -762,3 +959,60 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
     steps = [r["step"] for r in finished_records(out)]
     assert steps == [0, *range(1, 13)]
     assert complete_steps(out) == [12, 8, 4]
+
+
+def run_with_file_size_limit(command: list[str], cwd: Path, limit: int) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT, preexec_fn=limit_file_size(limit))
+
+
+# Sizes the limits sit between (measured on the TINY run): plan.txt ≈ 560 bytes, whatever the paths;
+# config.yaml ≥ 1,200 bytes (it holds the paths too); a metrics record ≈ 250 bytes; the lock < 300 bytes.
+@pytest.mark.parametrize(("limit", "file"), [(350, "plan.txt"), (760, "config.yaml")],
+                         ids=["plan", "config"])
+def test_full_disk_while_recording_the_run_is_one_line_and_leaves_nothing(limit, file, tmp_path, data_dir):
+    """A file-size limit below plan.txt (then config.yaml) fails their writes as a full disk does. Wrong if
+    that is a traceback, leaves a `.tmp` (the issue: a 0-byte plan.txt.tmp) or a half-written file, or leaves
+    a run directory behind for a run that never started."""
+    out = tmp_path / "run"
+    result = run_with_file_size_limit(train_command(out, data_dir, TINY), tmp_path, limit)
+    assert_user_error(result, f"cannot write {out / file} (File too large)", "free disk space")
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+def test_full_disk_while_appending_metrics_keeps_whole_lines_and_stops_in_one_line(tmp_path, data_dir):
+    """A limit of 3,000 bytes is reached by metrics.jsonl first, in the middle of a record (~step 11), as a
+    full disk writes what fits and then fails. Wrong if the run dies with a traceback, leaves a torn last
+    line, or a rerun with space does not complete the run."""
+    out = tmp_path / "run"
+    command = train_command(out, data_dir, TINY, "train.max_steps=20", "train.ckpt_interval=100")
+    result = run_with_file_size_limit(command, tmp_path, 3000)
+    message = assert_user_error(result, "cannot append the record of step", "metrics.jsonl (File too large)",
+                                "the file keeps its whole lines")
+    failed = int(re.search(r"record of step (\d+)", message).group(1))
+    assert [r["step"] for r in finished_records(out)] == list(range(failed)), "a torn or lost line"
+    assert (out / "metrics.jsonl").read_bytes().endswith(b"\n")
+
+    result = run(command, tmp_path)  # the disk has space again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in finished_records(out)] == list(range(21))
+
+
+def test_full_disk_while_logging_keeps_whole_lines_and_the_console(tmp_path):
+    """train.log's handler under a 2,000-byte limit: wrong if the file gets a torn line, if the failure is a
+    logging traceback ("--- Logging error ---") instead of one warning, or if the console stops logging."""
+    log_file = tmp_path / "train.log"
+    program = ("import logging, sys; from pathlib import Path; from gpt.run_dir import setup_logging; "
+               "setup_logging(Path(sys.argv[1]), True); "
+               "[logging.getLogger('test').info('line %03d %s', i, 'x' * 80) for i in range(60)]")
+    result = subprocess.run([sys.executable, "-c", program, str(log_file)], cwd=REPO, env=environment(),
+                            capture_output=True, text=True, timeout=TIMEOUT, preexec_fn=limit_file_size(2000))
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    console = result.stdout.splitlines()
+    warnings = [line for line in console if line.startswith("warning: ")]
+    assert warnings == [f"warning: cannot write {log_file} (File too large): the log continues on the "
+                        "console only"], warnings
+    assert console[-1] == f"line 059 {'x' * 80}", "the console stopped logging"
+    lines = log_file.read_text().split("\n")
+    assert lines[-1] == "" and 0 < len(lines) - 1 < 60, "a torn last line, or nothing was limited"
+    assert all(line.endswith(f"line {i:03d} {'x' * 80}") for i, line in enumerate(lines[:-1]))

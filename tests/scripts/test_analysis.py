@@ -210,6 +210,22 @@ def test_clip_fraction_is_weighted_by_the_steps_each_record_covers(tmp_path: Pat
     assert plot_diagnostics.plot_diagnostics([run], out) == {"gpt2_test adamw lr=6e-4": [pytest.approx(0.4)]}
 
 
+def test_clip_fraction_is_weighted_by_the_window_steps_a_record_states(tmp_path: Path) -> None:
+    """A record covers its `window_steps` where it states them: here a run resumed at step 16 from a
+    checkpoint older than the saved window, whose record of step 20 covers steps 17-20 only. 9 of the 24
+    covered steps were clipped (0.375); weighting by the step difference would count 10 for it and say 0.5."""
+    run = make_run(tmp_path, "resumed", clip=[(10, 0.5), (20, 1.0), (30, 0.0)])
+    path = Path(run) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for record, steps in zip(records[1:], (10, 4, 10), strict=True):
+        record["window_steps"] = steps
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    clipped, steps = plot_diagnostics.clipped_steps(runs.load_run(run), edges=[0.0, 15.0, 30.0])
+    assert clipped.tolist() == pytest.approx([5, 4]) and steps.tolist() == pytest.approx([10, 14])
+    assert plot_diagnostics.plot_diagnostics([run], tmp_path / "w.png") == {
+        "gpt2_test adamw lr=6e-4": [pytest.approx(9 / 24)]}
+
+
 def test_diagnostics_plot_and_summary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     paths = [make_run(tmp_path, "adamw"), make_run(tmp_path, "sophia", optim="sophia_g")]
     out = tmp_path / "diagnostics.png"

@@ -1,0 +1,35 @@
+"""metrics.jsonl on resume: cut back to the checkpoint's step, without the records the resumed run writes
+again (a stop's partial window, a record whose evaluation a stop abandoned) or a torn last line."""
+
+import json
+
+import pytest
+
+from gpt.metrics import MetricsLog
+
+
+def records(*entries: dict) -> str:
+    return "".join(json.dumps(entry) + "\n" for entry in entries)
+
+
+STOPPED = [{"step": 0, "val_loss": 5.0}, {"step": 4, "clip_fraction": 0.5, "window_steps": 4},
+           {"step": 6, "clip_fraction": 1.0, "window_steps": 2, "partial": True}]
+
+
+@pytest.mark.parametrize(("lines", "step", "pending", "kept"), [
+    # a stop between records at 6: its partial record goes, the resumed run's record of 8 covers 5-8
+    (STOPPED, 6, False, [0, 4]),
+    # a stop abandoned the evaluation of 8: that record goes, the resumed run writes it whole
+    ([*STOPPED[:2], {"step": 8, "partial": True}], 8, True, [0, 4]),
+    # a complete record of the checkpoint's step stays; later ones (after the checkpoint) go
+    ([*STOPPED[:2], {"step": 5}, {"step": 6}], 4, False, [0, 4]),
+    # no checkpoint: the run starts over, step-0 evaluation included
+    (STOPPED, 0, False, []),
+], ids=["partial-window", "pending-evaluation", "complete", "no-checkpoint"])
+def test_resume_keeps_only_what_the_resumed_run_does_not_write_again(lines, step, pending, kept, tmp_path):
+    """Wrong if a record the resumed run writes again stays (a duplicated step, or a partial window next to
+    the whole one), or one it does not write is lost."""
+    (tmp_path / "metrics.jsonl").write_text(records(*lines) + '{"step": 9, "tor')  # and a torn line
+    MetricsLog(tmp_path, enabled=True).resume(step, record_pending=pending)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == kept

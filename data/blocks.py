@@ -136,7 +136,8 @@ class BackgroundVerification:
     """`VERIFY_THREADS` daemon threads walking the verifiers' blocks in order; stopped at exit, between two
     blocks (a block takes milliseconds), so that no thread is inside a read at interpreter shutdown."""
 
-    def __init__(self, verifiers: list[BlockVerifier], threads: int = VERIFY_THREADS) -> None:
+    def __init__(self, verifiers: list[BlockVerifier], threads: int | None = None) -> None:
+        threads = VERIFY_THREADS if threads is None else threads
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(verifiers,), daemon=True,
                                           name=f"verify-blocks-{i}") for i in range(threads)]

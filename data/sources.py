@@ -13,8 +13,10 @@ one to name the file, line and fix. A `stream` source (`iter_stream`) reads a Hu
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -194,8 +196,9 @@ def _datasets():  # imported late so users' HF_*_OFFLINE apply, and never for .t
 def _record_files(builder: str, paths: list[Path], field: str, cache_dir: str | None) -> Documents:
     datasets = _datasets()
     try:
-        table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
-                                      cache_dir=cache_dir)
+        with _library_errors_unlogged():  # a malformed file is reported below, in one line
+            table = datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                          cache_dir=cache_dir)
     except Exception as err:  # a malformed file fails deep inside datasets or pyarrow: find and name it
         raise UserError(_bad_record_file(builder, paths, field) or (
             f"cannot read the {builder} files of data.files ({type(err).__name__}: "
@@ -210,6 +213,17 @@ def _record_files(builder: str, paths: list[Path], field: str, cache_dir: str | 
                         f"{builder} files hold records whose {field!r} is not text ({column.type}, "
                         f"{column.null_count} missing); fix them or set data.text_field")
     return ArrowDocuments(_text_column(table, field, f"{builder} files"))
+
+
+@contextlib.contextmanager
+def _library_errors_unlogged() -> Iterator[None]:
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _is_string(kind: Any) -> bool:

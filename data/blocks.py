@@ -1,15 +1,15 @@
 """Content checks for prepared token files: every block is verified before a batch reads it.
 
 Preparation records the SHA-256 of every BLOCK_BYTES block of each split in `meta.json`. In a run, a
-`BlockVerifier` per split re-hashes each block the first time the loader needs it and remembers the blocks that
-matched, so a file changed in place (a flipped byte, a shuffle, a file of the same size swapped in) is refused
-before any batch that touches a changed block is returned; batches touching only verified blocks cost one
-array lookup. Background threads (`VERIFY_THREADS`) walk the blocks in order from the start, so most blocks
-are verified before the training needs them; a block a batch needs first is hashed at once by the batch's
-thread, and a mismatch found in the background refuses the next batch, whichever blocks it reads. At start-up
-the trainer also hashes block 0 and SAMPLED_BLOCKS random blocks, to refuse a changed file before resuming.
-What this cannot see: files rewritten together with their recorded hashes (a new preparation); that changes
-the content digest every checkpoint records, so a resume onto re-prepared data is refused anyway.
+`BlockVerifier` per split re-hashes each block the first time the loader needs it and remembers the blocks
+that matched, so a file changed in place (a flipped byte, a shuffle, a file of the same size swapped in) is
+refused before any batch that touches a changed block is returned; batches touching only verified blocks cost
+one array lookup. Background threads (`VERIFY_THREADS`) walk the blocks in order from the start, so most
+blocks are verified before the training needs them; a block a batch needs first is hashed at once by the
+batch's thread, and a mismatch found in the background refuses the next batch, whichever blocks it reads. At
+start-up the trainer also hashes block 0 and SAMPLED_BLOCKS random blocks, to refuse a changed file before
+resuming. What this cannot see: files rewritten together with their recorded hashes (a new preparation); that
+changes the content digest every checkpoint records, so a resume onto re-prepared data is refused anyway.
 """
 
 from __future__ import annotations

@@ -246,9 +246,9 @@ def _check_location(out: Path) -> None:
         raise UserError(f"data.dir {out} is below {existing}, a file; set data.dir to a folder")
     missing_parent = existing not in (path, path.parent)
     if missing_parent and not path.is_relative_to(Path.cwd()):
-        raise UserError(f"data.dir {out} is below {path.parent}, which does not exist (a typo, or a disk that "
-                        f"is not mounted?); create it first (mkdir -p {path.parent}) or set data.dir to a "
-                        "folder whose parent exists")
+        raise UserError(f"data.dir {out} is below {path.parent}, which does not exist (a typo, or a disk "
+                        f"that is not mounted?); create it first (mkdir -p {path.parent}) or set data.dir to "
+                        "a folder whose parent exists")
 
 
 def _make_writable(out: Path) -> None:
@@ -310,8 +310,9 @@ def _write_stream(cfg: Mapping[str, Any], out: Path, tokenizer: Tokenizer, dtype
         _fill(files["train"], rest, cfg.get("train_tokens"))
         for name, split in files.items():
             if split.documents == 0:
+                total = files["val"].tokens + files["train"].tokens
                 raise UserError(f"the {name} split of {cfg['hf_path']} came out empty (the stream has "
-                                f"{files['val'].tokens + files['train'].tokens:,} tokens); lower data.val_tokens")
+                                f"{total:,} tokens); lower data.val_tokens")
         return {name: split.commit() for name, split in files.items()}
     except BaseException:
         for split in files.values():

@@ -1,13 +1,13 @@
 """The documents of a data source, read for preparation, and the checks that refuse a malformed corpus.
 
 Map-style sources (`files`, `sample`, `hub`) give a `Documents`: a length and the texts at given indices, so
-preparation can split them with nanoGPT's call and read each split in its shuffled order. `.txt` files are read
-directly, one document per file, without the `datasets` library: no Arrow cache and no per-file dataset work,
-which dominated the preparation of corpora of many small files. Every `.txt` file is decoded once before any
-tokenising, so a binary or non-UTF-8 file is one error naming it rather than a failure halfway. Record files
-(`.jsonl`/`.json`/`.parquet`) and Hub datasets go through `datasets` (its Arrow cache gives random access to
-corpora larger than memory); when it fails, or a record lacks the text field, the files are scanned one by
-one to name the file, line and fix. A `stream` source (`iter_stream`) reads a Hub dataset with
+preparation can split them with nanoGPT's call and read each split in its shuffled order. `.txt` files are
+read directly, one document per file, without the `datasets` library: no Arrow cache and no per-file dataset
+work, which dominated the preparation of corpora of many small files. Every `.txt` file is decoded once before
+any tokenising, so a binary or non-UTF-8 file is one error naming it rather than a failure halfway. Record
+files (`.jsonl`/`.json`/`.parquet`) and Hub datasets go through `datasets` (its Arrow cache gives random
+access to corpora larger than memory); when it fails, or a record lacks the text field, the files are scanned
+one by one to name the file, line and fix. A `stream` source (`iter_stream`) reads a Hub dataset with
 `streaming=True`: documents in the dataset's order, nothing cached.
 """
 
@@ -108,17 +108,20 @@ class Concatenated:
         texts: list[str] = [""] * len(indices)
         for p in np.unique(part_of):
             where = np.flatnonzero(part_of == p)
-            for position, text in zip(where, self.parts[p].texts(indices[where] - self.starts[p]), strict=True):
+            part_texts = self.parts[p].texts(indices[where] - self.starts[p])
+            for position, text in zip(where, part_texts, strict=True):
                 texts[position] = text
         return texts
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """The document indices of each split, in reading order: nanoGPT's `train_test_split(test_size=
-    val_fraction, seed=seed, shuffle=True)` of `datasets` (a PCG64 permutation; the first ceil(f·n) are val)."""
+    val_fraction, seed=seed, shuffle=True)` of `datasets` (a PCG64 permutation; its first ceil(f·n) are
+    val)."""
     n_val = int(np.ceil(val_fraction * n))
     if not 0 < val_fraction < 1 or not 1 <= n_val < n:
-        raise UserError(f"data.val_fraction={val_fraction} with {n} documents leaves no train or no val document")
+        raise UserError(f"data.val_fraction={val_fraction} with {n} documents leaves no train or no val "
+                        "document")
     permutation = np.random.default_rng(seed).permutation(n)
     return {"train": permutation[n_val:], "val": permutation[:n_val]}
 
@@ -164,7 +167,8 @@ def iter_stream(cfg: Mapping[str, Any], split: str, batch: int) -> Iterator[list
         for rows in stream.iter(batch_size=batch):
             texts = rows.get(field)
             if texts is None:
-                raise UserError(f"{what} has no field {field!r} (fields: {sorted(rows)}); set data.text_field")
+                raise UserError(f"{what} has no field {field!r} (fields: {sorted(rows)}); set "
+                                "data.text_field")
             if not all(isinstance(t, str) for t in texts):
                 bad = next(i for i, t in enumerate(texts) if not isinstance(t, str))
                 raise UserError(f"{what} document {read + bad} has no text in {field!r} "
@@ -185,7 +189,7 @@ def quiet() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false") or not sys.stderr.isatty()
 
 
-def _datasets():  # imported late so users' HF_*_OFFLINE apply, and never for .txt corpora (a second of start-up)
+def _datasets():  # imported late so HF_*_OFFLINE apply, and never for .txt corpora (seconds of start-up)
     import datasets
 
     if quiet():
@@ -291,8 +295,8 @@ def _bad_parquet(path: Path, field: str) -> str | None:
                     "data.text_field, or fix or remove it from data.files")
         column = parquet.read(columns=[field]).column(field)
     except Exception as e:  # pyarrow's errors for a damaged or foreign file have several types
-        return (f"{path} is not a readable Parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                "re-create it or remove it from data.files")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{path} is not a readable Parquet file ({reason}); re-create it or remove it from data.files"
     if not _is_string(column.type):
         return f"{path} column {field!r} is {column.type}, not text; set data.text_field"
     if column.null_count:

@@ -35,7 +35,8 @@ def binary_txt(root):
 def garbage_jsonl(root):
     good_jsonl(root / "a.jsonl")
     (root / "b.jsonl").write_text(json.dumps({"text": TEXT}) + "\n" + "{garbage: not json\n")
-    return str(root / "*.jsonl"), [f"{root / 'b.jsonl'} line 2 is not JSON", "fix or remove it from data.files"]
+    return str(root / "*.jsonl"), [f"{root / 'b.jsonl'} line 2 is not JSON",
+                                   "fix or remove it from data.files"]
 
 
 def jsonl_without_field(root):
@@ -58,8 +59,9 @@ def unreadable_parquet(root):
                                      "re-create it or remove it from data.files"]
 
 
-CORPORA = {"binary-txt": binary_txt, "garbage-jsonl": garbage_jsonl, "jsonl-without-field": jsonl_without_field,
-           "parquet-without-field": parquet_without_field, "unreadable-parquet": unreadable_parquet}
+CORPORA = {"binary-txt": binary_txt, "garbage-jsonl": garbage_jsonl,
+           "jsonl-without-field": jsonl_without_field, "parquet-without-field": parquet_without_field,
+           "unreadable-parquet": unreadable_parquet}
 
 
 def cli(*overrides, cwd=REPO, prefix=()):
@@ -183,7 +185,7 @@ def test_read_only_data_dir_is_one_line_before_any_work(tmp_path):
 def test_in_process_errors_are_user_errors(tmp_path):
     """The same refusals raised to a caller of data.prepare.prepare (the trainer) as UserError."""
     (tmp_path / "corpus").mkdir()
-    files, expected = binary_txt(tmp_path / "corpus")
+    files, _ = binary_txt(tmp_path / "corpus")
     cfg = {"name": "text", "source": "files", "files": files, "text_field": "text", "tokenizer": "byte",
            "val_fraction": 0.1, "split_seed": 1, "num_proc": 1, "dir": str(tmp_path / "out")}
     with pytest.raises(UserError, match="is not UTF-8 text"):

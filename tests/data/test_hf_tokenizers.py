@@ -18,7 +18,8 @@ from data.tokenizers import get_tokenizer
 from tests.hydra_compose import run_train_py, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
-WORKS = [json.loads(line)["text"] for line in (REPO / "data/samples/shakespeare.jsonl").read_text().splitlines()]
+WORKS = [json.loads(line)["text"]
+         for line in (REPO / "data/samples/shakespeare.jsonl").read_text().splitlines()]
 TEXTS = ["hello world", "Grüße, 東京! naïve café — ☃\n\ttabs", "emoji 🤖 and <|endoftext|> as text", ""]
 
 
@@ -51,8 +52,9 @@ def wide_word_level(folder: Path) -> Path:
 
 
 def text_config(tmp_path, files, tokenizer, **overrides):
-    return {"name": "text", "source": "files", "files": files, "text_field": "text", "tokenizer": str(tokenizer),
-            "val_fraction": 0.2, "split_seed": 3, "num_proc": 2, "dir": str(tmp_path / "out"), **overrides}
+    return {"name": "text", "source": "files", "files": files, "text_field": "text",
+            "tokenizer": str(tokenizer), "val_fraction": 0.2, "split_seed": 3, "num_proc": 2,
+            "dir": str(tmp_path / "out"), **overrides}
 
 
 def corpus(folder: Path, count: int = 12) -> str:
@@ -72,7 +74,7 @@ def test_local_tokenizer_json_encodes_as_the_library_and_round_trips(tmp_path):
     tokenizer = get_tokenizer(str(path))
     assert tokenizer.vocab_size == reference.get_vocab_size() == 600
     assert tokenizer.eot_id == reference.token_to_id("<|endoftext|>")
-    for text in TEXTS + [WORKS[0][:5000]]:
+    for text in [*TEXTS, WORKS[0][:5000]]:
         ids = tokenizer.encode(text)
         if "<|endoftext|>" not in text:
             assert ids == reference.encode(text, add_special_tokens=False).ids
@@ -99,10 +101,11 @@ def test_eot_comes_from_tokenizer_config_and_a_tokenizer_without_one_is_refused(
 
 
 def test_unknown_names_and_unreachable_hub_tokenizers_are_one_clear_error(tmp_path):
-    """Wrong if a typo tries the network, or an unreachable hub tokenizer gives a traceback without the fix."""
+    """Wrong if a typo tries the network, or an unreachable hub tokenizer gives a traceback, not the fix."""
     with pytest.raises(UserError, match="unknown tokenizer 'gtp2'; choose gpt2, byte, a Hugging Face"):
         get_tokenizer("gtp2")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty"),
+           "PYTHONPATH": str(REPO)}
     script = "from data.tokenizers import get_tokenizer; get_tokenizer('EleutherAI/gpt-neox-20b')"
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert "UserError: cannot load the tokenizer 'EleutherAI/gpt-neox-20b' from the Hugging Face Hub" in \
@@ -117,7 +120,8 @@ def test_hub_name_loads_from_the_hugging_face_cache(tmp_path):
     (snapshot / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "PYTHONPATH": str(REPO)}
     script = ("from data.tokenizers import get_tokenizer; t = get_tokenizer('someone/tiny@main'); "
               "print(t.vocab_size, t.eot_id, t.encode('hello'))")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
@@ -192,5 +196,5 @@ def test_data_of_another_tokenizer_or_another_version_of_it_is_refused_in_one_li
                                  "data.split_seed=3", "model.vocab_size=700"))
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and "holds data prepared with other settings (tokenizer_sha256: " in \
-        lines[0], err
+    assert code == 2 and len(lines) == 1, err
+    assert "holds data prepared with other settings (tokenizer_sha256: " in lines[0], err

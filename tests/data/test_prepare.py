@@ -35,7 +35,7 @@ DOCS = [
 def data_cfg(tmp_path, name="text", **overrides):
     """The shipped data config `name` with the output (and any datasets cache) under tmp_path."""
     cfg = OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml")
-    tmp_path.mkdir(parents=True, exist_ok=True)  # data.dir's parent must exist (outside the working directory)
+    tmp_path.mkdir(parents=True, exist_ok=True)  # data.dir's parent must exist (outside the working dir)
     cfg.dir = str(tmp_path / "out")
     if "cache_dir" in cfg:
         cfg.cache_dir = str(tmp_path / "hf")
@@ -288,8 +288,8 @@ def reference_token_files(cfg, encode, eot_id):
     split itself is not under test here), each encoded on its own, followed by EOT, concatenated in order."""
     documents = prep._load_documents(cfg)
     splits = prep.sources.split_indices(len(documents), cfg["val_fraction"], cfg["split_seed"])
-    return {name: np.array([t for doc in documents.texts(indices) for t in [*encode(doc), eot_id]], dtype="<u2")
-            .tobytes() for name, indices in splits.items()}
+    return {name: np.array([t for doc in documents.texts(indices) for t in [*encode(doc), eot_id]],
+                           dtype="<u2").tobytes() for name, indices in splits.items()}
 
 
 @pytest.mark.parametrize("tokenizer", ["gpt2", "byte"])

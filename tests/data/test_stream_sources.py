@@ -19,7 +19,8 @@ from tests.hydra_compose import compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 GPT2 = tiktoken.get_encoding("r50k_base")
-WORKS = [json.loads(line)["text"] for line in (REPO / "data/samples/shakespeare.jsonl").read_text().splitlines()]
+WORKS = [json.loads(line)["text"]
+         for line in (REPO / "data/samples/shakespeare.jsonl").read_text().splitlines()]
 
 
 def documents(count: int, seed: int) -> list[str]:
@@ -106,13 +107,13 @@ def test_stream_mistakes_are_user_errors(tmp_path):
     folder = hub_folder(tmp_path / "data", {"train": docs})
     with pytest.raises(UserError, match="needs a validation split"):
         prepare(config("fineweb_edu", tmp_path, folder, val_tokens=None))
-    with pytest.raises(UserError, match="data.val_fraction does not apply to a stream source"):
+    with pytest.raises(UserError, match=r"data\.val_fraction does not apply to a stream source"):
         prepare(config("fineweb_edu", tmp_path, folder, val_fraction=0.1))
     with pytest.raises(UserError, match=r"\(default config, train split\) has no field 'body'"):
         prepare(config("fineweb_edu", tmp_path, folder, text_field="body"))
-    with pytest.raises(UserError, match="the train split of .* came out empty"):
+    with pytest.raises(UserError, match=r"the train split of .* came out empty"):
         prepare(config("fineweb_edu", tmp_path, folder, val_tokens=10**9))
-    with pytest.raises(UserError, match="cannot stream .*nowhere"):
+    with pytest.raises(UserError, match=r"cannot stream .*nowhere"):
         prepare(config("fineweb_edu", tmp_path, tmp_path / "nowhere"))
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
@@ -127,5 +128,5 @@ def test_shipped_stream_configs_compose_and_suggest_their_command(name, hf_path,
     cfg = compose_train([f"data={name}", f"data.dir={tmp_path / 'd'}"]).data
     assert (cfg.hf_path, cfg.tokenizer, cfg.source) == (hf_path, tokenizer, "stream")
     reason = unprepared_reason(cfg)
-    assert f"prepare it with: python -m data.prepare data={name} " in reason and f"data.dir={tmp_path / 'd'}" in \
-        reason, reason
+    assert f"prepare it with: python -m data.prepare data={name} " in reason, reason
+    assert f"data.dir={tmp_path / 'd'}" in reason, reason

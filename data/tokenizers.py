@@ -123,7 +123,7 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as Backend
 
         self.name = name
-        files = tokenizer_files(name)
+        self.files = files = tokenizer_files(name)  # what an export copies
         try:
             self._backend = Backend.from_file(str(files["tokenizer.json"]))
         except Exception as err:  # the library raises a generic Exception for a malformed file

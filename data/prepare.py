@@ -100,6 +100,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
             log.info("%s is already prepared", out)
             return out
         log.warning("%s; rebuilding it", damage)
+        _make_writable(out)
         (out / "meta.json").unlink()  # first, so an interrupted rebuild leaves a folder the loader refuses
 
     _make_writable(out)

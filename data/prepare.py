@@ -84,7 +84,8 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     """Write the token files for `data_cfg` (or find them already written) and return their folder."""
     out = Path(data_cfg["dir"])
     _check_location(out)
-    settings = _settings(data_cfg)
+    paths = _resolve_files(data_cfg["files"]) if data_cfg["source"] == "files" else None  # once, not per use
+    settings = _settings(data_cfg, paths)
     fingerprint = _fingerprint(settings)
     tokenizer = get_tokenizer(data_cfg["tokenizer"])
 
@@ -108,7 +109,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
     if data_cfg["source"] == "stream":
         counts = _write_stream(data_cfg, out, tokenizer, DTYPES[dtype])
     else:
-        documents = _load_documents(data_cfg)
+        documents = _load_documents(data_cfg, paths)
         splits = sources.split_indices(len(documents), settings["val_fraction"], settings["split_seed"])
         counts = {name: _write_split(_batches(documents, indices), out / f"{name}.bin", tokenizer,
                                      data_cfg["num_proc"], DTYPES[dtype])
@@ -139,8 +140,9 @@ def check_names(cfg: Mapping[str, Any]) -> None:
     tokenizer_class(cfg["tokenizer"])
 
 
-def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything that determines the files' content; its hash is the fingerprint in meta.json."""
+def _settings(cfg: Mapping[str, Any], paths: list[Path] | None = None) -> dict[str, Any]:
+    """Everything that determines the files' content; its hash is the fingerprint in meta.json. `paths`: the
+    resolved `data.files`, when the caller has them."""
     check_names(cfg)
     if cfg["source"] == "hub":
         source = {
@@ -154,8 +156,8 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "hf_path", "hf_name", "hf_revision", "hf_split", "hf_val_split", "val_tokens", "train_tokens")}}
         _check_stream(cfg)
     elif cfg["source"] == "files":
-        paths = _resolve_files(cfg["files"])
-        stats = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
+        paths = _resolve_files(cfg["files"]) if paths is None else paths
+        stats = "\n".join(f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p in paths for st in [p.stat()])
         source = {
             "kind": "files",
             "files": _patterns(cfg["files"]),
@@ -207,16 +209,22 @@ def _patterns(files: Any) -> list[str]:
 
 
 def _resolve_files(files: Any) -> list[Path]:
-    """Expand globs (relative to the working directory) into a sorted list of absolute paths."""
+    """Expand globs (relative to the working directory) into a sorted list of absolute paths without symbolic
+    links (`Path.resolve()`'s, in `Path` order: the order fixes which documents are validation)."""
     patterns = _patterns(files)
-    paths = sorted(
-        {
-            Path(p).resolve()
-            for pattern in patterns
-            for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-        }
-    )
-    paths = [p for p in paths if p.is_file()]
+    folders: dict[str, str] = {}
+
+    def resolved(path: str) -> str:  # os.path.realpath, with each folder resolved once rather than per file
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder or ".")
+        return os.path.join(folders[folder], name)
+
+    found = {resolved(p) for pattern in patterns
+             for p in glob.glob(os.path.expanduser(pattern), recursive=True)}
+    paths = [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep)) if os.path.isfile(p)]
     if not paths:
         raise UserError(f"data.files={patterns} matches no files (globs are relative to {Path.cwd()})")
     unsupported = sorted({p.suffix for p in paths} - set(sources.BUILDERS))
@@ -264,12 +272,13 @@ def _make_writable(out: Path) -> None:
                         "write") from None
 
 
-def _load_documents(cfg: Mapping[str, Any]) -> sources.Documents:
+def _load_documents(cfg: Mapping[str, Any], paths: list[Path] | None = None) -> sources.Documents:
     if cfg["source"] == "sample":
         return sources.sample_documents(_sample_path(cfg["files"]), cfg["text_field"])
     if cfg["source"] == "hub":
         return sources.hub_documents(cfg)
-    return sources.file_documents(_resolve_files(cfg["files"]), cfg["text_field"], cfg.get("cache_dir"))
+    paths = _resolve_files(cfg["files"]) if paths is None else paths
+    return sources.file_documents(paths, cfg["text_field"], cfg.get("cache_dir"))
 
 
 def _batches(documents: sources.Documents, indices: np.ndarray) -> Iterator[list[str]]:

@@ -54,7 +54,7 @@ OPENWEBTEXT_TRAIN_BYTES = 9_035_582_198 * 2  # nanoGPT's train.bin: 9.04B uint16
 # Raw tiktoken as a process of its own: read the files, encode them in groups, write the ids as uint16.
 RAW_SCRIPT = """
 import itertools, json, sys, numpy, tiktoken
-paths, out = open(sys.argv[1]).read().split("\\n"), sys.argv[2]
+paths, out = [p for p in open(sys.argv[1]).read().splitlines() if p], sys.argv[2]
 threads, group_chars = int(sys.argv[3]), int(sys.argv[4])
 encoding = tiktoken.get_encoding("r50k_base")
 def documents():

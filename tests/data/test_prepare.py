@@ -1,5 +1,6 @@
 """Data preparation: token files must hold every document intact, split by documents, written atomically."""
 
+import glob
 import json
 import math
 import os
@@ -352,3 +353,19 @@ def test_failed_allocation_leaves_no_partial_file(tmp_path):
     reserve(tmp_path / "ok.tmp", 3 << 20)
     stat = (tmp_path / "ok.tmp").stat()
     assert stat.st_size == 3 << 20 and stat.st_blocks * 512 >= 3 << 20, "the blocks were not allocated"
+
+
+def test_files_resolve_to_the_paths_and_order_of_path_resolve(tmp_path, monkeypatch):
+    """Wrong if the fast resolution of data.files gives other paths or another order than the definition
+    (`sorted(Path(p).resolve())`): the order decides which documents are validation, and the paths enter the
+    fingerprint of folders prepared before, which would then be refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "real").mkdir()
+    for name in ("a-b.txt", "a/b.txt", "a/c.txt", "real/d.txt", "a.txt", "a0.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "a" / "e.txt").symlink_to(tmp_path / "real" / "d.txt")
+    monkeypatch.chdir(tmp_path)
+    patterns = ["**/*.txt", str(tmp_path / "link" / "*.txt"), "a/../real/*.txt", "./a//*.txt"]
+    expected = sorted({Path(p).resolve() for pattern in patterns for p in glob.glob(pattern, recursive=True)})
+    assert prep._resolve_files(patterns) == [p for p in expected if p.is_file()]

@@ -106,8 +106,11 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
 
     _make_writable(out)
     dtype = token_dtype(tokenizer.vocab_size)
+    pinned: dict[str, str] = {}
     if data_cfg["source"] == "stream":
-        counts = _write_stream(data_cfg, out, tokenizer, DTYPES[dtype])
+        pinned = _hub_commit(data_cfg)  # read at one commit, even if the branch moves on meanwhile
+        counts = _write_stream({**data_cfg, "hf_revision": pinned.get("hf_commit", data_cfg["hf_revision"])},
+                               out, tokenizer, DTYPES[dtype])
     else:
         documents = _load_documents(data_cfg, paths)
         splits = sources.split_indices(len(documents), settings["val_fraction"], settings["split_seed"])
@@ -122,7 +125,7 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
         "dtype": dtype,
         "splits": counts,
         "blocks": blocks.record(out, list(counts)),  # for the content checks of every run
-        **_resolved_revision(data_cfg),
+        **pinned,
     }
     write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info(
@@ -344,10 +347,9 @@ def _fill(split: SplitFile, stream: Iterator[Encoded], budget: int | None) -> En
     return None
 
 
-def _resolved_revision(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """The Hub commit a `stream` source was read at (its branch may move on), when the Hub can say."""
-    if cfg["source"] != "stream":
-        return {}
+def _hub_commit(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """`{"hf_commit": sha}` of the Hub dataset's `hf_revision` now; empty when the Hub cannot say (offline, a
+    local folder): the stream then reads `hf_revision` as given."""
     try:
         from huggingface_hub import HfApi
 

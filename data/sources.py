@@ -164,6 +164,8 @@ def iter_stream(cfg: Mapping[str, Any], split: str, batch: int) -> Iterator[list
     try:
         stream = datasets.load_dataset(cfg["hf_path"], name=cfg.get("hf_name"), split=split,
                                        revision=cfg["hf_revision"], streaming=True)
+        if field in (stream.column_names or ()):  # Parquet shards then decode only that column
+            stream = stream.select_columns([field])
         for rows in stream.iter(batch_size=batch):
             texts = rows.get(field)
             if texts is None:

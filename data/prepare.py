@@ -311,8 +311,10 @@ def _write_stream(cfg: Mapping[str, Any], out: Path, tokenizer: Tokenizer, dtype
     def stream(split: str) -> Iterator[Encoded]:
         return encode(sources.iter_stream(cfg, split, WRITE_BATCH_DOCS), tokenizer, threads, dtype)
 
-    files = {name: SplitFile(out / f"{name}.bin", quiet) for name in ("train", "val")}
+    files: dict[str, SplitFile] = {}
     try:
+        for name in ("train", "val"):
+            files[name] = SplitFile(out / f"{name}.bin", quiet)
         if cfg.get("hf_val_split"):
             _fill(files["val"], stream(cfg["hf_val_split"]), cfg.get("val_tokens"))
             rest: Iterator[Encoded] = stream(cfg["hf_split"])

@@ -198,3 +198,12 @@ def test_data_of_another_tokenizer_or_another_version_of_it_is_refused_in_one_li
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "holds data prepared with other settings (tokenizer_sha256: " in lines[0], err
+
+
+def test_token_dtype_boundary():
+    """Wrong if a vocabulary whose largest id is 65,535 gets uint32 files (twice the disk for nothing), or one
+    with id 65,536 gets uint16 files (that id would wrap to 0, the EOT of some tokenizers)."""
+    from data.prepare import token_dtype
+
+    assert (token_dtype(256), token_dtype(65_536), token_dtype(65_537)) == ("uint16", "uint16", "uint32")
+    assert np.iinfo(np.uint16).max == 65_535

@@ -86,6 +86,8 @@ class GPT2Tokenizer(Tokenizer):
         return [self._ordinary_array(text) for text in texts]
 
     def _ordinary_array(self, text: str) -> np.ndarray:
+        if not hasattr(self._encoding, "encode_to_numpy"):  # tiktoken < 0.8
+            return np.asarray(self._encoding.encode_ordinary(text), dtype=np.uint32)
         try:
             return self._encoding.encode_to_numpy(text, disallowed_special=())
         except UnicodeEncodeError:  # lone surrogates: repaired as encode_ordinary repairs them
@@ -142,7 +144,9 @@ class HFTokenizer(Tokenizer):
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.20) skips the offsets; both release the GIL
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=False)

@@ -24,11 +24,12 @@ from omegaconf import DictConfig
 from common.errors import UserError
 from common.files import write_atomic
 from data import blocks
-from data.prepare import DTYPE, _fingerprint, _settings
+from data.prepare import DTYPES, _fingerprint, _settings
 from data.tokenizers import get_tokenizer
 
 log = logging.getLogger("data.adopt")
 CHUNK_TOKENS = 1 << 26
+DTYPE = DTYPES["uint16"]  # nanoGPT's files
 
 
 def count_split(path: Path, vocab_size: int, eot_id: int) -> dict[str, int]:

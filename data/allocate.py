@@ -11,10 +11,8 @@ case.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 from common.errors import UserError
@@ -41,13 +39,3 @@ def reserve(path: Path, nbytes: int) -> None:
         raise UserError(f"cannot allocate {nbytes / 2**30:.2f} GiB for {path} ({e.strerror}); free space or "
                         "set data.dir to a larger disk") from None
 
-
-@contextlib.contextmanager
-def removed_on_failure(paths: list[Path]) -> Iterator[None]:
-    """Delete `paths` (partial files) if the block raises; a partial token file would only fill the disk."""
-    try:
-        yield
-    except BaseException:
-        for path in paths:
-            path.unlink(missing_ok=True)
-        raise

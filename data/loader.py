@@ -5,7 +5,8 @@ A batch has no hidden RNG state: for (seed, stream, step) the *global* batch's w
 `(k * world_size + r) * micro_batch_size` onwards. Resuming is therefore exact, runs with the same seed see
 the same tokens whatever the optimizer, and 1 process × 2 micro-steps sees the same sequences as 2 ranks × 1
 micro-step. The validation set is fixed: sequence j is drawn from `default_rng([VAL_SEED, VAL_STREAM, j])`,
-independent of the training seed, the micro-batch size and the world size.
+independent of the training seed, the micro-batch size and the world size. Every batch's blocks are verified
+against the hashes preparation recorded before the batch is returned (`data/blocks.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from common.errors import UserError
 from data import blocks
-from data.prepare import FORMAT_VERSION, damaged_split, read_meta
+from data.prepare import DTYPES, FORMAT_VERSION, damaged_split, read_meta
 
 TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
 VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
@@ -52,9 +53,14 @@ class TokenData:
         damage = damaged_split(self.dir, self._meta)
         if damage is not None:
             raise UserError(f"{damage}; delete {self.dir} and prepare it again")
-        dtype = np.dtype(self._meta["dtype"]).newbyteorder("<")
+        dtype = DTYPES[self._meta["dtype"]]
         self._splits = {name: np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r")
                         for name in self._meta["splits"]}
+        recorded = self._meta.get("blocks")  # None for data prepared before block hashes existed
+        self._verifiers = {name: blocks.BlockVerifier(self.dir / f"{name}.bin", recorded[name],
+                                                      recorded["block_bytes"])
+                           for name in self._meta["splits"]} if recorded else {}
+        self._background: blocks.BackgroundVerification | None = None
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -67,16 +73,27 @@ class TokenData:
                 "content": blocks.content_digest(self._meta.get("blocks"))}
 
     def verify_sampled_blocks(self) -> None:
-        """Re-hash a random sample of blocks against meta.json (a no-op for data prepared without hashes)."""
-        recorded = self._meta.get("blocks")
-        if not recorded:
-            return
-        for name in self._meta["splits"]:
-            path = self.dir / f"{name}.bin"
-            problem = blocks.sampled_mismatch(path, recorded[name], recorded["block_bytes"])
-            if problem:
-                raise UserError(f"{problem}; prepare the data again (python -m data.prepare) into a new "
-                                "data.dir")
+        """Verify block 0 and a random sample of blocks of each split now (the start-up check; a no-op for
+        data prepared without hashes); they are not hashed again when a batch reads them."""
+        for verifier in self._verifiers.values():
+            verifier.require(blocks.sampled_blocks(len(verifier.hashes)))
+
+    def verify_in_background(self) -> None:
+        """Start verifying every block ahead of the batches (once; see data/blocks.py)."""
+        if self._verifiers and self._background is None:
+            self._background = blocks.BackgroundVerification(list(self._verifiers.values()))
+
+    def require_verified(self, name: str, offsets: np.ndarray, length: int) -> None:
+        """Verify the blocks holding tokens [o, o + length) of split `name` for each offset o."""
+        verifier = self._verifiers.get(name)
+        if verifier is not None:
+            itemsize = self._splits[name].itemsize
+            verifier.require_bytes(offsets * itemsize, (offsets + length) * itemsize)
+
+    def close(self) -> None:
+        """Stop the background verification (it also stops by itself at exit)."""
+        if self._background is not None:
+            self._background.stop()
 
     @property
     def vocab_size(self) -> int:
@@ -129,6 +146,7 @@ class BatchLoader:
                     f"the {name} split of {data.dir} has {len(data.split(name))} tokens, fewer than "
                     f"block_size + 1 = {self.block_size + 1}; use a smaller block_size or a larger corpus"
                 )
+        data.verify_in_background()
 
     def train_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._global_batch_rows(TRAIN_STREAM, step, micro_step, self.plan.global_batch_size)
@@ -181,7 +199,9 @@ class BatchLoader:
         return self._windows("train", offsets[first : first + micro_batch_size])
 
     def _windows(self, split: str, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """x = tokens[o : o+T], y = tokens[o+1 : o+T+1] for each offset o, as int64 tensors on the device."""
+        """x = tokens[o : o+T], y = tokens[o+1 : o+T+1] for each offset o, as int64 tensors on the device;
+        the blocks they come from are verified first."""
+        self.data.require_verified(split, offsets, self.block_size + 1)
         rows = self.data.split(split)[offsets[:, None] + np.arange(self.block_size + 1)]
         if self.vocab_limit is not None and rows.max() >= self.vocab_limit:  # damaged or foreign file
             row, column = np.unravel_index(np.argmax(rows >= self.vocab_limit), rows.shape)

@@ -1,28 +1,32 @@
 """Data preparation: turn a text corpus into `train.bin`, `val.bin` and `meta.json` in nanoGPT's format.
 
-Documents are split into train/val with the same call nanoGPT uses (`train_test_split(test_size=val_fraction,
-seed=split_seed, shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. Each split is streamed
-in batches of documents from the (disk-backed) dataset, tokenised on `num_proc` threads (tiktoken's batch
-encoder releases the GIL) and appended to the output, so memory stays flat for billions of tokens and no
-intermediate tokenised dataset is written.
-Files are written under `.tmp` names, fsynced and renamed; `meta.json` is written last and is the commit
-marker: without it the loader refuses the folder and a rerun starts over. A rerun with the same settings
-(their fingerprint is in `meta.json`) does nothing; a rerun with different settings into a folder that holds
-prepared data is a UserError rather than a silent rebuild, because a wrong `data.dir` must not overwrite hours
-of work. Run as `python -m data.prepare data=<name> [data.key=value ...]`.
+Map-style sources (local files, the shipped sample, a Hub dataset) are split into train/val by whole documents
+with the permutation of nanoGPT's call (`train_test_split(test_size=val_fraction, seed=split_seed,
+shuffle=True)`), so OpenWebText gets nanoGPT's train/val documents. A `stream` source (a Hub dataset read with
+`streaming=True`: the Pile, FineWeb-Edu) takes its validation documents from a split of its own or from the
+start of the stream, and may stop the training split at a token budget. Either way each split's documents are
+read in order, tokenised on `num_proc` threads and appended to the output (`data/token_writer.py`), so memory
+stays flat for billions of tokens and no intermediate tokenised dataset is written. Token files are `uint16`,
+or `uint32` for a vocabulary beyond 65,536 ids.
+
+Before any work the data folder is checked (a folder, writable, below an existing parent) and so is the
+corpus (`data/sources.py`). Files are written under `.tmp` names, fsynced and renamed; `meta.json` is written
+last and is the commit marker: without it the loader refuses the folder and a rerun starts over. A rerun with
+the same settings (their fingerprint is in `meta.json`) does nothing; a rerun with different settings into a
+folder that holds prepared data is a UserError rather than a silent rebuild, because a wrong `data.dir` must
+not overwrite hours of work. Run as `python -m data.prepare data=<name> [data.key=value ...]`.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,34 +34,39 @@ from typing import Any
 import hydra
 import numpy as np
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import commit_file, write_atomic
-from data import allocate, blocks
+from common.files import write_atomic
+from data import blocks, sources
 from data.prepare_command import prepare_command
 from data.split_size import validation_warning
-from data.tokenizers import Tokenizer, get_tokenizer, tokenizer_class
+from data.token_writer import Encoded, SplitFile, encode
+from data.tokenizers import HFTokenizer, Tokenizer, get_tokenizer, tokenizer_class
 
 log = logging.getLogger("data.prepare")  # not __name__, which is "__main__" under `python -m`
 
 FORMAT_VERSION = 1
-DTYPE = np.dtype("<u2")  # little-endian uint16, nanoGPT's format
+DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # little-endian; uint16 is nanoGPT's format
 SAMPLES_DIR = Path(__file__).parent / "samples"
-BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-SOURCES = ("hub", "files", "sample")
-WRITE_BATCH_DOCS = 256  # documents read from the dataset at a time
-TOKENIZE_BATCH_CHARS = 1 << 21  # text encoded at a time: its ids as Python ints take ~20× its size in memory
+SOURCES = ("hub", "files", "sample", "stream")
+WRITE_BATCH_DOCS = 256  # documents read from the source at a time
 # Every key a `data` config may hold (the union over sources); anything else is a typo, refused at start-up.
 CONFIG_KEYS = frozenset({
-    "name", "source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "tokenizer",
-    "val_fraction", "split_seed", "num_proc", "cache_dir", "dir", "auto_prepare",
+    "name", "source", "hf_path", "hf_name", "hf_revision", "hf_split", "hf_val_split", "files", "text_field",
+    "tokenizer", "val_fraction", "split_seed", "val_tokens", "train_tokens", "num_proc", "cache_dir", "dir",
+    "auto_prepare",
 })
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The narrowest dtype of DTYPES that holds every id below `vocab_size`."""
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
 def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     """Why the data folder cannot serve these settings, with the command that fixes it; None if it can."""
     out = Path(data_cfg["dir"])
+    _check_location(out)
     meta = read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "
@@ -74,13 +83,11 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
 def prepare(data_cfg: Mapping[str, Any]) -> Path:
     """Write the token files for `data_cfg` (or find them already written) and return their folder."""
     out = Path(data_cfg["dir"])
-    settings = _settings(data_cfg)
+    _check_location(out)
+    paths = _resolve_files(data_cfg["files"]) if data_cfg["source"] == "files" else None  # once, not per use
+    settings = _settings(data_cfg, paths)
     fingerprint = _fingerprint(settings)
     tokenizer = get_tokenizer(data_cfg["tokenizer"])
-    if tokenizer.vocab_size > np.iinfo(DTYPE).max + 1:
-        raise UserError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids; uint16 files hold 65536 at most"
-        )
 
     meta = read_meta(out)
     if meta is not None:
@@ -94,29 +101,31 @@ def prepare(data_cfg: Mapping[str, Any]) -> Path:
             log.info("%s is already prepared", out)
             return out
         log.warning("%s; rebuilding it", damage)
+        _make_writable(out)
         (out / "meta.json").unlink()  # first, so an interrupted rebuild leaves a folder the loader refuses
 
-    quiet = _quiet()
-    if quiet:
-        import datasets
-
-        datasets.disable_progress_bars()
-    out.mkdir(parents=True, exist_ok=True)
-    documents = _load_documents(data_cfg)
-    splits = _split(documents, settings["val_fraction"], settings["split_seed"])
-    with allocate.removed_on_failure([out / f"{name}.bin.tmp" for name in splits]):
-        counts = {
-            name: _write_split(split, out / f"{name}.bin", tokenizer, data_cfg["num_proc"], quiet)
-            for name, split in splits.items()
-        }
+    _make_writable(out)
+    dtype = token_dtype(tokenizer.vocab_size)
+    pinned: dict[str, str] = {}
+    if data_cfg["source"] == "stream":
+        pinned = _hub_commit(data_cfg)  # read at one commit, even if the branch moves on meanwhile
+        counts = _write_stream({**data_cfg, "hf_revision": pinned.get("hf_commit", data_cfg["hf_revision"])},
+                               out, tokenizer, DTYPES[dtype])
+    else:
+        documents = _load_documents(data_cfg, paths)
+        splits = sources.split_indices(len(documents), settings["val_fraction"], settings["split_seed"])
+        counts = {name: _write_split(_batches(documents, indices), out / f"{name}.bin", tokenizer,
+                                     data_cfg["num_proc"], DTYPES[dtype])
+                  for name, indices in splits.items()}
     meta = {
         **settings,
         "fingerprint": fingerprint,
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
-        "dtype": "uint16",
+        "dtype": dtype,
         "splits": counts,
-        "blocks": blocks.record(out, list(counts)),  # for the content check at every training start
+        "blocks": blocks.record(out, list(counts)),  # for the content checks of every run
+        **pinned,
     }
     write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     log.info(
@@ -134,8 +143,9 @@ def check_names(cfg: Mapping[str, Any]) -> None:
     tokenizer_class(cfg["tokenizer"])
 
 
-def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything that determines the files' content; its hash is the fingerprint in meta.json."""
+def _settings(cfg: Mapping[str, Any], paths: list[Path] | None = None) -> dict[str, Any]:
+    """Everything that determines the files' content; its hash is the fingerprint in meta.json. `paths`: the
+    resolved `data.files`, when the caller has them."""
     check_names(cfg)
     if cfg["source"] == "hub":
         source = {
@@ -144,9 +154,13 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "hf_revision": cfg["hf_revision"],
             "hf_split": cfg["hf_split"],
         }
+    elif cfg["source"] == "stream":
+        source = {"kind": "stream", **{key: cfg.get(key) for key in (
+            "hf_path", "hf_name", "hf_revision", "hf_split", "hf_val_split", "val_tokens", "train_tokens")}}
+        _check_stream(cfg)
     elif cfg["source"] == "files":
-        paths = _resolve_files(cfg["files"])
-        stats = "\n".join(f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in paths)
+        paths = _resolve_files(cfg["files"]) if paths is None else paths
+        stats = "\n".join(f"{p}\t{st.st_size}\t{st.st_mtime_ns}" for p in paths for st in [p.stat()])
         source = {
             "kind": "files",
             "files": _patterns(cfg["files"]),
@@ -161,13 +175,30 @@ def _settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
     source["text_field"] = cfg["text_field"]
-    return {
+    streamed = cfg["source"] == "stream"
+    settings = {
         "format_version": FORMAT_VERSION,
         "tokenizer": cfg["tokenizer"],
         "source": source,
-        "val_fraction": float(cfg["val_fraction"]),
-        "split_seed": int(cfg["split_seed"]),
+        "val_fraction": None if streamed else float(cfg["val_fraction"]),
+        "split_seed": None if streamed else int(cfg["split_seed"]),
     }
+    if tokenizer_class(cfg["tokenizer"]) is HFTokenizer:  # built-in tokenizers are fixed by their name
+        settings["tokenizer_sha256"] = get_tokenizer(cfg["tokenizer"]).files_sha256
+    return settings
+
+
+def _check_stream(cfg: Mapping[str, Any]) -> None:
+    for key in ("val_fraction", "split_seed"):
+        if cfg.get(key) is not None:
+            raise UserError(f"data.{key} does not apply to a stream source (it holds out the first "
+                            "data.val_tokens tokens, or reads data.hf_val_split); set it to null")
+    if not cfg.get("hf_val_split") and not cfg.get("val_tokens"):
+        raise UserError("a stream source needs a validation split: set data.hf_val_split to one of the "
+                        "dataset's splits, or data.val_tokens to hold out the first documents of the stream")
+    for key in ("val_tokens", "train_tokens"):
+        if cfg.get(key) is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise UserError(f"data.{key}={cfg[key]!r} must be a positive number of tokens or null")
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -181,22 +212,28 @@ def _patterns(files: Any) -> list[str]:
 
 
 def _resolve_files(files: Any) -> list[Path]:
-    """Expand globs (relative to the working directory) into a sorted list of absolute paths."""
+    """Expand globs (relative to the working directory) into a sorted list of absolute paths without symbolic
+    links (`Path.resolve()`'s, in `Path` order: the order fixes which documents are validation)."""
     patterns = _patterns(files)
-    paths = sorted(
-        {
-            Path(p).resolve()
-            for pattern in patterns
-            for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-        }
-    )
-    paths = [p for p in paths if p.is_file()]
+    folders: dict[str, str] = {}
+
+    def resolved(path: str) -> str:  # os.path.realpath, with each folder resolved once rather than per file
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder or ".")
+        return os.path.join(folders[folder], name)
+
+    found = {resolved(p) for pattern in patterns
+             for p in glob.glob(os.path.expanduser(pattern), recursive=True)}
+    paths = [Path(p) for p in sorted(found, key=lambda p: p.split(os.sep)) if os.path.isfile(p)]
     if not paths:
         raise UserError(f"data.files={patterns} matches no files (globs are relative to {Path.cwd()})")
-    unsupported = sorted({p.suffix for p in paths} - set(BUILDERS))
+    unsupported = sorted({p.suffix for p in paths} - set(sources.BUILDERS))
     if unsupported:
         raise UserError(
-            f"data.files includes unsupported file types {unsupported}; use {', '.join(BUILDERS)}"
+            f"data.files includes unsupported file types {unsupported}; use {', '.join(sources.BUILDERS)}"
         )
     return paths
 
@@ -209,102 +246,118 @@ def _sample_path(name: str) -> Path:
     return path
 
 
-def _load_documents(cfg: Mapping[str, Any]):  # -> datasets.Dataset with one column "text"
-    """The source as a dataset of documents; `datasets` is imported late so users' HF_*_OFFLINE apply."""
-    import datasets
-
-    if cfg["source"] == "sample":
-        path = _sample_path(cfg["files"])
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            return datasets.Dataset.from_dict({"text": [json.loads(line)[cfg["text_field"]] for line in f]})
-    if cfg["source"] == "hub":
-        try:
-            table = datasets.load_dataset(
-                cfg["hf_path"],
-                revision=cfg["hf_revision"],
-                split=cfg["hf_split"],
-                cache_dir=cfg.get("cache_dir"),
-                num_proc=cfg["num_proc"],
-            )
-        except Exception as err:  # network, offline mode, unknown repo or revision: all fixable by the user
-            raise UserError(
-                f"cannot load {cfg['hf_path']} (revision {cfg['hf_revision']}) from the Hugging Face Hub: "
-                f"{type(err).__name__}: {err}. Check the internet connection and that HF_DATASETS_OFFLINE/"
-                "HF_HUB_OFFLINE are unset (or the dataset is already in the cache)"
-            ) from err
-        return _text_column(table, cfg["text_field"], cfg["hf_path"])
-    by_builder: dict[str, list[str]] = {}
-    for path in _resolve_files(cfg["files"]):
-        by_builder.setdefault(BUILDERS[path.suffix], []).append(str(path))
-    parts = []
-    for builder, paths in by_builder.items():
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        table = datasets.load_dataset(
-            builder, data_files=paths, split="train", cache_dir=cfg.get("cache_dir"), **extra
-        )
-        parts.append(
-            _text_column(table, "text" if builder == "text" else cfg["text_field"], f"{builder} files")
-        )
-    return datasets.concatenate_datasets(parts)
+def _check_location(out: Path) -> None:
+    """`data.dir` can be a data folder: not a file, and not below a missing folder outside the working
+    directory (a typo, or a disk that is not mounted, would otherwise receive hours of work; the default
+    `data_cache/...` under the working directory is created)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"data.dir {out} is a file, not a folder; set data.dir to a folder (new or prepared)")
+    path = Path(os.path.abspath(out))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"data.dir {out} is below {existing}, a file; set data.dir to a folder")
+    missing_parent = existing not in (path, path.parent)
+    if missing_parent and not path.is_relative_to(Path.cwd()):
+        raise UserError(f"data.dir {out} is below {path.parent}, which does not exist (a typo, or a disk "
+                        f"that is not mounted?); create it first (mkdir -p {path.parent}) or set data.dir to "
+                        "a folder whose parent exists")
 
 
-def _text_column(table, field: str, what: str):
-    if field not in table.column_names:
-        raise UserError(f"{what} have no field {field!r} (fields: {table.column_names}); set data.text_field")
-    table = table.select_columns([field])
-    return table.rename_column(field, "text") if field != "text" else table
-
-
-def _split(documents, val_fraction: float, split_seed: int) -> dict[str, Any]:
-    """Split by documents exactly as nanoGPT does, so the val set is a fixed set of whole documents."""
-    n = len(documents)
-    if not 0 < val_fraction < 1 or not 1 <= math.ceil(val_fraction * n) < n:
-        raise UserError(
-            f"data.val_fraction={val_fraction} with {n} documents leaves no train or no val document"
-        )
-    parts = documents.train_test_split(test_size=val_fraction, seed=split_seed, shuffle=True)
-    return {"train": parts["train"], "val": parts["test"]}
-
-
-def _token_batches(split, tokenizer: Tokenizer, threads: int) -> Iterator[np.ndarray]:
-    """The split's documents in order, as uint16 arrays of consecutive documents' ids, each followed by the
-    EOT id. Documents are encoded ~`TOKENIZE_BATCH_CHARS` of text at a time (a longer document alone), so
-    memory stays bounded whatever the documents' sizes."""
-    for batch in split.iter(batch_size=WRITE_BATCH_DOCS):
-        texts = batch["text"]
-        start = 0
-        while start < len(texts):
-            end, size = start + 1, len(texts[start])
-            while end < len(texts) and size + len(texts[end]) <= TOKENIZE_BATCH_CHARS:
-                size += len(texts[end])
-                end += 1
-            documents = tokenizer.encode_batch(texts[start:end], num_threads=threads)
-            lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-            ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=DTYPE, count=int(lengths.sum()))
-            yield np.insert(ids, np.cumsum(lengths), tokenizer.eot_id)
-            start = end
-
-
-def _write_split(split, path: Path, tokenizer: Tokenizer, num_proc: int, quiet: bool) -> dict[str, int]:
-    """Tokenise one split and append it batch by batch to a temporary file, renamed to `path` when complete;
-    return its counts. Memory holds one batch of documents; tokenisation runs on `num_proc` threads."""
-    tmp = path.with_name(path.name + ".tmp")
-    # Regular writes report a full disk as an error (a memmap would die of SIGBUS), so the exact size need
-    # not be known first: the headroom is checked up front, and a disk that fills up later is a UserError.
-    allocate.reserve(tmp, 0)
-    total = 0
+def _make_writable(out: Path) -> None:
+    """Create `out` and check that files can be written in it, before any work."""
     try:
-        with open(tmp, "wb") as out, tqdm(unit="tok", unit_scale=True, desc=f"writing {path.name}",
-                                          disable=quiet) as bar:
-            for ids in _token_batches(split, tokenizer, num_proc):
-                out.write(ids.tobytes())
-                total += len(ids)
-                bar.update(len(ids))
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write {tmp} ({e.strerror}); free space or set data.dir to a larger disk"
-                        ) from None
-    commit_file(tmp, path)
-    return {"tokens": total, "documents": len(split)}
+        raise UserError(f"cannot write into data.dir {out} ({e.strerror}); set data.dir to a folder you can "
+                        "write") from None
+
+
+def _load_documents(cfg: Mapping[str, Any], paths: list[Path] | None = None) -> sources.Documents:
+    if cfg["source"] == "sample":
+        return sources.sample_documents(_sample_path(cfg["files"]), cfg["text_field"])
+    if cfg["source"] == "hub":
+        return sources.hub_documents(cfg)
+    paths = _resolve_files(cfg["files"]) if paths is None else paths
+    return sources.file_documents(paths, cfg["text_field"], cfg.get("cache_dir"))
+
+
+def _batches(documents: sources.Documents, indices: np.ndarray) -> Iterator[list[str]]:
+    for start in range(0, len(indices), WRITE_BATCH_DOCS):
+        yield documents.texts(indices[start : start + WRITE_BATCH_DOCS])
+
+
+def _write_split(batches: Iterator[list[str]], path: Path, tokenizer: Tokenizer, threads: int,
+                 dtype: np.dtype) -> dict[str, int]:
+    """Tokenise one split's documents into `path`; its token and document counts."""
+    split = SplitFile(path, sources.quiet())
+    try:
+        for encoded in encode(batches, tokenizer, threads, dtype):
+            split.add(encoded)
+    except BaseException:
+        split.discard()
+        raise
+    return split.commit()
+
+
+def _write_stream(cfg: Mapping[str, Any], out: Path, tokenizer: Tokenizer, dtype: np.dtype
+                  ) -> dict[str, dict[str, int]]:
+    """Both splits of a stream source: val from `hf_val_split` or the stream's first `val_tokens` tokens of
+    whole documents, train from the (rest of the) stream up to `train_tokens`."""
+    quiet, threads = sources.quiet(), cfg["num_proc"]
+
+    def stream(split: str) -> Iterator[Encoded]:
+        return encode(sources.iter_stream(cfg, split, WRITE_BATCH_DOCS), tokenizer, threads, dtype)
+
+    files: dict[str, SplitFile] = {}
+    try:
+        for name in ("train", "val"):
+            files[name] = SplitFile(out / f"{name}.bin", quiet)
+        if cfg.get("hf_val_split"):
+            _fill(files["val"], stream(cfg["hf_val_split"]), cfg.get("val_tokens"))
+            rest: Iterator[Encoded] = stream(cfg["hf_split"])
+        else:
+            train_stream = stream(cfg["hf_split"])
+            left = _fill(files["val"], train_stream, cfg["val_tokens"])
+            rest = itertools.chain([left] if left is not None else [], train_stream)
+        _fill(files["train"], rest, cfg.get("train_tokens"))
+        for name, split in files.items():
+            if split.documents == 0:
+                total = files["val"].tokens + files["train"].tokens
+                raise UserError(f"the {name} split of {cfg['hf_path']} came out empty (the stream has "
+                                f"{total:,} tokens); lower data.val_tokens")
+        return {name: split.commit() for name, split in files.items()}
+    except BaseException:
+        for split in files.values():
+            split.discard()
+        raise
+
+
+def _fill(split: SplitFile, stream: Iterator[Encoded], budget: int | None) -> Encoded | None:
+    """Append `stream` to `split` until it holds `budget` tokens (whole documents; all of it for None);
+    return what is left of the batch that crossed the budget."""
+    for encoded in stream:
+        if budget is None:
+            split.add(encoded)
+            continue
+        taken = encoded.documents_to_reach(budget - split.tokens)
+        split.add(encoded.head(taken))
+        if split.tokens >= budget:
+            return encoded.tail(taken) if taken < len(encoded.ends) else None
+    return None
+
+
+def _hub_commit(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """`{"hf_commit": sha}` of the Hub dataset's `hf_revision` now; empty when the Hub cannot say (offline, a
+    local folder): the stream then reads `hf_revision` as given."""
+    try:
+        from huggingface_hub import HfApi
+
+        return {"hf_commit": HfApi().dataset_info(cfg["hf_path"], revision=cfg["hf_revision"]).sha}
+    except Exception:  # offline or a local path: the record is informative only
+        return {}
 
 
 def read_meta(out: Path) -> dict[str, Any] | None:
@@ -326,6 +379,8 @@ def read_meta(out: Path) -> dict[str, Any] | None:
     for key, kind in (("vocab_size", int), ("eot_id", int), ("tokenizer", str), ("dtype", str)):
         if not isinstance(meta.get(key), kind):
             raise UserError(f"{path} has no valid {key!r}; {fix}")
+    if meta["dtype"] not in DTYPES:
+        raise UserError(f"{path} has dtype {meta['dtype']!r}; token files are {' or '.join(DTYPES)}: {fix}")
     return meta
 
 
@@ -340,18 +395,14 @@ def _changed_settings(meta: dict[str, Any], settings: dict[str, Any]) -> str:
 def damaged_split(out: Path, meta: dict[str, Any]) -> str | None:
     """None when every token file has the size meta.json promises, else which one does not (the one
     truncated-file check: preparation and the loader both use it)."""
+    itemsize = DTYPES[meta["dtype"]].itemsize
     for name, counts in meta["splits"].items():
         path = out / f"{name}.bin"
         size = path.stat().st_size if path.is_file() else None
-        if size != counts["tokens"] * DTYPE.itemsize:
+        if size != counts["tokens"] * itemsize:
             return (f"{path} has {size} bytes but meta.json promises {counts['tokens']} tokens = "
-                    f"{counts['tokens'] * DTYPE.itemsize} bytes (truncated or replaced)")
+                    f"{counts['tokens'] * itemsize} bytes (truncated or replaced)")
     return None
-
-
-def _quiet() -> bool:
-    """Progress bars are for people: off under CI and when stderr is not a terminal."""
-    return os.environ.get("CI", "").lower() not in ("", "0", "false") or not sys.stderr.isatty()
 
 
 @hydra.main(version_base="1.3", config_path="pkg://configs", config_name="prepare")

@@ -17,8 +17,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 # Keys that change what the prepared files contain (the rest: parallelism, caches, the trainer's switch).
-CONTENT_KEYS = ("source", "hf_path", "hf_revision", "hf_split", "files", "text_field", "val_fraction",
-                "split_seed")
+CONTENT_KEYS = ("source", "hf_path", "hf_name", "hf_revision", "hf_split", "hf_val_split", "files",
+                "text_field", "val_fraction", "split_seed", "val_tokens", "train_tokens")
 _PLAIN = re.compile(r"[A-Za-z_/.][\w./*?+@%-]*")  # a Hydra string that needs no quotes
 _RESERVED = {"true", "false", "null", "nan", "inf"}
 

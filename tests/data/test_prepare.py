@@ -1,5 +1,6 @@
 """Data preparation: token files must hold every document intact, split by documents, written atomically."""
 
+import glob
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import tiktoken
 from omegaconf import OmegaConf
 
 import data.prepare as prep
+import data.token_writer as token_writer
 from common.errors import UserError
 from data.loader import TokenData
 from data.prepare import prepare, unprepared_reason
@@ -34,6 +36,7 @@ DOCS = [
 def data_cfg(tmp_path, name="text", **overrides):
     """The shipped data config `name` with the output (and any datasets cache) under tmp_path."""
     cfg = OmegaConf.load(REPO / "configs" / "data" / f"{name}.yaml")
+    tmp_path.mkdir(parents=True, exist_ok=True)  # data.dir's parent must exist (outside the working dir)
     cfg.dir = str(tmp_path / "out")
     if "cache_dir" in cfg:
         cfg.cache_dir = str(tmp_path / "hf")
@@ -143,11 +146,11 @@ def test_interrupted_preparation_is_refused_then_completed(tmp_path, monkeypatch
     cfg = data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl"), tokenizer="byte", val_fraction=0.2)
     write_split = prep._write_split
 
-    def killed_at_val(split, path, *args):
+    def killed_at_val(batches, path, *args):
         if path.name == "val.bin":
             path.with_name("val.bin.tmp").write_bytes(b"\x01\x02\x03")  # a half-written file
             raise KeyboardInterrupt
-        return write_split(split, path, *args)
+        return write_split(batches, path, *args)
 
     monkeypatch.setattr(prep, "_write_split", killed_at_val)
     with pytest.raises(KeyboardInterrupt):
@@ -238,18 +241,6 @@ def test_bad_sources_are_user_errors(tmp_path):
         prepare(data_cfg(tmp_path))
 
 
-def test_vocabulary_beyond_uint16_is_refused(tmp_path, monkeypatch):
-    """Otherwise token ids above 65535 would silently wrap around in the uint16 files."""
-
-    class Big:
-        name, vocab_size, eot_id = "big", 70_000, 69_999
-
-    monkeypatch.setattr(prep, "get_tokenizer", lambda name: Big())
-    write_jsonl(tmp_path / "corpus.jsonl", DOCS)
-    with pytest.raises(UserError, match="uint16"):
-        prepare(data_cfg(tmp_path, files=str(tmp_path / "corpus.jsonl")))
-
-
 def test_suggested_prepare_command_works_when_pasted(tmp_path):
     """Wrong if the command an error message suggests drops a setting the user gave (data.files, a text
     field, a split) or breaks on the shell or on Hydra's grammar (a glob, a list, a space in a path): pasted
@@ -296,9 +287,10 @@ def test_too_small_validation_split_warns_and_its_suggested_fraction_fixes_it(tm
 def reference_token_files(cfg, encode, eot_id):
     """The token files as the straightforward definition gives them: the documents of each split (the
     split itself is not under test here), each encoded on its own, followed by EOT, concatenated in order."""
-    splits = prep._split(prep._load_documents(cfg), cfg["val_fraction"], cfg["split_seed"])
-    return {name: np.array([t for doc in split["text"] for t in [*encode(doc), eot_id]], dtype="<u2")
-            .tobytes() for name, split in splits.items()}
+    documents = prep._load_documents(cfg)
+    splits = prep.sources.split_indices(len(documents), cfg["val_fraction"], cfg["split_seed"])
+    return {name: np.array([t for doc in documents.texts(indices) for t in [*encode(doc), eot_id]],
+                           dtype="<u2").tobytes() for name, indices in splits.items()}
 
 
 @pytest.mark.parametrize("tokenizer", ["gpt2", "byte"])
@@ -310,7 +302,7 @@ def test_token_files_are_byte_identical_to_the_per_document_reference(tmp_path, 
     multi-file corpus mixes .txt and .jsonl, spans several read batches and encoder calls (documents longer
     than one call's budget included) and holds non-ASCII text and a literal <|endoftext|>."""
     monkeypatch.setattr(prep, "WRITE_BATCH_DOCS", 7)
-    monkeypatch.setattr(prep, "TOKENIZE_BATCH_CHARS", 300)  # several encoder calls per read batch
+    monkeypatch.setattr(token_writer, "CHUNK_CHARS", 300)  # several encoder calls per read batch
     if source == "sample":
         cfg = data_cfg(tmp_path, "shakespeare", tokenizer=tokenizer)
     else:
@@ -361,3 +353,19 @@ def test_failed_allocation_leaves_no_partial_file(tmp_path):
     reserve(tmp_path / "ok.tmp", 3 << 20)
     stat = (tmp_path / "ok.tmp").stat()
     assert stat.st_size == 3 << 20 and stat.st_blocks * 512 >= 3 << 20, "the blocks were not allocated"
+
+
+def test_files_resolve_to_the_paths_and_order_of_path_resolve(tmp_path, monkeypatch):
+    """Wrong if the fast resolution of data.files gives other paths or another order than the definition
+    (`sorted(Path(p).resolve())`): the order decides which documents are validation, and the paths enter the
+    fingerprint of folders prepared before, which would then be refused."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "real").mkdir()
+    for name in ("a-b.txt", "a/b.txt", "a/c.txt", "real/d.txt", "a.txt", "a0.txt"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (tmp_path / "a" / "e.txt").symlink_to(tmp_path / "real" / "d.txt")
+    monkeypatch.chdir(tmp_path)
+    patterns = ["**/*.txt", str(tmp_path / "link" / "*.txt"), "a/../real/*.txt", "./a//*.txt"]
+    expected = sorted({Path(p).resolve() for pattern in patterns for p in glob.glob(pattern, recursive=True)})
+    assert prep._resolve_files(patterns) == [p for p in expected if p.is_file()]

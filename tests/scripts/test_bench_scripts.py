@@ -37,14 +37,27 @@ def test_bench_step_times_the_curvature_pass_phases(tmp_path):
         assert 0 < result["mfu"] < 1
 
 
-def test_bench_prepare_counts_the_same_tokens_as_raw_tiktoken(tmp_path):
-    """Otherwise the pipeline and raw tiktoken are compared on different work: the pipeline must hold every
-    raw token plus one EOT per document."""
-    report = run_script("bench_prepare", tmp_path, "--tokens", "100000", "--reps", "1", "--threads", "1")
-    (pipeline,) = report["pipeline"]
-    assert report["tokens"] >= 100_000
-    assert pipeline["tokens"] == report["tokens"] + pipeline["documents"]
-    assert pipeline["documents"] == report["documents"]
+@pytest.mark.parametrize("corpus", ["jsonl", "txt"])
+def test_bench_prepare_reports_both_ratios_on_the_same_tokens(tmp_path, corpus):
+    """Otherwise the pipeline and raw tiktoken are compared on different work (the benchmark refuses a
+    pipeline that wrote other than every raw token plus one EOT per document), or a ratio is missing."""
+    report = run_script("bench_prepare", tmp_path, "--corpus", corpus, "--tokens", "100000", "--file-count",
+                        "40", "--reps", "1", "--threads", "1")
+    assert report["tokens"] >= 100_000 and report["documents"] >= (40 if corpus == "txt" else 1)
+    assert report["files"] == (40 if corpus == "txt" else 8)
+    (run,) = report["runs"]
+    assert report["ratio_steady_state"] == run["raw_steady_s"] / run["pipeline_write_s"] > 0
+    assert report["ratio_end_to_end"] == run["raw_end_to_end_s"] / run["pipeline_end_to_end_s"] > 0
+
+
+def test_bench_prepare_hash_rate_extrapolates_to_openwebtext(tmp_path):
+    """Otherwise the block-verification cost quoted in docs/data.md has no command behind it: the
+    extrapolation must be OpenWebText's 18.07 GB train split over the measured rate."""
+    report = run_script("bench_prepare", tmp_path, "--hash-rate")
+    for threads in ("1_threads", "3_threads"):
+        rates = report[threads]
+        assert rates["mb_per_cpu_s"] > 0
+        assert abs(rates["openwebtext_train_cpu_s"] * rates["mb_per_cpu_s"] - 18_071.164396) < 1e-3
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ import yaml
 from common.errors import UserError
 from common.files import write_atomic
 from gpt.config import ModelSettings, ProtocolSettings, as_plain
+from gpt.model import FAMILY_FIELDS
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
@@ -79,6 +80,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 # Experiment-defining keys added after runs existed, with the values those runs were trained with.
 _ADDED_KEYS = {"model.scale_attn_by_inverse_layer_idx": ModelSettings.scale_attn_by_inverse_layer_idx,
+               **{f"model.{name}": getattr(ModelSettings, name) for name in FAMILY_FIELDS},  # GPT-2's
                **flatten({"protocol": as_plain(asdict(ProtocolSettings()))})}
 
 

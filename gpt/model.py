@@ -131,10 +131,10 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class KVCache:
     """The keys and values of the tokens seen so far, per layer, for `generate`: a prompt fills it in one
-    forward, then each new token adds one position."""
+    forward, then each new token adds one position, up to `capacity` positions."""
 
-    def __init__(self, n_layer: int, block_size: int) -> None:
-        self.block_size = block_size
+    def __init__(self, n_layer: int, capacity: int) -> None:
+        self.capacity = capacity
         self.keys: list[Tensor | None] = [None] * n_layer
         self.values: list[Tensor | None] = [None] * n_layer
         self.length = 0  # positions filled; the next token's position
@@ -142,7 +142,7 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this forward's k and v (B, H, T, head_dim) after the earlier ones; all of them so far."""
         if self.keys[layer] is None:
-            shape = (*k.shape[:2], self.block_size, k.shape[-1])
+            shape = (*k.shape[:2], self.capacity, k.shape[-1])
             self.keys[layer], self.values[layer] = k.new_empty(shape), v.new_empty(shape)
         end = self.length + k.shape[2]
         self.keys[layer][:, :, self.length:end] = k
@@ -330,13 +330,14 @@ class GPT(nn.Module):
         start = max(0, idx.shape[1] - block)
         cache, cached_start = None, None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
+        for produced in range(max_new_tokens):
             if idx.shape[1] - start > block:
                 start = idx.shape[1] - keep
             if not use_cache:
                 logits = self(idx[:, start:])[0]
-            elif cached_start != start:  # a new window: its tokens fill a new cache
-                cache, cached_start = KVCache(self.config.n_layer, block), start
+            elif cached_start != start:  # a new window: its tokens fill a new cache, as long as it can grow
+                capacity = min(block, idx.shape[1] - start + max_new_tokens - produced)
+                cache, cached_start = KVCache(self.config.n_layer, capacity), start
                 logits = self(idx[:, start:], cache=cache)[0]
             else:
                 logits = self(idx[:, -1:], cache=cache)[0]

@@ -18,7 +18,7 @@ on export and padded back with the mean row on import (gpt/eval/hf.py says why).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,8 +44,9 @@ class Rule:
     vocab: bool = False  # rows per token: cut to the tokenizer's vocabulary, padded back on import
 
 
-def transposed(name: str, theirs: str | None = None, always: bool = False) -> Rule:
-    return Rule(name, (theirs or name,), lambda t: (t.t(),), lambda t: t.t(), always)
+def transposed(name: str) -> Rule:
+    """A GPT-2 Conv1D weight, whose bias Hugging Face's model always has."""
+    return Rule(name, (name,), lambda t: (t.t(),), lambda t: t.t(), always=True)
 
 
 def renamed(name: str, theirs: str, always: bool = False, vocab: bool = False) -> Rule:
@@ -73,17 +74,15 @@ def join_qkv(*parts: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
-def _with_biases(config: GPTConfig, weights: list[Rule], always: bool) -> list[Rule]:
-    """Each weight rule followed by its bias rule (same transform; norms of RMSNorm have no bias)."""
+def with_biases(config: GPTConfig, weights: list[Rule]) -> list[Rule]:
+    """Each weight's rule followed by its bias's: the same names ending in .bias, the same transform and
+    `always` (an RMSNorm has no bias)."""
     rules = []
     for rule in weights:
         rules.append(rule)
-        if config.norm == "rmsnorm" and ("ln_" in rule.ours):
-            continue
-        bias_always = always or rule.always
-        rules.append(Rule(rule.ours.replace(".weight", ".bias"),
-                          tuple(name.replace(".weight", ".bias") for name in rule.theirs),
-                          rule.export, rule.load, bias_always))
+        if config.norm == "layernorm" or ".ln_" not in rule.ours:
+            rules.append(replace(rule, ours=rule.ours.replace(".weight", ".bias"),
+                                 theirs=tuple(name.replace(".weight", ".bias") for name in rule.theirs)))
     return rules
 
 
@@ -92,12 +91,11 @@ def gpt2_rules(config: GPTConfig) -> list[Rule]:
              renamed("transformer.wpe.weight", "transformer.wpe.weight")]
     for i in range(config.n_layer):
         p = f"transformer.h.{i}."
-        rules += _with_biases(config, [
-            renamed(p + "ln_1.weight", p + "ln_1.weight"), transposed(p + "attn.c_attn.weight"),
-            transposed(p + "attn.c_proj.weight"), renamed(p + "ln_2.weight", p + "ln_2.weight"),
-            transposed(p + "mlp.c_fc.weight"), transposed(p + "mlp.c_proj.weight")], always=True)
-    final = renamed("transformer.ln_f.weight", "transformer.ln_f.weight")
-    rules += _with_biases(config, [final], always=True)
+        rules += with_biases(config, [
+            renamed(p + "ln_1.weight", p + "ln_1.weight", always=True), transposed(p + "attn.c_attn.weight"),
+            transposed(p + "attn.c_proj.weight"), renamed(p + "ln_2.weight", p + "ln_2.weight", always=True),
+            transposed(p + "mlp.c_fc.weight"), transposed(p + "mlp.c_proj.weight")])
+    rules += with_biases(config, [renamed("transformer.ln_f.weight", "transformer.ln_f.weight", always=True)])
     return rules + _head(config, "lm_head.weight")
 
 
@@ -106,15 +104,15 @@ def neox_rules(config: GPTConfig) -> list[Rule]:
     rules = [renamed("transformer.wte.weight", "gpt_neox.embed_in.weight", vocab=True)]
     for i in range(config.n_layer):
         p, q = f"transformer.h.{i}.", f"gpt_neox.layers.{i}."
-        rules += _with_biases(config, [
+        rules += with_biases(config, [
             renamed(p + "ln_1.weight", q + "input_layernorm.weight", always=True),
             Rule(p + "attn.c_attn.weight", (q + "attention.query_key_value.weight",), export, load),
             renamed(p + "attn.c_proj.weight", q + "attention.dense.weight"),
             renamed(p + "ln_2.weight", q + "post_attention_layernorm.weight", always=True),
             renamed(p + "mlp.c_fc.weight", q + "mlp.dense_h_to_4h.weight", always=True),
-            renamed(p + "mlp.c_proj.weight", q + "mlp.dense_4h_to_h.weight", always=True)], always=False)
-    rules += _with_biases(config, [renamed("transformer.ln_f.weight", "gpt_neox.final_layer_norm.weight",
-                                           always=True)], always=False)
+            renamed(p + "mlp.c_proj.weight", q + "mlp.dense_4h_to_h.weight", always=True)])
+    rules += with_biases(config, [renamed("transformer.ln_f.weight", "gpt_neox.final_layer_norm.weight",
+                                          always=True)])
     # transformers 4.x names NeoX's head embed_out (5.x reads that name too)
     return rules + _head(config, "embed_out.weight")
 
@@ -124,14 +122,14 @@ def llama_rules(config: GPTConfig) -> list[Rule]:
     for i in range(config.n_layer):
         p, q = f"transformer.h.{i}.", f"model.layers.{i}."
         qkv = tuple(f"{q}self_attn.{x}_proj.weight" for x in "qkv")
-        rules += _with_biases(config, [
+        rules += with_biases(config, [
             renamed(p + "ln_1.weight", q + "input_layernorm.weight"),
             Rule(p + "attn.c_attn.weight", qkv, split_qkv, join_qkv),
             renamed(p + "attn.c_proj.weight", q + "self_attn.o_proj.weight"),
             renamed(p + "ln_2.weight", q + "post_attention_layernorm.weight"),
             renamed(p + "mlp.c_gate.weight", q + "mlp.gate_proj.weight"),
             renamed(p + "mlp.c_fc.weight", q + "mlp.up_proj.weight"),
-            renamed(p + "mlp.c_proj.weight", q + "mlp.down_proj.weight")], always=False)
+            renamed(p + "mlp.c_proj.weight", q + "mlp.down_proj.weight")])
     rules.append(renamed("transformer.ln_f.weight", "model.norm.weight"))
     return rules + _head(config, "lm_head.weight")
 

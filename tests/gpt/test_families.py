@@ -275,3 +275,23 @@ def test_model_settings_round_trip_through_a_checkpoint_config(tmp_path):
 
     config = replace(small("llama").config, dropout=0.1)
     assert gpt_config({"name": "x", **asdict(config)}) == config
+
+
+@pytest.mark.parametrize("name", ["neox", "llama"])
+def test_activation_checkpointing_and_bf16_autocast_run_every_family(name):
+    """Wrong if a block's extra inputs (rotary angles) were lost by checkpointing's recomputation (the
+    gradients would differ), or rotary mixed dtypes under autocast (SDPA refuses q and k in float32 with v
+    in bfloat16)."""
+    from gpt.distributed import checkpoint_activations
+
+    idx = tokens(2, 16)
+    plain, checkpointed = small(name).train(), small(name).train()
+    checkpoint_activations(checkpointed)
+    for model in (plain, checkpointed):
+        model(idx, idx)[1].backward()
+    for (key, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=key)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = plain(idx, idx)[1]
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(plain(idx, idx)[1].item(), rel=0.05)

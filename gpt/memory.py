@@ -26,11 +26,14 @@ from gpt.model import GPT, GPTConfig
 from optim import entry_for
 
 GiB = 2**30
-# Per token and block, autograd keeps two fp32 LayerNorm inputs (the residual stream) and 15·n_embd values in
-# the compute dtype: the two LayerNorm outputs, q/k/v, the attention output and its contiguous copy, the
-# MLP's 4·n_embd input to GELU and 4·n_embd input to c_proj. Flash attention keeps no T×T matrix.
-FP32_VALUES_PER_BLOCK = 2
-COMPUTE_VALUES_PER_BLOCK = 15
+# Per token and block, in units of n_embd, autograd keeps the fp32 inputs of the norms (the residual stream:
+# two, or one where NeoX's parallel block feeds both norms the same input) and, in the compute dtype, the two
+# norm outputs, q/k/v, the attention output and its contiguous copy (7), the MLP's hidden activations (GELU:
+# its input and output, 2 × width; SwiGLU: gate, silu(gate), up and their product, 4 × width), rotary's
+# rotated q and k (2, and their joined copies when only a fraction rotates: 1) and RMSNorm's normalised input
+# (2). GPT-2: 2 + 15. Flash attention keeps no T×T matrix. The counts were checked against the tensors
+# autograd saves (saved_tensors_hooks) for each family, within 0.25·n_embd.
+ATTENTION_VALUES = 7
 # Per token, at the loss: logits in the compute dtype, their fp32 copy, log-softmax and both gradients
 # (~16 bytes × vocab); GNB's label draw adds an fp32 copy, probabilities and a cleaned copy (~12 more).
 LOSS_BYTES_PER_VOCAB = {"train": 16, "gnb": 28, "hutchinson": 16}
@@ -68,6 +71,17 @@ def state_per_parameter(model: GPT, optim: Mapping[str, Any]) -> float:
     return entry_for(optim).state_numel(model, optim) / model.num_params()
 
 
+def values_per_block(config: GPTConfig) -> tuple[int, float]:
+    """(fp32 values, compute-dtype values) autograd keeps per token and block, in units of n_embd."""
+    fp32 = 1 if config.block == "parallel" else 2
+    compute = ATTENTION_VALUES + (4 if config.mlp == "swiglu" else 2) * config.hidden_width / config.n_embd
+    if config.positions == "rotary":
+        compute += 2 + (config.rotary_fraction < 1)
+    if config.norm == "rmsnorm":
+        compute += 2
+    return fp32, compute
+
+
 def estimate_memory(model: GPT, *, micro_batch_size: int, dtype: str, state_tensors: float,
                     world_size: int = 1, sharded: bool = False, activation_checkpointing: bool = False,
                     kind: str = "train") -> MemoryEstimate:
@@ -85,7 +99,8 @@ def estimate_memory(model: GPT, *, micro_batch_size: int, dtype: str, state_tens
     if compute < 4:
         states += compute * n
     tokens = micro_batch_size * T
-    per_block = FP32_VALUES_PER_BLOCK * 4 * d + COMPUTE_VALUES_PER_BLOCK * compute * d
+    fp32_values, compute_values = values_per_block(c)
+    per_block = fp32_values * 4 * d + compute_values * compute * d
     if kind == "hutchinson":
         per_block += MATH_ATTENTION_BYTES[dtype] * heads * T
     # Checkpointing: each block keeps its fp32 input and one block is recomputed at a time. Not for the

@@ -120,6 +120,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     lines = [
         f"plan: {settings.model.name} ({_human(n_params)} parameters) with {optim['name']}"
         f" on {settings.data['name']}",
+        f"  model: {settings.model.describe()}",
         f"  world size: {plan.world_size} ({runtime.strategy}, {runtime.device.type}, {t.dtype})",
         f"  batch: micro {plan.micro_batch_size} × accumulation {plan.grad_accum_steps}"
         f" × world {plan.world_size} = {plan.global_batch_size} sequences × {plan.block_size} tokens"

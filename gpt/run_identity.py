@@ -17,6 +17,7 @@ from typing import Any
 
 from common.errors import UserError
 from gpt.config import ModelSettings, ProtocolSettings, as_plain
+from gpt.model import FAMILY_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 # Keys added to the schema after runs existed, with the values those runs were trained with.
 ADDED_KEYS: dict[str, Any] = {
     "model.scale_attn_by_inverse_layer_idx": ModelSettings.scale_attn_by_inverse_layer_idx,
+    **{f"model.{name}": getattr(ModelSettings, name) for name in FAMILY_FIELDS},  # GPT-2's
     **flatten({"protocol": as_plain(asdict(ProtocolSettings()))}),
     "train.init_from": None,
 }

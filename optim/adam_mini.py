@@ -7,9 +7,11 @@ parameter names, so the optimizer takes named parameters (`model.named_parameter
 state_dict) plus `n_head`:
 - the fused attention input `...c_attn.weight` (rows q, k, v): one block per head for q and for k (head_dim
   rows each: the paper's observation that Q/K curvature is per head), one block per output row for v;
-- every other ≥2-D tensor (attention and MLP projections, wte and wpe): one block per output row (dim 0), so
-  per output neuron, and per token / per position for the embeddings;
-- 0-D and 1-D tensors (LayerNorm weights, biases): one block for the whole tensor.
+- every other ≥2-D tensor (attention and MLP projections, SwiGLU's gate included, wte, wpe and an untied
+  lm_head): one block per output row (dim 0), so per output neuron, and per token / per position for the
+  embeddings and the head;
+- 0-D and 1-D tensors (LayerNorm and RMSNorm weights, biases): one block for the whole tensor.
+Rotary positions change nothing here: c_attn holds the same q, k and v rows in every family.
 Matching is by name suffix, so DDP's `module.` or torch.compile's `_orig_mod.` prefixes do not matter. The
 step updates all tensors of a param group in one compiled call (`optim.fused.MultiTensorKernel`): per
 tensor, on a (rows, width) view, each row's mean of g², each block's v and denominator, then m and θ
@@ -167,4 +169,8 @@ class AdamMini(BaseOptimizer):
         return loss
 
 
-register(OptimizerEntry("adam_mini", lambda: AdamMini, full_size_state(1)))  # m; v is per block
+register(OptimizerEntry(
+    "adam_mini", lambda: AdamMini, full_size_state(1),  # m; v is per block
+    grouping="the weight-decay rule's two groups; within a tensor, one v per block: a head of q and of k, "
+             "a row of v, of every other matrix (SwiGLU's three, embeddings, head) and one per vector",
+))

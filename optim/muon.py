@@ -3,8 +3,10 @@
 
 Muon (Keller Jordan 2024, https://kellerjordan.github.io/posts/muon/) replaces each matrix's momentum update
 by its nearest semi-orthogonal matrix (five Newton-Schulz iterations), which only makes sense for the weights
-of hidden linear maps; embeddings, the tied head, LayerNorm gains and biases go to AdamW, as in
-modded-nanogpt and Moonlight (Liu et al. 2025, arXiv 2502.16982). The fused attention input `c_attn.weight`
+of hidden linear maps; embeddings, the output head (tied or not), norm gains and biases go to AdamW, as in
+modded-nanogpt and Moonlight (Liu et al. 2025, arXiv 2502.16982). In every family the hidden matrices are
+the blocks' `nn.Linear` weights: attention's c_attn and c_proj, and the MLP's c_fc and c_proj, plus
+SwiGLU's gate c_gate, each its own matrix. The fused attention input `c_attn.weight`
 stores three separate maps, q, k and v, stacked by rows for one matmul: each block is orthogonalised on its
 own. Orthogonalising the stacked 3C×C matrix instead would give the three blocks one shared singular basis
 and singular values near 1/√3 each, so the step of q would depend on the gradients of k and v and be a
@@ -28,14 +30,17 @@ from optim.registry import OptimizerEntry, param_groups, register
 
 MUON_KEYS = ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "adjust_lr_fn")
 QKV_SUFFIX = "c_attn.weight"
+HEAD_SUFFIX = "lm_head.weight"  # the output head: AdamW's, tied to wte or not
 
 
 def hidden_matrix_names(model: nn.Module) -> set[str]:
-    """Names of the hidden matrices: weights of `nn.Linear` layers not tied to an embedding (the head is)."""
+    """Names of the hidden matrices: weights of `nn.Linear` layers that are neither tied to an embedding
+    nor the output head."""
     embedding = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     return {name for name, param in model.named_parameters()
-            if id(param) in linear and id(param) not in embedding and param.ndim == 2}
+            if id(param) in linear and id(param) not in embedding and param.ndim == 2
+            and not name.endswith(HEAD_SUFFIX)}
 
 
 def muon_param_groups(model: nn.Module, options: Mapping[str, Any], defaults: Mapping[str, Any]
@@ -171,4 +176,7 @@ def muon_state_numel(model: nn.Module, cfg: Mapping[str, Any]) -> int:
 register(OptimizerEntry(
     "muon", lambda: MuonAdamW, muon_state_numel, param_groups=muon_param_groups, shards=False,
     shard_reason="Newton-Schulz orthogonalises whole matrices, and a shard holds a slice of rows",
+    grouping="Muon on the blocks' nn.Linear weights (c_attn as its q, k and v blocks; SwiGLU's gate, up and "
+             "down each alone), decayed; AdamW, undecayed, on embeddings, the head (tied or not), norms and "
+             "biases",
 ))

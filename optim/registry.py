@@ -18,8 +18,11 @@ kernel choice, for instance).
 
 Weight decay follows the official Sophia code (the nanoGPT `configure_optimizers` it forked), which produced
 the paper's numbers: only the weights of `nn.Linear` layers decay. Embeddings (wte — the tensor tied to
-lm_head — and wpe), LayerNorm weights and all biases do not. Current nanoGPT decays every ≥2-D tensor
-including the tied embedding; using that rule would change every baseline.
+lm_head — and wpe), LayerNorm and RMSNorm weights and all biases do not. Current nanoGPT decays every ≥2-D
+tensor including the tied embedding; using that rule would change every baseline. In the other families
+(docs/models.md) the rule reads the same: SwiGLU's three matrices decay, and so does an untied `lm_head`
+(an `nn.Linear`, as in the nanoGPT rule before it tied the head). Each entry's `grouping` says, in a line,
+how its optimizer splits a model's parameters (docs/models.md tabulates them).
 """
 
 from __future__ import annotations
@@ -59,6 +62,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [group for group in groups if group["params"]]
 
 
+DEFAULT_GROUPING = ("two groups: nn.Linear weights (attention, MLP incl. SwiGLU's gate, an untied head) "
+                    "decay; embeddings, norm weights and biases do not")
+
+
 def weight_decay_groups(model: nn.Module, options: Mapping[str, Any], defaults: Mapping[str, Any]
                         ) -> list[dict[str, Any]]:
     """The default group builder: `param_groups` with the configured (or the constructor's) weight decay."""
@@ -96,6 +103,7 @@ class OptimizerEntry:
     reserved: Mapping[str, str] = field(default_factory=dict)  # keys the framework sets -> why
     build: Callable[[type[torch.optim.Optimizer], list[dict[str, Any]], dict[str, Any]],
                     torch.optim.Optimizer] = construct
+    grouping: str = DEFAULT_GROUPING  # how its param groups split a model's parameters, in one line
     # enter: the parameters hold the weights to evaluate and save; exit: back to the training weights
     evaluation_weights: Callable[[torch.optim.Optimizer], contextlib.AbstractContextManager] | None = None
 

@@ -149,4 +149,6 @@ def soap_state_numel(model: nn.Module, cfg: Mapping[str, Any]) -> int:
 register(OptimizerEntry(
     "soap", lambda: SOAP, soap_state_numel, shards=False,
     shard_reason="its rotations multiply whole matrices, and a shard holds a slice of rows",
+    grouping="the weight-decay rule's two groups; each matrix (SwiGLU's three, c_attn whole) rotated on "
+             "every side up to max_precond_dim (not the vocabulary's), vectors not rotated",
 ))

@@ -1,12 +1,11 @@
-"""This project's GPT in Hugging Face's GPT-2 format (`transformers.GPT2LMHeadModel`), both ways.
+"""This project's GPT in Hugging Face's formats, both ways: `GPT2LMHeadModel`, `GPTNeoXForCausalLM` or
+`LlamaForCausalLM`, whichever computes the model's function (gpt/eval/hf_families.py maps every tensor).
 
-The two models compute the same function: the parameter names match, but GPT-2's `Conv1D` stores its weights
-as (in, out), transposed relative to `nn.Linear`; Hugging Face's model always has biases, so a bias-free model
-exports zeros; and the embedding rows beyond the tokenizer's vocabulary (padding to a multiple of 64 for fast
-matmuls) are dropped, which leaves every real token's logit unchanged. Importing pads them back with the mean
-of the real rows, whose logits are then the average logit: the loss rises by at most log(1 + pad/vocab)
-(< 0.001 for GPT-2's 47 rows), and training pushes them down again. `transformers` and `safetensors` are an
-optional extra (`pip install -e '.[hf]'`).
+The two models compute the same function. The embedding rows beyond the tokenizer's vocabulary (padding to a
+multiple of 64 for fast matmuls) are dropped on export, which leaves every real token's logit unchanged.
+Importing pads them back with the mean of the real rows, whose logits are then the average logit: the loss
+rises by at most log(1 + pad/vocab) (< 0.001 for GPT-2's 47 rows), and training pushes them down again.
+`transformers` and `safetensors` are an optional extra (`pip install -e '.[hf]'`).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import json
 import pickle
 import secrets
 import shutil
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,21 @@ from common.errors import UserError
 from common.files import fsync_path
 from data.tokenizers import Tokenizer, get_tokenizer
 from gpt.checkpoint.safe_loading import refused_object
+from gpt.eval.hf_families import (
+    Architecture,
+    architecture_for,
+    architecture_of,
+    from_hf_tensors,
+    to_hf_tensors,
+)
 from gpt.model import GPT, GPTConfig
 
 HF_EXTRA = "pip install -e '.[hf]'"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_KEY = "sophia_gpt_tokenizer"  # config.json: the tokenizer this project trained the model with
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")
-# GPT-2 architecture choices this model hard-codes; a config with other values is another model.
-FIXED_ARCHITECTURE = {"activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-                      "scale_attn_weights": True, "tie_word_embeddings": True}
+# Fields a Hugging Face model must match exactly (block_size and vocab_size may be larger there: cut, padded)
+MATCHED = tuple(f.name for f in fields(GPTConfig)
+                if f.name not in ("block_size", "vocab_size", "dropout", "bias", "mlp_hidden"))
 
 
 def require_hf() -> None:
@@ -53,46 +56,26 @@ def require_hf() -> None:
 # ------------------------------------------------------------------------------------------------- export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the exported model: sizes, GPT-2's fixed choices, the real vocabulary, the EOT id."""
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": tokenizer.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
-        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
-        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
-        "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
-        "reorder_and_upcast_attn": False,
-        "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name,
-        **FIXED_ARCHITECTURE,
-    }
+    """config.json of the exported model: its architecture's keys, the real vocabulary, the EOT id."""
+    architecture = architecture_for(config)
+    return {"architectures": [architecture.name], "model_type": architecture.model_type,
+            "vocab_size": tokenizer.vocab_size, **architecture.config(config),
+            "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name}
 
 
 def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
-    """Hugging Face GPT-2 tensors (contiguous, float32) of `model`, its vocabulary cut to `vocab_size`."""
-    own = {name: p.detach().float().cpu() for name, p in model.state_dict().items()}
+    """Hugging Face tensors (contiguous, float32) of `model`, its vocabulary cut to `vocab_size`."""
     if vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {model.config.vocab_size}")
-    state = {"transformer.wte.weight": own["transformer.wte.weight"][:vocab_size],
-             "transformer.wpe.weight": own["transformer.wpe.weight"]}
-    n_embd = model.config.n_embd
-    for i in range(model.config.n_layer):
-        prefix = f"transformer.h.{i}."
-        for name in BLOCK_PARAMS:
-            tensor = own.get(prefix + name)
-            if tensor is None:  # a bias-free model: Hugging Face's has biases, so they are zeros
-                weight = own[prefix + name.replace(".bias", ".weight")]
-                tensor = torch.zeros(weight.shape[0] if weight.dim() == 2 else n_embd)
-            elif name in CONV1D_WEIGHTS:
-                tensor = tensor.t()
-            state[prefix + name] = tensor
-    state["transformer.ln_f.weight"] = own["transformer.ln_f.weight"]
-    state["transformer.ln_f.bias"] = own.get("transformer.ln_f.bias", torch.zeros(n_embd))
-    return {name: tensor.contiguous() for name, tensor in state.items()}  # lm_head: tied to wte, not stored
+    own = {name: p.detach().float().cpu() for name, p in model.state_dict().items()}
+    return to_hf_tensors(own, model.config, vocab_size)
 
 
 def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
-    """Write a folder that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load
-    offline. Built in a fresh staging folder of its own beside `out` (`.<name>.<random>.tmp`) and renamed
-    when complete: a folder named `out` is always whole, and nothing that was there before is touched."""
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` (the class config.json names) and
+    `AutoTokenizer.from_pretrained` load offline. Built in a fresh staging folder of its own beside `out`
+    (`.<name>.<random>.tmp`) and renamed when complete: a folder named `out` is always whole, and nothing
+    that was there before is touched."""
     require_hf()
     from safetensors.torch import save_file
 
@@ -137,14 +120,16 @@ def _staging_folder(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- import
 
-def read_hf(source: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """config.json and float32 tensors of a Hugging Face GPT-2 folder or hub name (downloaded once into
-    Hugging Face's cache)."""
+def read_hf(source: str) -> tuple[Architecture, dict[str, Any], dict[str, Tensor]]:
+    """The architecture, config.json and float32 tensors of a Hugging Face folder or hub name (downloaded
+    once into Hugging Face's cache)."""
     require_hf()
-    from transformers import GPT2LMHeadModel
+    import transformers
 
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+        model_type = transformers.AutoConfig.from_pretrained(source).model_type
+        architecture = architecture_of(model_type, source)
+        hf_model = getattr(transformers, architecture.name).from_pretrained(source, dtype=torch.float32)
     except pickle.UnpicklingError as e:  # a weights file that names code: refused unloaded, never run
         raise UserError(f"the weights of {source!r} hold {refused_object(e)}, which is not weight data: "
                         "refused unloaded; use a trusted copy (safetensors cannot hold code)") from None
@@ -152,11 +137,11 @@ def read_hf(source: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load Hugging Face model {source!r} ({first}); pass an existing folder, or a "
                         "hub name with internet access (or one already in the Hugging Face cache)") from None
-    return hf_model.config.to_dict(), {k: v.detach() for k, v in hf_model.state_dict().items()}
+    return architecture, hf_model.config.to_dict(), {k: v.detach() for k, v in hf_model.state_dict().items()}
 
 
 def tokenizer_of(hf: dict[str, Any], source: str) -> Tokenizer:
-    """The project tokenizer of a Hugging Face GPT-2: as recorded by our export, else GPT-2's BPE when the
+    """The project tokenizer of a Hugging Face model: as recorded by our export, else GPT-2's BPE when the
     vocabulary is GPT-2's."""
     name = hf.get(TOKENIZER_KEY) or ("gpt2" if hf["vocab_size"] == get_tokenizer("gpt2").vocab_size else None)
     if name is None:
@@ -165,70 +150,47 @@ def tokenizer_of(hf: dict[str, Any], source: str) -> Tokenizer:
     return get_tokenizer(name)
 
 
-def check_compatible(hf: dict[str, Any], config: GPTConfig, source: str) -> None:
-    """One line naming every shape or architecture difference between a Hugging Face GPT-2 and a model config
-    (a shorter `block_size` is allowed: the position table is cut)."""
-    problems = [f"{key}={hf[key]} (model.{key}={getattr(config, key)})"
-                for key in ("n_layer", "n_head", "n_embd") if hf[key] != getattr(config, key)]
-    if hf["n_positions"] < config.block_size:
-        problems.append(f"n_positions={hf['n_positions']} (model.block_size={config.block_size} is longer)")
-    if hf["vocab_size"] > config.vocab_size:
-        problems.append(f"vocab_size={hf['vocab_size']} (model.vocab_size={config.vocab_size} is smaller)")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        problems.append(f"n_inner={hf['n_inner']} (this model's MLP is 4·n_embd wide)")
-    for key, value in FIXED_ARCHITECTURE.items():
-        if hf.get(key, value) != value:
-            problems.append(f"{key}={hf[key]!r} (this model has {value!r})")
-    scaled = bool(hf.get("scale_attn_by_inverse_layer_idx", False))
-    if scaled != config.scale_attn_by_inverse_layer_idx:
-        problems.append(f"scale_attn_by_inverse_layer_idx={scaled} "
-                        f"(set model.scale_attn_by_inverse_layer_idx={str(scaled).lower()})")
+def hf_gpt_config(architecture: Architecture, hf: dict[str, Any], source: str, **rest: Any) -> GPTConfig:
+    """The GPTConfig of a Hugging Face config: its architecture's fields, its vocabulary and `rest`."""
+    try:
+        return GPTConfig(**architecture.fields(hf), vocab_size=hf["vocab_size"], **rest)
+    except UserError as e:
+        raise UserError(f"{source} cannot be this project's model: {e}") from None
+
+
+def check_compatible(architecture: Architecture, hf: dict[str, Any], config: GPTConfig, source: str) -> None:
+    """One line naming every shape or architecture difference between a Hugging Face model and a model
+    config (a shorter `block_size` is allowed: a position table is cut, rotary positions have none)."""
+    theirs = hf_gpt_config(architecture, hf, source)
+    problems = [f"{key}={getattr(theirs, key)!r} (model.{key}={getattr(config, key)!r})"
+                for key in MATCHED if getattr(theirs, key) != getattr(config, key)]
+    if theirs.hidden_width != config.hidden_width:
+        problems.append(f"an MLP {theirs.hidden_width} wide (model.mlp_hidden gives {config.hidden_width})")
+    if theirs.block_size < config.block_size:
+        problems.append(f"{theirs.block_size} positions (model.block_size={config.block_size} is longer)")
+    if theirs.vocab_size > config.vocab_size:
+        problems.append(f"vocab_size={theirs.vocab_size} (model.vocab_size={config.vocab_size} is smaller)")
     if problems:
         raise UserError(f"{source} does not fit the model config: {'; '.join(problems)}; pick the matching "
                         "model= (gpt2: gpt2_small, gpt2-medium: gpt2_medium, ...) or override those keys")
 
 
-def from_hf_state(hf_state: dict[str, Tensor], config: GPTConfig, source: str) -> dict[str, Tensor]:
-    """The state_dict of a GPT with `config` holding a Hugging Face GPT-2's weights (already checked with
-    `check_compatible`): Conv1D weights transposed, the position table cut to block_size, the vocabulary
-    padded with the mean row. Nonzero biases refuse a bias-free model."""
-    state = {}
-    wte = hf_state["transformer.wte.weight"]
-    pad = config.vocab_size - wte.shape[0]
-    state["transformer.wte.weight"] = torch.cat([wte, wte.mean(dim=0, keepdim=True).expand(pad, -1)])
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    state["transformer.wpe.weight"] = hf_state["transformer.wpe.weight"][: config.block_size]
-    names = [f"transformer.h.{i}.{name}" for i in range(config.n_layer) for name in BLOCK_PARAMS]
-    for name in [*names, "transformer.ln_f.weight", "transformer.ln_f.bias"]:
-        tensor = hf_state[name]
-        if name.endswith(".bias") and not config.bias:
-            if torch.any(tensor != 0):
-                raise UserError(f"{source} has nonzero biases ({name}) but model.bias=false; "
-                                "set model.bias=true")
-            continue
-        state[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
-    return {name: tensor.contiguous().clone() for name, tensor in state.items()}
-
-
 def init_from_hf(model: GPT, source: str) -> None:
-    """Overwrite `model`'s weights with a Hugging Face GPT-2's (`train.init_from`), shapes checked first."""
-    hf, hf_state = read_hf(source)
-    check_compatible(hf, model.config, source)
-    state = from_hf_state(hf_state, model.config, source)
+    """Overwrite `model`'s weights with a Hugging Face model's (`train.init_from`), shapes checked first."""
+    architecture, hf, hf_state = read_hf(source)
+    check_compatible(architecture, hf, model.config, source)
+    state = from_hf_tensors(hf_state, model.config, architecture, source)
     with torch.no_grad():
         model.load_state_dict(state)
 
 
 def load_hf(source: str) -> tuple[GPT, Tokenizer]:
-    """A Hugging Face GPT-2 as this project's GPT of exactly its shapes (vocabulary unpadded), and its
+    """A Hugging Face model as this project's GPT of exactly its shapes (vocabulary unpadded), and its
     tokenizer."""
-    hf, hf_state = read_hf(source)
+    architecture, hf, hf_state = read_hf(source)
     tokenizer = tokenizer_of(hf, source)
-    config = GPTConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                       block_size=hf["n_positions"], vocab_size=hf["vocab_size"], dropout=0.0,
-                       bias=any(torch.any(t != 0).item() for k, t in hf_state.items() if k.endswith(".bias")),
-                       scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)))
-    check_compatible(hf, config, source)
+    bias = any(torch.any(t != 0).item() for k, t in hf_state.items() if k.endswith(".bias"))
+    config = hf_gpt_config(architecture, hf, source, dropout=0.0, bias=bias)
     model = GPT(config)
-    model.load_state_dict(from_hf_state(hf_state, config, source))
+    model.load_state_dict(from_hf_tensors(hf_state, config, architecture, source))
     return model, tokenizer

@@ -1,7 +1,8 @@
 """A trained model for evaluation, export and sampling: a run directory, one of its checkpoints (single-file
-or FSDP-sharded) or Hugging Face GPT-2 weights (a folder or a hub name), loaded into this project's GPT
-together with the tokenizer it was trained with. Every evaluation script starts here, so they all read a run
-the same way: a run directory stands for its newest checkpoint that verifies against its manifest.
+or FSDP-sharded) or Hugging Face weights (GPT-2, GPT-NeoX or Llama; a folder or a hub name), loaded into this
+project's GPT together with the tokenizer it was trained with. Every evaluation script starts here, so they
+all read a run the same way: a run directory stands for its newest checkpoint that verifies against its
+manifest.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def load_pretrained(source: str | Path, device: str | torch.device = "cpu") -> P
 
 def init_weights(model: GPT, source: str) -> None:
     """`train.init_from`: overwrite a freshly built model's weights with those of a run, a checkpoint, or a
-    Hugging Face GPT-2 (folder or hub name); shapes that do not match the model config are one error."""
+    Hugging Face model (folder or hub name); shapes that do not match the model config are one error."""
     if not is_project_checkpoint(Path(source)):
         from gpt.eval.hf import init_from_hf
 
@@ -103,8 +104,7 @@ def init_weights(model: GPT, source: str) -> None:
         init_from_hf(model, source)
         return
     loaded = load_checkpoint(Path(source))
-    keys = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "bias",
-            "scale_attn_by_inverse_layer_idx")
+    keys = [f.name for f in fields(GPTConfig) if f.name != "dropout"]
     theirs, ours = ({key: getattr(config, key) for key in keys}
                     for config in (loaded.model.config, model.config))
     problems = [f"{key}={theirs[key]} (model.{key}={ours[key]})" for key in keys if theirs[key] != ours[key]]

@@ -10,6 +10,7 @@ name for it). Parallelism, precision and compilation wrap this module from outsi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.errors import UserError
+from gpt.sampling import next_tokens
 
 
 @dataclass(frozen=True)
@@ -156,21 +158,17 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None
+        self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, on_token: Callable[[Tensor], bool] | None = None,
     ) -> Tensor:
-        """Sample continuations of idx (B, T); temperature 0 means greedy."""
+        """Sample continuations of idx (B, T); temperature 0 means greedy (gpt/sampling.py). `on_token`, if
+        given, sees each new column of tokens (B, 1) as it is chosen and returns True to stop early."""
         for _ in range(max_new_tokens):
             context = idx[:, -self.config.block_size :]
-            logits = self(context)[0][:, -1, :].float()
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            next_token = next_tokens(self(context)[0][:, -1, :], temperature, top_k, top_p)
             idx = torch.cat((idx, next_token), dim=1)
+            if on_token is not None and on_token(next_token):
+                break
         return idx
 
 

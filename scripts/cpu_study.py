@@ -35,12 +35,12 @@ import torch
 from matplotlib.figure import Figure
 
 from common.errors import UserError
+from gpt.cli.plot_curves import plot_curves
+from gpt.cli.runs import load_run
+from gpt.cli.speedup import compare, format_table
 from optim import OPTIMIZERS
 
-from plot_curves import plot_curves
 from plot_diagnostics import plot_diagnostics
-from runs import load_run
-from speedup import compare, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference rate each sweep is centred on: the paper's GPT-2 small rate (configs/hparams/

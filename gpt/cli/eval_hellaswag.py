@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from common.cli import run_cli
 from gpt.distributed import autocast_factory, pick_device
 from gpt.eval.hellaswag import encode_items, evaluate_hellaswag, read_items
 from gpt.eval.pretrained import load_pretrained
@@ -42,6 +41,3 @@ def main(argv: list[str] | None = None) -> None:
         record = {**result, "model": loaded.source, "data": args.data or "hub:Rowan/hellaswag"}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -21,7 +21,6 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from common.cli import run_cli
 from common.errors import UserError
 from data.loader import BatchLayout, BatchLoader, TokenData
 from gpt.distributed import autocast_factory, pick_device
@@ -89,6 +88,3 @@ def main(argv: list[str] | None = None) -> None:
                   "block_size": block_size, "data_dir": str(data_dir), "model": loaded.source}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import run_cli
 from gpt.eval.hf import export_hf, require_hf
 from gpt.eval.pretrained import load_checkpoint
 
@@ -28,6 +27,3 @@ def main(argv: list[str] | None = None) -> None:
     export_hf(loaded.model, loaded.tokenizer, args.out)
     print(f"exported {loaded.source} -> {args.out} (tokenizer {loaded.tokenizer.name})")
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -17,9 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from common.cli import run_cli
-
-from runs import AXES, aligned_series, group_labels, group_runs, time_warning
+from gpt.cli.runs import AXES, aligned_series, group_labels, group_runs, time_warning
 
 XLABELS = {"steps": "step", "tokens": "tokens", "flops": "training FLOPs", "time": "wall-clock (hours)"}
 
@@ -73,6 +71,3 @@ def main(argv: list[str] | None = None) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"wrote {args.out}")
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -11,8 +11,6 @@ protocol differs from the paper's. Needs the `lm_eval` extra (`pip install -e '.
 
 from __future__ import annotations
 
-from common.cli import run_cli
-
 
 def main() -> None:
     from gpt.eval.lm_eval_model import (
@@ -21,6 +19,3 @@ def main() -> None:
 
     harness_cli()
 
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -21,10 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common.cli import run_cli
 from common.errors import UserError
-
-from runs import Run, group_labels, group_runs, time_warning
+from gpt.cli.runs import Run, group_labels, group_runs, time_warning
 
 COSTS = ("steps", "flops", "time")
 
@@ -123,6 +121,3 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
-
-if __name__ == "__main__":
-    run_cli(main)

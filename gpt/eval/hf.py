@@ -7,25 +7,35 @@ matmuls) are dropped, which leaves every real token's logit unchanged. Importing
 of the real rows, whose logits are then the average logit: the loss rises by at most log(1 + pad/vocab)
 (< 0.001 for GPT-2's 47 rows), and training pushes them down again. `transformers` and `safetensors` are an
 optional extra (`pip install -e '.[hf]'`).
+
+The export is read alike by every `transformers` the `hf` extra allows (4.40 on). A model that scales its
+attention by the inverse layer index names eager attention in its config.json: before 5.x (the fix is
+huggingface/transformers#44397), the SDPA and FlashAttention paths silently ignore that scaling, which 4.x
+picks by default. Files get the permissions the user's umask gives (safetensors writes 0600).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from common.errors import UserError
 from common.files import fsync_path
 from data.tokenizers import Tokenizer, get_tokenizer
 from gpt.model import GPT, GPTConfig
+from gpt.sampling import sampling_defaults
 
 HF_EXTRA = "pip install -e '.[hf]'"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
+CARD_FILE = "README.md"
 TOKENIZER_KEY = "sophia_gpt_tokenizer"  # config.json: the tokenizer this project trained the model with
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BLOCK_PARAMS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
@@ -49,17 +59,29 @@ def require_hf() -> None:
 # ------------------------------------------------------------------------------------------------- export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the exported model: sizes, GPT-2's fixed choices, the real vocabulary, the EOT id."""
+    """config.json of the exported model: sizes, GPT-2's fixed choices, the real vocabulary, the EOT id, and
+    eager attention where 4.x's default attention would compute another function."""
+    scaled = {"attn_implementation": "eager"} if config.scale_attn_by_inverse_layer_idx else {}
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": tokenizer.vocab_size, "n_positions": config.block_size, "n_embd": config.n_embd,
         "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
-        "reorder_and_upcast_attn": False,
+        "reorder_and_upcast_attn": False, **scaled,
         "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name,
         **FIXED_ARCHITECTURE,
     }
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """generation_config.json: `model.generate` and pipelines sample as scripts/sample.py does by default
+    (configs/sample.yaml) and stop at the end-of-text token."""
+    defaults = sampling_defaults()
+    eot = tokenizer.eot_id
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "do_sample": defaults.temperature > 0, "temperature": defaults.temperature or 1.0,
+            "top_k": defaults.top_k, "top_p": defaults.top_p, "max_new_tokens": defaults.max_new_tokens}
 
 
 def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
@@ -85,23 +107,40 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
     return {name: tensor.contiguous() for name, tensor in state.items()}  # lm_head: tied to wte, not stored
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
-    """Write a folder that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load
-    offline. Built under `<out>.tmp` and renamed when complete: a folder named `out` is always whole."""
-    require_hf()
+def write_export_files(model: GPT, tokenizer: Tokenizer, folder: Path, card: str | None = None) -> None:
+    """The files of an export, into an existing folder: weights, config.json, generation_config.json, the
+    tokenizer's files and the model card, each readable as the user's umask says."""
     from safetensors.torch import save_file
 
     from gpt.eval.hf_tokenizer import save_tokenizer
 
+    save_file(to_hf_state(model, tokenizer.vocab_size), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
+    (folder / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
+    (folder / GENERATION_FILE).write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
+    save_tokenizer(tokenizer, folder, model.config.block_size)
+    if card is not None:
+        (folder / CARD_FILE).write_text(card)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, card: str | None = None) -> None:
+    """Write a folder that `GPT2LMHeadModel.from_pretrained` and `AutoTokenizer.from_pretrained` load
+    offline, with `card` as its README.md. Built under `<out>.tmp` and renamed when complete: a folder named
+    `out` is always whole."""
+    require_hf()
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new --out folder or delete it")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(to_hf_state(model, tokenizer.vocab_size), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
-        save_tokenizer(tokenizer, tmp, model.config.block_size)
+        write_export_files(model, tokenizer, tmp, card)
         for path in tmp.iterdir():
             fsync_path(path)
         if out.exists():
@@ -115,6 +154,15 @@ def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- import
 
+def float32_argument() -> dict[str, Any]:
+    """`from_pretrained`'s float32 argument: `dtype` from transformers 4.56 on, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch.float32}
+
+
 def read_hf(source: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """config.json and float32 tensors of a Hugging Face GPT-2 folder or hub name (downloaded once into
     Hugging Face's cache)."""
@@ -122,7 +170,7 @@ def read_hf(source: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
     from transformers import GPT2LMHeadModel
 
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(source, dtype=torch.float32)
+        hf_model = GPT2LMHeadModel.from_pretrained(source, **float32_argument())
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load Hugging Face model {source!r} ({first}); pass an existing folder, or a "

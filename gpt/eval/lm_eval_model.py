@@ -24,6 +24,7 @@ except ImportError:
     raise UserError("lm-evaluation-harness is not installed: pip install -e '.[lm_eval]'") from None
 
 from gpt.distributed import autocast_factory, pick_device
+from gpt.eval.continuation import Continuation
 from gpt.eval.pretrained import load_pretrained
 from gpt.eval.scoring import score_continuations
 
@@ -81,25 +82,24 @@ class SophiaGPT(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation, cut at the first stop string or after `max_gen_toks` tokens."""
+        """Greedy continuation, ended at the end-of-text token, cut before the first stop string, or after
+        `max_gen_toks` tokens."""
         outputs = []
         for context, kwargs in (request.args for request in requests):
-            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            until = kwargs.get("until") or []
+            continuation = Continuation(self.tokenizer_, [until] if isinstance(until, str) else until)
             ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
-            idx = torch.tensor([ids], device=self._device)
-            text = ""
-            for _ in range(max_new):
-                with self.autocast():
-                    idx = self.model.generate(idx, 1, temperature=0)
-                if idx[0, -1].item() == self.eot_token_id:
-                    break
-                text = self.tok_decode(idx[0, len(ids):].tolist())
-                if any(stop in text for stop in until):
-                    break
-            cut = min((text.index(stop) for stop in until if stop in text), default=len(text))
-            outputs.append(text[:cut])
+
+            def on_token(token: torch.Tensor, c: Continuation = continuation) -> bool:
+                c.add(token.item())
+                return c.done
+
+            with self.autocast():
+                self.model.generate(torch.tensor([ids], device=self._device),
+                                    int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), temperature=0,
+                                    on_token=on_token)
+            continuation.finish()
+            outputs.append(continuation.text)
         return outputs
 
 

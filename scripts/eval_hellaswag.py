@@ -1,7 +1,7 @@
 """HellaSwag accuracy of a run, a checkpoint or Hugging Face weights. The code is gpt/cli/eval_hellaswag.py;
 installed, the same command is `sophia-eval-hellaswag`, which runs from any folder."""
 
-from gpt.cli import eval_hellaswag
+from gpt.cli.eval_hellaswag import cli
 
 if __name__ == "__main__":
-    eval_hellaswag()
+    cli()

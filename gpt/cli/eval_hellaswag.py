@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from gpt.cli import entry_point
 from gpt.distributed import autocast_factory, pick_device
 from gpt.eval.hellaswag import encode_items, evaluate_hellaswag, read_items
 from gpt.eval.pretrained import load_pretrained
@@ -41,3 +42,6 @@ def main(argv: list[str] | None = None) -> None:
         record = {**result, "model": loaded.source, "data": args.data or "hub:Rowan/hellaswag"}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
+
+
+cli = entry_point(main)

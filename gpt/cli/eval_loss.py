@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from data.loader import BatchLayout, BatchLoader, TokenData
+from gpt.cli import entry_point
 from gpt.distributed import autocast_factory, pick_device
 from gpt.eval.pretrained import is_project_checkpoint, load_pretrained
 
@@ -88,3 +89,6 @@ def main(argv: list[str] | None = None) -> None:
                   "block_size": block_size, "data_dir": str(data_dir), "model": loaded.source}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
+
+
+cli = entry_point(main)

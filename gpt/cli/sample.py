@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from common.errors import UserError
+from gpt.cli import entry_point
 from gpt.distributed import pick_device
 from gpt.eval.continuation import Continuation
 from gpt.eval.pretrained import load_pretrained
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", help="a run directory, a checkpoint, a Hugging Face folder or hub name")
     prompt = parser.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default="", help=f"text to continue; {FILE_PREFIX}path reads it from a file")
+    prompt.add_argument("--prompt", default="",
+                        help=f"text to continue; {FILE_PREFIX}path reads it from a file")
     prompt.add_argument("--prompt-file", type=Path, help="read the text to continue from this file")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
@@ -119,3 +121,6 @@ def main(argv: list[str] | None = None) -> None:
             print("-" * 40)
         print(text + sample.text)
     sys.stdout.flush()
+
+
+cli = entry_point(main)

@@ -1,7 +1,9 @@
 """Steps, FLOPs and wall-clock each run needs to reach the baseline's final validation loss: the paper's "2×".
 
-    python scripts/speedup.py RUN... --baseline BASE... [--json FILE]
-    python scripts/speedup.py --baseline BASE... -- RUN...
+    sophia-speedup RUN... --baseline BASE... [--json FILE]
+    sophia-speedup --baseline BASE... -- RUN...
+
+(`--baseline` takes the paths up to the next option or `--`, wherever it stands.)
 
 The target is the mean final val_loss of the baseline runs (one group: they may differ only by seed). For
 every run, the first crossing of the target is interpolated linearly between its eval points; the speed-up is
@@ -18,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from gpt.cli import entry_point
 from gpt.cli.runs import Run, group_labels, group_runs, time_warning
 
 COSTS = ("steps", "flops", "time")
@@ -109,15 +113,37 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def baseline_last(argv: list[str]) -> list[str]:
+    """`argv` with the `--baseline` paths (up to the next option or `--`) moved to the end, where argparse
+    cannot mistake runs for baselines or the other way round."""
+    rest, baseline, taking = [], [], False
+    for arg in argv:
+        if arg == "--baseline":
+            taking = True
+        elif arg.startswith("--baseline="):
+            baseline.append(arg.split("=", 1)[1])
+        elif taking and not arg.startswith("-"):
+            baseline.append(arg)
+        else:
+            if arg != "--":  # it only ends the baseline's paths
+                rest.append(arg)
+            taking = False
+    return [*rest, "--baseline", *baseline] if baseline or "--baseline" in argv else rest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run directories to compare with the baseline")
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories to compare with the baseline (before --baseline, or after --)")
     parser.add_argument("--baseline", nargs="+", required=True, metavar="BASE",
-                        help="the baseline's run directories (seeds of one experiment)")
+                        help="the baseline's run directories (seeds of one experiment), before or after "
+                             "the runs")
     parser.add_argument("--json", help="also write the report to this JSON file")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(baseline_last(sys.argv[1:] if argv is None else argv))
     report = compare(args.baseline, args.runs)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
+
+cli = entry_point(main)

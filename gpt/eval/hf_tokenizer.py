@@ -14,7 +14,8 @@ project's EOT, the NUL byte, which the project's tokenizer removes from text. He
 The files are written by hand rather than by the installed `transformers`' `save_pretrained`, so that every
 supported version (4.40 on) reads them the same way: the tokenizer class is `PreTrainedTokenizerFast`, a name
 4.x and 5.x both resolve (5.x's own name for it, `TokenizersBackend`, does not exist in 4.x), and decoding
-leaves spaces as they are (`clean_up_tokenization_spaces` defaulted to true before 5.x).
+leaves spaces as they are (`clean_up_tokenization_spaces` defaulted to true before 5.x); tokenizer.json
+writes its merges in the one form every `tokenizers` version reads.
 """
 
 from __future__ import annotations
@@ -115,7 +116,13 @@ def save_tokenizer(tokenizer: Tokenizer, folder: Path, max_length: int) -> None:
     if backend.token_to_id(EOT_TEXT) != tokenizer.eot_id:
         raise UserError(f"the exported {tokenizer.name} tokenizer would give <|endoftext|> another id than "
                         f"{tokenizer.eot_id}")
-    backend.save(str(folder / "tokenizer.json"))
+    spec = json.loads(backend.to_str())
+    # tokenizers 0.20 on write each merge as a pair; 0.19 (transformers 4.40's) reads only "left right", which
+    # every version reads. No token holds a space: GPT-2's byte alphabet spells the space byte as "Ġ".
+    spec["model"]["merges"] = [" ".join(pair) if isinstance(pair, list) else pair
+                               for pair in spec["model"]["merges"]]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False, indent=1) + "\n",
+                                           encoding="utf-8")
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
         "bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT,

@@ -3,7 +3,8 @@ entry point: `main` under the rule that a user error is one line and exit status
 
 Each `cli` is installed as a command (`[project.scripts]` in pyproject.toml: `sophia-sample`,
 `sophia-eval-loss`, ...) that runs from any folder, and `python scripts/<module>.py` runs the same code.
-`runs.py` is not a command: it reads run directories for the analysis commands.
+`runs.py` (run directories for the analysis commands) and `model_card.py` (the export's README.md, read
+from the checkpoint and the run's metrics) are not commands.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import argparse
 from pathlib import Path
 
 from gpt.cli import entry_point
+from gpt.cli.model_card import model_card
 from gpt.eval.hf import export_hf, require_hf
-from gpt.eval.model_card import model_card
 from gpt.eval.pretrained import load_checkpoint
 
 

@@ -60,6 +60,11 @@ def test_eval_loss_equals_the_trainers_validation_loss(run, tmp_path):
     assert json.loads((tmp_path / "hf.json").read_text())["loss"] == pytest.approx(record["loss"], rel=1e-6)
     with pytest.raises(UserError, match="pass --data-dir"):
         script("eval_loss", tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()  # the model card states what was measured above
+    loss = last_val_loss(run)
+    assert f"{loss:.4f} nats/token (perplexity {math.exp(loss):.2f}) at step 8" in card
+    tokens = 8 * manifest["config"]["train"]["global_batch_size"] * manifest["config"]["model"]["block_size"]
+    assert f"= {tokens:,} tokens" in card and f"`{manifest['config']['optim']['name']}`" in card
 
 
 def test_sample_prints_text_and_repeats_with_a_seed(run, capsys):

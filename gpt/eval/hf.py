@@ -9,9 +9,10 @@ of the real rows, whose logits are then the average logit: the loss rises by at 
 optional extra (`pip install -e '.[hf]'`).
 
 The export is read alike by every `transformers` the `hf` extra allows (4.40 on). A model that scales its
-attention by the inverse layer index names eager attention in its config.json: before 5.x (the fix is
-huggingface/transformers#44397), the SDPA and FlashAttention paths silently ignore that scaling, which 4.x
-picks by default. Files get the permissions the user's umask gives (safetensors writes 0600).
+attention by the inverse layer index names eager attention in its config.json: before 5.4.0 (the fix is
+huggingface/transformers#44397), GPT-2's SDPA and FlashAttention paths silently ignore that scaling, and
+the later 4.x versions pick SDPA by default. Files get the permissions the user's umask gives (safetensors
+writes 0600).
 """
 
 from __future__ import annotations

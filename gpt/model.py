@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.errors import UserError
+from gpt.sampling import next_tokens
 
 CHOICES = {"positions": ("learned", "rotary"), "norm": ("layernorm", "rmsnorm"),
            "mlp": ("gelu_tanh", "gelu", "swiglu"), "block": ("sequential", "parallel")}
@@ -343,7 +344,7 @@ class GPT(nn.Module):
                 logits = self(idx[:, start:], cache=cache)[0]
             else:
                 logits = self(idx[:, -1:], cache=cache)[0]
-            token = next_token(logits[:, -1, :].float(), temperature, top_k, top_p)
+            token = next_tokens(logits[:, -1, :], temperature, top_k, top_p)
             if stop_id is not None:
                 token = torch.where(finished[:, None], stop_id, token)
                 finished |= token[:, 0] == stop_id
@@ -352,23 +353,6 @@ class GPT(nn.Module):
             if stop_id is not None and bool(finished.all()):
                 return
 
-
-def next_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """One token (B, 1) from last-position logits (B, V): the argmax at temperature 0, else a draw from the
-    softmax at that temperature, restricted to the top_k most likely tokens and then to the smallest set of
-    most likely tokens whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    if top_p is not None:
-        ordered, order = probs.sort(dim=-1, descending=True)
-        ordered = ordered.masked_fill(ordered.cumsum(dim=-1) - ordered >= top_p, 0.0)  # mass before it
-        probs = torch.zeros_like(probs).scatter(-1, order, ordered)
-    return torch.multinomial(probs, num_samples=1)
 
 
 @contextmanager

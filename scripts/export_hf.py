@@ -1,33 +1,7 @@
-"""Export a run or checkpoint to a Hugging Face GPT-2 folder: `config.json`, `model.safetensors` and the
-tokenizer's files, so that `transformers`, lm-evaluation-harness, vLLM and other tools load it offline.
+"""Export a run or checkpoint to a Hugging Face GPT-2 folder. The code is gpt/cli/export_hf.py; installed, the
+same command is `sophia-export-hf`, which runs from any folder."""
 
-    python scripts/export_hf.py runs/owt/gpt2_small-sophia_g-seed1337 --out exports/gpt2_small
-    python -c "import transformers as t; print(t.pipeline('text-generation', 'exports/gpt2_small')('Hi'))"
-
-A run directory stands for its newest complete checkpoint; sharded (FSDP) checkpoints are merged. Needs the
-`hf` extra (`pip install -e '.[hf]'`). What is exported, and what is not, is in docs/evaluation.md.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from common.cli import run_cli
-from gpt.eval.hf import export_hf, require_hf
-from gpt.eval.pretrained import load_checkpoint
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", type=Path, help="a run directory or one of its checkpoints")
-    parser.add_argument("--out", type=Path, required=True, help="the folder to write (new or empty)")
-    args = parser.parse_args(argv)
-    require_hf()
-    loaded = load_checkpoint(args.path)
-    export_hf(loaded.model, loaded.tokenizer, args.out)
-    print(f"exported {loaded.source} -> {args.out} (tokenizer {loaded.tokenizer.name})")
-
+from gpt.cli.export_hf import cli
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

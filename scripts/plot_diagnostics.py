@@ -20,8 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from common.cli import run_cli
-
-from runs import Run, aligned_series, group_labels, group_runs
+from gpt.cli.runs import Run, aligned_series, group_labels, group_runs
 
 
 def clipped_steps(run: Run, edges: np.ndarray) -> np.ndarray:

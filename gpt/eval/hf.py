@@ -6,12 +6,19 @@ multiple of 64 for fast matmuls) are dropped on export, which leaves every real 
 Importing pads them back with the mean of the real rows, whose logits are then the average logit: the loss
 rises by at most log(1 + pad/vocab) (< 0.001 for GPT-2's 47 rows), and training pushes them down again.
 `transformers` and `safetensors` are an optional extra (`pip install -e '.[hf]'`).
+
+The export is read alike by every `transformers` the `hf` extra allows (4.40 on). A model that scales its
+attention by the inverse layer index names eager attention in its config.json: before 5.4.0 (the fix is
+huggingface/transformers#44397), GPT-2's SDPA and FlashAttention paths silently ignore that scaling, and
+the later 4.x versions pick SDPA by default. Files get the permissions the user's umask gives (safetensors
+writes 0600).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import secrets
 import shutil
@@ -34,9 +41,12 @@ from gpt.eval.hf_families import (
     to_hf_tensors,
 )
 from gpt.model import GPT, GPTConfig
+from gpt.sampling import sampling_defaults
 
 HF_EXTRA = "pip install -e '.[hf]'"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"
+CARD_FILE = "README.md"
 TOKENIZER_KEY = "sophia_gpt_tokenizer"  # config.json: the tokenizer this project trained the model with
 # Fields a Hugging Face model must match exactly (block_size and vocab_size may be larger there: cut, padded)
 MATCHED = tuple(f.name for f in fields(GPTConfig)
@@ -56,11 +66,24 @@ def require_hf() -> None:
 # ------------------------------------------------------------------------------------------------- export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the exported model: its architecture's keys, the real vocabulary, the EOT id."""
+    """config.json of the exported model: its architecture's keys, the real vocabulary, the EOT id, and eager
+    attention where 4.x's default attention would compute another function."""
     architecture = architecture_for(config)
+    scaled = {"attn_implementation": "eager"} if config.scale_attn_by_inverse_layer_idx else {}
     return {"architectures": [architecture.name], "model_type": architecture.model_type,
             "vocab_size": tokenizer.vocab_size, **architecture.config(config),
-            "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name}
+            "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name,
+            **scaled}
+
+
+def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    """generation_config.json: `model.generate` and pipelines sample as scripts/sample.py does by default
+    (configs/sample.yaml) and stop at the end-of-text token."""
+    defaults = sampling_defaults()
+    eot = tokenizer.eot_id
+    return {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot,
+            "do_sample": defaults.temperature > 0, "temperature": defaults.temperature or 1.0,
+            "top_k": defaults.top_k, "top_p": defaults.top_p, "max_new_tokens": defaults.max_new_tokens}
 
 
 def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
@@ -71,25 +94,41 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
     return to_hf_tensors(own, model.config, vocab_size)
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, out: Path) -> None:
-    """Write a folder that `AutoModelForCausalLM.from_pretrained` (the class config.json names) and
-    `AutoTokenizer.from_pretrained` load offline. Built in a fresh staging folder of its own beside `out`
-    (`.<name>.<random>.tmp`) and renamed when complete: a folder named `out` is always whole, and nothing
-    that was there before is touched."""
-    require_hf()
+def write_export_files(model: GPT, tokenizer: Tokenizer, folder: Path, card: str | None = None) -> None:
+    """The files of an export, into an existing folder: weights, config.json, generation_config.json, the
+    tokenizer's files and the model card, each readable as the user's umask says."""
     from safetensors.torch import save_file
 
     from gpt.eval.hf_tokenizer import save_tokenizer
 
+    save_file(to_hf_state(model, tokenizer.vocab_size), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    os.chmod(folder / WEIGHTS_FILE, 0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
+    (folder / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
+    (folder / GENERATION_FILE).write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
+    save_tokenizer(tokenizer, folder, model.config.block_size)
+    if card is not None:
+        (folder / CARD_FILE).write_text(card)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, out: Path, card: str | None = None) -> None:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` (the class config.json names) and
+    `AutoTokenizer.from_pretrained` load offline, with `card` as its README.md. Built in a fresh staging
+    folder of its own beside `out` (`.<name>.<random>.tmp`) and renamed when complete: a folder named `out`
+    is always whole, and nothing that was there before is touched."""
+    require_hf()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; pass a new (or empty) folder to export into")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty; pass a new --out folder or delete it")
     tmp = _staging_folder(out)
     try:
-        save_file(to_hf_state(model, tokenizer.vocab_size), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.config, tokenizer), indent=2) + "\n")
-        save_tokenizer(tokenizer, tmp, model.config.block_size)
+        write_export_files(model, tokenizer, tmp, card)
         for path in tmp.iterdir():
             fsync_path(path)
         if out.exists():
@@ -120,6 +159,15 @@ def _staging_folder(out: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- import
 
+def float32_argument() -> dict[str, Any]:
+    """`from_pretrained`'s float32 argument: `dtype` from transformers 4.56 on, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: torch.float32}
+
+
 def read_hf(source: str) -> tuple[Architecture, dict[str, Any], dict[str, Tensor]]:
     """The architecture, config.json and float32 tensors of a Hugging Face folder or hub name (downloaded
     once into Hugging Face's cache)."""
@@ -129,7 +177,7 @@ def read_hf(source: str) -> tuple[Architecture, dict[str, Any], dict[str, Tensor
     try:
         model_type = transformers.AutoConfig.from_pretrained(source).model_type
         architecture = architecture_of(model_type, source)
-        hf_model = getattr(transformers, architecture.name).from_pretrained(source, dtype=torch.float32)
+        hf_model = getattr(transformers, architecture.name).from_pretrained(source, **float32_argument())
     except pickle.UnpicklingError as e:  # a weights file that names code: refused unloaded, never run
         raise UserError(f"the weights of {source!r} hold {refused_object(e)}, which is not weight data: "
                         "refused unloaded; use a trusted copy (safetensors cannot hold code)") from None

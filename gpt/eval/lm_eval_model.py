@@ -5,11 +5,14 @@ with the run's own tokenizer and this project's batched scorer (gpt/eval/scoring
     python scripts/run_lm_eval.py --model sophia-gpt --model_args pretrained=runs/quickstart/adamw \
         --tasks copa
 
-Needs the `lm_eval` extra (`pip install -e '.[lm_eval]'`).
+Needs the `lm_eval` extra (`pip install -e '.[lm-eval]'`).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,9 +24,10 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError:
-    raise UserError("lm-evaluation-harness is not installed: pip install -e '.[lm_eval]'") from None
+    raise UserError("lm-evaluation-harness is not installed: pip install -e '.[lm-eval]'") from None
 
 from gpt.distributed import autocast_factory, pick_device
+from gpt.eval.continuation import Continuation
 from gpt.eval.pretrained import load_pretrained
 from gpt.eval.scoring import score_continuations
 
@@ -81,30 +85,53 @@ class SophiaGPT(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation, cut at the first stop string or after `max_gen_toks` tokens."""
+        """Greedy continuation, ended at the end-of-text token, cut before the first stop string, or after
+        `max_gen_toks` tokens."""
         outputs = []
         for context, kwargs in (request.args for request in requests):
-            until = kwargs.get("until") or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            until = kwargs.get("until") or []
+            continuation = Continuation(self.tokenizer_, [until] if isinstance(until, str) else until)
             ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
-            idx = torch.tensor([ids], device=self._device)
-            text = ""
-            for _ in range(max_new):
-                with self.autocast():
-                    idx = self.model.generate(idx, 1, temperature=0)
-                if idx[0, -1].item() == self.eot_token_id:
-                    break
-                text = self.tok_decode(idx[0, len(ids):].tolist())
-                if any(stop in text for stop in until):
-                    break
-            cut = min((text.index(stop) for stop in until if stop in text), default=len(text))
-            outputs.append(text[:cut])
+
+            def on_token(token: torch.Tensor, c: Continuation = continuation) -> bool:
+                c.add(token.item())
+                return c.done
+
+            with self.autocast():
+                self.model.generate(torch.tensor([ids], device=self._device),
+                                    int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)), temperature=0,
+                                    on_token=on_token)
+            continuation.finish()
+            outputs.append(continuation.text)
         return outputs
 
 
+LOCAL_TASK_HINT = ("or evaluate a task defined by local files: --include_path docs/examples/lm_eval --tasks "
+                   "shakespeare_completion (docs/evaluation.md, 'A local task')")
+
+
 def harness_cli() -> None:
-    """lm-evaluation-harness's own command line, with `sophia-gpt` registered (scripts/run_lm_eval.py)."""
+    """lm-evaluation-harness's own command line, with `sophia-gpt` registered (`sophia-lm-eval`)."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    with offline_is_one_line():
+        cli_evaluate()
+
+
+@contextmanager
+def offline_is_one_line() -> Iterator[None]:
+    """A task whose data is neither cached nor reachable (offline, or no network) becomes one line saying
+    what to do, not the harness's 40-line traceback."""
+    try:
+        yield
+    except ConnectionError as e:  # datasets' and huggingface_hub's offline errors are ConnectionErrors
+        raise UserError(offline_message(e)) from None
+
+
+def offline_message(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    found = re.search(r"reach '([^']+)'", text)
+    what = f"the dataset {found.group(1)!r}" if found else "a dataset"
+    return (f"the task needs {what} from the Hugging Face hub, which is not in the local cache and cannot be "
+            f"reached ({text}); run the command once with network access (HF_HUB_OFFLINE and "
+            f"HF_DATASETS_OFFLINE unset) to cache it, {LOCAL_TASK_HINT}")

@@ -166,14 +166,14 @@ def test_cached_greedy_decoding_equals_recomputing_the_window(name):
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     """Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two (0.8 ≥ 0.7), drawn 5:3."""
-    from gpt.model import next_token
+    from gpt.sampling import next_tokens
 
     logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]])).expand(40000, -1)
     torch.manual_seed(0)
-    drawn = next_token(logits, 1.0, None, 0.7)[:, 0]
+    drawn = next_tokens(logits, 1.0, None, 0.7)[:, 0]
     assert set(drawn.tolist()) == {1, 3}
     assert (drawn == 1).float().mean().item() == pytest.approx(0.625, abs=0.01)
-    assert set(next_token(logits[:100], 1.0, None, 0.5)[:, 0].tolist()) == {1}
+    assert set(next_tokens(logits[:100], 1.0, None, 0.5)[:, 0].tolist()) == {1}
 
 
 def test_stop_id_pads_finished_rows_and_ends_early():

@@ -4,6 +4,8 @@ weights bit for bit, the exported tokenizer is tiktoken's, and bad input is one 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +22,6 @@ from tests.tiny_model import random_model, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
-
-
-
 
 
 
@@ -121,13 +120,51 @@ def test_exported_tokenizer_encodes_like_tiktoken(gpt2_tokenizer_folder):
 
 
 def test_exported_byte_tokenizer_is_utf8_bytes(tmp_path):
-    """Wrong if the byte tokenizer's export gives ids other than the UTF-8 bytes the model was trained on."""
+    """Wrong if the byte tokenizer's export gives ids other than the UTF-8 bytes the model was trained on, has
+    no end-of-text token as BOS/EOS (lm-eval's `hf` model fails without one), or reads NUL otherwise than the
+    project's tokenizer (which drops it: id 0 is the end-of-text token)."""
     export_hf(random_model(), get_tokenizer("byte"), tmp_path / "hf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in TEXTS:
         ids = tokenizer.encode(text, add_special_tokens=False)
         assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id == 0 and tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.encode("a\x00b", add_special_tokens=False) == get_tokenizer("byte").encode("a\x00b")
+    assert tokenizer.encode("a<|endoftext|>b", add_special_tokens=False) == [97, 0, 98]
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_follow_the_umask(tmp_path, umask):
+    """Wrong if a file of the export (model.safetensors was 0600) is not readable as the user's umask says,
+    so colleagues sharing a cluster cannot load the weights."""
+    old = os.umask(umask)
+    try:
+        export_hf(random_model(), get_tokenizer("byte"), tmp_path / "hf")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "hf").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_scaled_attention_is_marked_eager_and_generation_config_samples_like_the_project(tmp_path):
+    """Wrong if a model scaling attention by layer is left to transformers 4.x's default SDPA (which ignores
+    the scaling: tests/gpt/test_hf_versions.py shows the difference), an unscaled one is forced to eager for
+    nothing, or generation_config.json does not stop at the end-of-text token or samples with other
+    settings than configs/sample.yaml's."""
+    from gpt.sampling import sampling_defaults
+
+    export_hf(random_model(scale_attn_by_inverse_layer_idx=True), get_tokenizer("gpt2"), tmp_path / "scaled")
+    export_hf(random_model(), get_tokenizer("byte"), tmp_path / "plain")
+    config = json.loads((tmp_path / "scaled" / "config.json").read_text())
+    assert config["attn_implementation"] == "eager" and config["scale_attn_by_inverse_layer_idx"]
+    assert "attn_implementation" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "scaled")
+    defaults = sampling_defaults()
+    assert generation.eos_token_id == generation.bos_token_id == generation.pad_token_id == 50256
+    assert (generation.do_sample, generation.temperature, generation.top_k, generation.top_p,
+            generation.max_new_tokens) == (True, defaults.temperature, defaults.top_k, defaults.top_p,
+                                           defaults.max_new_tokens)
 
 
 def test_shape_mismatch_is_one_line(tmp_path):

@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from common.errors import UserError
+from gpt.cli import plot_curves, runs, speedup
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-runs, speedup, plot_curves, plot_diagnostics = (
-    importlib.import_module(name) for name in ("runs", "speedup", "plot_curves", "plot_diagnostics"))
+plot_diagnostics = importlib.import_module("plot_diagnostics")
 
 TOTAL = 20_000
 TOKENS_PER_STEP = 8 * 64
@@ -143,14 +143,21 @@ def test_never_reaching_the_target_is_reported(tmp_path: Path) -> None:
     assert "not reached" in line and "0/1" in line
 
 
-def test_baseline_first_form_and_mixed_baseline(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_baseline_before_or_after_the_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Wrong if any of the ways to place --baseline takes a run for a baseline or the other way round (the
+    table would then compare the wrong runs, or argparse would say a RUN is missing)."""
     base = make_run(tmp_path, "base")
     other = make_run(tmp_path, "other", optim="lion", lr=1e-4)
-    speedup.main(["--baseline", base, "--", other])
-    out = capsys.readouterr().out
-    assert "lion" in out
+    third = make_run(tmp_path, "third", optim="sophia_g")
+    expected = speedup.format_table(speedup.compare([base], [other, third]))
+    report = str(tmp_path / "r.json")
+    for argv in ([other, third, "--baseline", base], ["--baseline", base, "--", other, third],
+                 [other, "--baseline", base, "--", third], ["--baseline", base, "--json", report, "--", other,
+                                                             third]):
+        speedup.main(argv)
+        assert capsys.readouterr().out.strip() == expected, argv
     # the table says which measure it is: the paper's mid-run one, not a study's end-of-training speed-up
-    assert out.startswith("measure: the Sophia paper's, read mid-run")
+    assert expected.startswith("measure: the Sophia paper's, read mid-run")
     with pytest.raises(UserError, match="differ only by seed"):
         speedup.compare([base, other], [other])
 

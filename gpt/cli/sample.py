@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     idx = torch.tensor([prompt] * args.num_samples, device=device)
-    top_k = args.top_k or None
-    for tokens in model.stream(idx, args.max_new_tokens, temperature=args.temperature, top_k=top_k, top_p=args.top_p):
+    for tokens in model.stream(idx, args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k or None, top_p=args.top_p):
         for sample, token in zip(samples, tokens[:, 0].tolist(), strict=True):
             new = sample.add(token)
             if stream and new:

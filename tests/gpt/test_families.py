@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common.errors import UserError
 from gpt.memory import values_per_block
 from gpt.model import FAMILY_FIELDS, GPT, GPTConfig, math_attention, rotary_angles
-from gpt.run_dir import identity_differences
+from gpt.run_identity import identity_differences
 
 REPO = Path(__file__).resolve().parents[2]
 BEFORE_FAMILIES = "d654ebf"  # the last commit whose model was GPT-2 only

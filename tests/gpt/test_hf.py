@@ -154,7 +154,8 @@ def test_scaled_attention_is_marked_eager_and_generation_config_samples_like_the
     settings than configs/sample.yaml's."""
     from gpt.sampling import sampling_defaults
 
-    export_hf(random_model(scale_attn_by_inverse_layer_idx=True), get_tokenizer("gpt2"), tmp_path / "scaled")
+    export_hf(random_model(50304, scale_attn_by_inverse_layer_idx=True), get_tokenizer("gpt2"),
+              tmp_path / "scaled")
     export_hf(random_model(), get_tokenizer("byte"), tmp_path / "plain")
     config = json.loads((tmp_path / "scaled" / "config.json").read_text())
     assert config["attn_implementation"] == "eager" and config["scale_attn_by_inverse_layer_idx"]

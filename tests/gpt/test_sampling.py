@@ -64,15 +64,16 @@ def test_draws_follow_the_filtered_distribution():
 
 
 def test_greedy_generation_is_the_argmax_of_plain_forward_passes():
-    """Wrong if generate's greedy path (or its context window past block_size) chooses other tokens than the
-    argmax of a full forward pass over the last block_size tokens."""
+    """Wrong if generate's greedy path (KV-cached) chooses other tokens than the argmax of a full forward pass
+    over the sequence so far, up to the context length (beyond it: tests/gpt/test_families.py)."""
     model = random_model()
     idx = torch.tensor([[5, 17, 200, 3]])
-    out = model.generate(idx, 20, temperature=0)
+    new = model.config.block_size - idx.shape[1]
+    out = model.generate(idx, new, temperature=0)
     expected = idx
     with torch.no_grad():
-        for _ in range(20):
-            logits = model(expected[:, -model.config.block_size :])[0][:, -1, :]
+        for _ in range(new):
+            logits = model(expected)[0][:, -1, :]
             expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected)
 

@@ -11,7 +11,7 @@ import pytest
 
 from gpt.trainer import train
 from tests.hydra_compose import compose_train, tiny_run
-from tests.scripts.test_evaluation import ITEMS, TASK_YAML, last_val_loss, script
+from tests.scripts.test_evaluation import harness_loglikelihoods, last_val_loss, local_items, script
 
 MODELS = ("neox_tiny", "llama_tiny")
 
@@ -54,31 +54,21 @@ def test_sample_continues_the_prompt_reproducibly(runs, capsys, model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_hellaswag_and_lm_eval_score_like_our_scorer(runs, tmp_path, model):
+def test_hellaswag_and_lm_eval_score_like_our_scorer(runs, monkeypatch, model):
     """The lm-eval model class and HellaSwag scoring on a family's run give this project's scorer's
     log-likelihoods and accuracy."""
     pytest.importorskip("lm_eval")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     from data.tokenizers import get_tokenizer
     from gpt.eval.hellaswag import encode_items, evaluate_hellaswag
     from gpt.eval.lm_eval_model import SophiaGPT
     from gpt.eval.pretrained import load_pretrained
     from gpt.eval.scoring import score_continuations
 
-    data = tmp_path / "items.jsonl"
-    data.write_text("".join(json.dumps(item) + "\n" for item in ITEMS))
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "local.yaml").write_text(TASK_YAML.format(data=data))
-    results = simple_evaluate(model=SophiaGPT(pretrained=str(runs[model]), device="cpu", batch_size=3),
-                              tasks=["local_completion"], log_samples=True,
-                              task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
-                                                       include_defaults=False))
-    harness = {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in results["samples"]["local_completion"]}
+    lm = SophiaGPT(pretrained=str(runs[model]), device="cpu", batch_size=3)
+    results, harness = harness_loglikelihoods(lm, monkeypatch)
     loaded = load_pretrained(runs[model]).model
-    items = encode_items(ITEMS, get_tokenizer("byte"))
+    items = encode_items(local_items(), get_tokenizer("byte"))
     ours = score_continuations(loaded, [(item.context, e) for item in items for e in item.endings])
-    for k in range(len(ITEMS)):
+    for k in range(len(items)):
         assert harness[k] == pytest.approx([s.logprob for s in ours[4 * k : 4 * k + 4]], abs=1e-4)
-    assert results["results"]["local_completion"]["acc,none"] == evaluate_hellaswag(loaded, items)["acc"]
+    assert results["acc,none"] == evaluate_hellaswag(loaded, items)["acc"]

@@ -22,7 +22,7 @@ def test_the_docs_quote_the_results_file():
 def test_a_changed_number_is_reported():
     """Wrong if the checker passes docs whose numbers differ from the results (it would check nothing)."""
     results = json.loads(check.RESULTS.read_text())
-    for key in results:
+    for key in (key for key in results if not key.startswith("_")):  # "_measured": where and how
         moved = {**results, key: {**results[key], "value": results[key]["value"] + 0.01}}
         problems = check.stale_quotes(moved)
         assert problems and all(key in problem for problem in problems), key

@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prompt.add_argument("--prompt", default="",
                         help=f"text to continue; {FILE_PREFIX}path reads it from a file")
     prompt.add_argument("--prompt-file", type=Path, help="read the text to continue from this file")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                        help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 = no top-k filter")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1 = no nucleus filter")
@@ -47,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="end a sample just before this text (repeatable)")
     parser.add_argument("--ignore-eot", action="store_true",
                         help="sample past the end-of-text token instead of ending there")
-    parser.add_argument("--num-samples", type=int, default=defaults.num_samples)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="samples to draw")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="torch seed of the draws")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--no-stream", action="store_true", help="print each sample only once it is complete")
     args = parser.parse_args(argv)

@@ -54,6 +54,7 @@ from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.protocol import micro_loss_divisor
 from gpt.run_dir import RunDirectory, disk_error, is_empty, read_config, remove_if_empty
 from gpt.run_identity import check_compatible
+from gpt.run_paths import prefer_recorded_data, with_resolved_identity_paths
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
 from gpt.stop_signal import StopRequested, measured_cpu_flops, step_time_warning
@@ -121,11 +122,13 @@ class Trainer:
                  run_dir: RunDirectory | None = None) -> None:
         """`run_dir`: the run directory all ranks agreed on, held (default: `settings.out_dir`, not held,
         for a dry run)."""
-        self.settings, self.runtime, self.plan = settings, runtime, plan
         t = settings.train
         self.run_dir = run_dir or RunDirectory(settings.out_dir, runtime, lock=False)
         self.out_dir = self.run_dir.path
         self.run_dir.start_logging()
+        if not t.dry_run:
+            settings = prefer_recorded_data(settings, self.out_dir)
+        self.settings, self.runtime, self.plan = settings, runtime, plan
         # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
         self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], plan)
         self.config = settings.record()  # the resolved config, as written to config.yaml
@@ -173,7 +176,8 @@ class Trainer:
     def _check_run_dir(self) -> None:
         previous = read_config(self.out_dir)
         if previous is not None:
-            check_compatible(previous, self.config, f"out_dir {self.out_dir}")
+            recorded = with_resolved_identity_paths(previous, self.out_dir)
+            check_compatible(recorded, self.config, f"out_dir {self.out_dir}")
 
     def _open_loader(self) -> BatchLoader:
         d, runtime, vocab_size = self.settings.data, self.runtime, self.settings.model.vocab_size

@@ -275,12 +275,15 @@ class Trainer:
             self.loader = self._open_loader()
             self.checkpoints.data_identity = self.loader.data.identity()
             self.checkpoints.resume()
-            self.run_dir.start(self.config, plan)
             state = self.state
             metrics = MetricsLog(self.out_dir, rt.is_main)
+            # wandb before the directory holds a run: a wandb that cannot start leaves no half-made run
+            self.run_dir.note_creation(self.out_dir / "wandb")
+            state.wandb_id = rt.on_main(lambda: metrics.start_wandb(self.settings.wandb, self.config,
+                                                                    state.wandb_id))
+            self.run_dir.start(self.config, plan)
             rt.on_main(lambda: self._cut_back(metrics))
-            state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id,
-                                                 self.out_dir)
+            rt.on_main(lambda: metrics.start_files(self.settings, state.step))
             if state.step >= t.max_steps and state.pending_record is None:
                 log.info("already at step %d = train.max_steps: nothing to do", state.step)
                 return {"step": state.step}

@@ -60,14 +60,14 @@ class WandbSink:
 class TensorBoardSink:
     """Event files in <out_dir>/tensorboard, one scalar series per record key (the keys of metrics.jsonl)."""
 
-    def __init__(self, out_dir: Path, step: int) -> None:
+    def __init__(self, out_dir: Path, first_step: int) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError("tensorboard.enabled=true needs the tensorboard package: pip install -e "
                             "'.[tensorboard]' (or set tensorboard.enabled=false)") from None
-        # purge_step: TensorBoard drops events of earlier sessions at steps >= the one this session resumes at
-        self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=step or None)
+        # purge_step: TensorBoard drops the events of earlier sessions at the steps this session writes again
+        self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=first_step or None)
 
     def write(self, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():

@@ -72,10 +72,11 @@ class MetricsLog:
             return self.sinks[-1].id
         return run_id
 
-    def start_files(self, settings: Any, step: int) -> None:
-        """The loggers that write files into the run directory (TensorBoard, CSV), continuing at `step`."""
+    def start_files(self, settings: Any, first_step: int) -> None:
+        """The loggers that write files into the run directory (TensorBoard, CSV); this session's first record
+        is of `first_step` (0 for a new run)."""
         if self.enabled and settings.tensorboard.enabled:
-            self.sinks.append(TensorBoardSink(self.path.parent, step))
+            self.sinks.append(TensorBoardSink(self.path.parent, first_step))
         if self.enabled and settings.csv.enabled:
             self.sinks.append(CsvSink(self.path.parent, lambda: read_metrics(self.path)))
 

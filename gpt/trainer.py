@@ -57,6 +57,7 @@ from gpt.run_identity import check_compatible
 from gpt.run_paths import prefer_recorded_data, with_resolved_identity_paths
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
+from gpt.step_probe import CpuEstimate, cpu_estimate, time_micro_step
 from gpt.stop_signal import StopRequested, measured_cpu_flops, step_time_warning
 from optim import (
     GroupSchedule,
@@ -264,7 +265,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         t, rt = self.settings.train, self.runtime
-        plan = describe_plan(self.settings, self.plan, self.model, self.optimizer, rt)
+        plan = describe_plan(self.settings, self.plan, self.model, self.optimizer, rt, self._cpu_estimate())
         log.info(plan)
         if t.dry_run:
             return {}
@@ -293,6 +294,20 @@ class Trainer:
         if rt.is_main:
             log.info("run directory: %s (metrics.jsonl, train.log, checkpoints/)", self.out_dir)
         return record
+
+    def _cpu_estimate(self) -> CpuEstimate | None:
+        """The plan's time on this CPU, from micro-steps of the model timed now; None off the CPU, in a dry
+        run (no weights) and under FSDP (sharded weights)."""
+        t, plan = self.settings.train, self.plan
+        if self.runtime.device.type != "cpu" or t.dry_run or self.runtime.strategy == "fsdp":
+            return None
+        micro_step_s = time_micro_step(self.model, plan.micro_batch_size, plan.block_size,
+                                       self.runtime.device, self.autocast)
+        return cpu_estimate(micro_step_s, grad_accum_steps=plan.grad_accum_steps,
+                            micro_batch_size=plan.micro_batch_size,
+                            compute_factor=self.flops_per_token / self.model.flops_per_token(),
+                            max_steps=t.max_steps, eval_interval=t.eval_interval,
+                            eval_sequences=t.eval_sequences)
 
     def _step_time_warning(self) -> str | None:
         """Whether one step will outlast what a stop signal waits for: the plan's FLOPs per rank at the GPU's

@@ -100,13 +100,34 @@ class MetricsLog:
         self.sinks = []
 
 
-def format_line(record: dict[str, Any]) -> str:
-    """One readable console line for a metrics record."""
-    parts = [f"step {record['step']:>6}"]
+def clock_time(seconds: float) -> str:
+    """h:mm:ss, the hours growing past 24 rather than rolling into days."""
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def eta_seconds(elapsed_s: float, step: int, max_steps: int) -> float | None:
+    """The time the remaining steps take at the run's average so far (its evaluations and checkpoints
+    included); None before the first step."""
+    if step <= 0 or elapsed_s <= 0:
+        return None
+    return elapsed_s / step * max(max_steps - step, 0)
+
+
+def format_line(record: dict[str, Any], max_steps: int) -> str:
+    """One readable console line for a metrics record: the step out of `max_steps`, the values, the
+    throughput and MFU (where a peak is known), the elapsed training time and the ETA."""
+    width = len(str(max_steps))
+    parts = [f"step {record['step']:>{width}}/{max_steps}"]
     for key, fmt in (("train_loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"),
                      ("hellaswag_acc_norm", "hellaswag {:.3f}"), ("lr", "lr {:.2e}"),
                      ("grad_norm", "gnorm {:.3f}"), ("win_rate", "win {:.3f}"),
                      ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}")):
         if record.get(key) is not None:
             parts.append(fmt.format(record[key]))
+    if record.get("elapsed_s") is not None:
+        parts.append(f"{clock_time(record['elapsed_s'])} elapsed")
+        eta = eta_seconds(record["elapsed_s"], record["step"], max_steps)
+        if eta is not None:
+            parts.append(f"ETA {clock_time(eta)}")
     return " | ".join(parts)

@@ -486,4 +486,4 @@ class Trainer:
                                 f"({e.strerror or e}); the file keeps its whole lines. Free disk space and "
                                 f"rerun to resume from the last checkpoint, {last}") from None
         self.runtime.on_main(append)
-        log.info(format_line(record))
+        log.info(format_line(record, self.settings.train.max_steps))

@@ -284,8 +284,9 @@ class Trainer:
                                                                     state.wandb_id))
             self.run_dir.start(self.config, plan)
             rt.on_main(lambda: self._cut_back(metrics))
-            first = state.step if state.pending_record is not None else state.step + 1  # its first record
-            rt.on_main(lambda: metrics.start_files(self.settings, first if state.step else 0))
+            # this session's first record: step 0's, the pending one of the checkpoint's step, or the next
+            first = state.step + (state.step > 0 and state.pending_record is None)
+            rt.on_main(lambda: metrics.start_files(self.settings, first))
             if state.step >= t.max_steps and state.pending_record is None:
                 log.info("already at step %d = train.max_steps: nothing to do", state.step)
                 return {"step": state.step}

@@ -33,6 +33,9 @@ class TokenData:
     def __init__(self, dir: str | Path, *, tokenizer: str | None = None, vocab_size: int | None = None):
         self.dir = Path(dir)
         meta_path = self.dir / "meta.json"
+        if not self.dir.exists():
+            raise UserError(f"data folder {self.dir} does not exist: prepare it with: python -m data.prepare "
+                            f"data=<name> data.dir={self.dir}, or point at the folder it was prepared in")
         if not meta_path.is_file():
             raise UserError(
                 f"{self.dir} holds no prepared data (no meta.json; a preparation may have been interrupted). "

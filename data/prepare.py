@@ -67,6 +67,8 @@ def unprepared_reason(data_cfg: Mapping[str, Any]) -> str | None:
     """Why the data folder cannot serve these settings, with the command that fixes it; None if it can."""
     out = Path(data_cfg["dir"])
     _check_location(out)
+    if not out.exists():
+        return f"data folder {out} does not exist: prepare it with: {prepare_command(data_cfg)}"
     meta = read_meta(out)
     if meta is None:
         return (f"{out} holds no prepared data (no meta.json; a preparation may have been interrupted); "

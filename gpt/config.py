@@ -112,8 +112,15 @@ class ProtocolSettings:
 class WandbSettings:
     enabled: bool
     project: str
-    mode: str
+    mode: str | None  # None: wandb's own choice (WANDB_MODE)
     name: str | None
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    """A logger that needs no settings but its switch (`tensorboard`, `csv`)."""
+
+    enabled: bool
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,8 @@ class Settings:
     train: TrainSettings
     schedule: ScheduleSettings
     wandb: WandbSettings
+    tensorboard: SinkSettings
+    csv: SinkSettings
     protocol: ProtocolSettings = field(default_factory=ProtocolSettings)
     optim: Mapping[str, Any] = field(default_factory=ReadOnlyDict)
     data: Mapping[str, Any] = field(default_factory=ReadOnlyDict)
@@ -165,7 +174,7 @@ def _typed(section: str, schema: type, values: Any) -> Any:
 def parse_config(cfg: DictConfig) -> Settings:
     """A composed config, typed and checked; every error names the key and what is allowed. Values left to
     the framework (`null`) stay None: `gpt.settings.load_settings` resolves them."""
-    for key in ("out_dir", "model", "train", "schedule", "wandb", "optim", "data"):
+    for key in ("out_dir", "model", "train", "schedule", "wandb", "tensorboard", "csv", "optim", "data"):
         if key not in cfg:
             raise UserError(f"config has no '{key}': compose it from configs/train.yaml")
     known = [f.name for f in fields(Settings)]
@@ -185,6 +194,8 @@ def parse_config(cfg: DictConfig) -> Settings:
         train=_typed("train", TrainSettings, container["train"]),
         schedule=_typed("schedule", ScheduleSettings, container["schedule"]),
         wandb=_typed("wandb", WandbSettings, container["wandb"]),
+        tensorboard=_typed("tensorboard", SinkSettings, container["tensorboard"]),
+        csv=_typed("csv", SinkSettings, container["csv"]),
         protocol=_typed("protocol", ProtocolSettings, container.get("protocol", {})),
         optim=_read_only(container["optim"]),
         data=_read_only(container["data"]),
@@ -198,8 +209,9 @@ def _check(s: Settings) -> None:
     for key, allowed in (("dtype", DTYPES), ("strategy", STRATEGIES), ("device", DEVICES)):
         if getattr(t, key) not in allowed:
             raise UserError(f"train.{key}={getattr(t, key)!r} is not one of {', '.join(allowed)}")
-    if s.wandb.mode not in WANDB_MODES:
-        raise UserError(f"wandb.mode={s.wandb.mode!r} is not one of {', '.join(WANDB_MODES)}")
+    if s.wandb.mode is not None and s.wandb.mode not in WANDB_MODES:
+        raise UserError(f"wandb.mode={s.wandb.mode!r} is not one of {', '.join(WANDB_MODES)} (or null: "
+                        "WANDB_MODE's)")
     if t.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'")
     for key in ("max_steps", "global_batch_size", "micro_batch_size", "hessian_micro_batch_size",

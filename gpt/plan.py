@@ -1,5 +1,6 @@
 """What a run will do, printed before it starts: batch arithmetic, tokens, parameters, FLOPs, optimizer
-memory, the protocol, and the wall-clock it should take on a named GPU at a stated MFU.
+memory, the protocol, and the wall-clock it should take on a named GPU at a stated MFU, and for a CPU run on
+this CPU, from a probe of the model (`gpt.step_probe`).
 
 FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
 its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
@@ -15,6 +16,7 @@ import torch
 
 from gpt.config import BatchPlan, Settings
 from gpt.protocol import describe_protocol
+from gpt.step_probe import CpuEstimate
 from optim import entry_for
 
 # Dense (not 2:4-sparse) bf16/fp16 tensor-core peak FLOP/s per GPU, from the vendor's data sheets; fp32 runs
@@ -107,9 +109,20 @@ def _gpu_time(gpu_hours: float, count: int) -> str:
     return f"{total} GPU-{unit} = {wall} on {count} GPUs"
 
 
-def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: Any, runtime: Any) -> str:
+def describe_cpu_time(estimate: CpuEstimate | None) -> str:
+    """The plan's line for a CPU run: the probe's estimate, or why there is none."""
+    if estimate is None:
+        return "  time on this CPU: measured when the run starts (a probe of the model; not in a dry run)"
+    total, unit, _ = _time(estimate.total_s / 3600)
+    return (f"  time on this CPU (measured at start: {estimate.micro_step_s:.3g} s per micro-step → "
+            f"{estimate.step_s:.3g} s per step, {estimate.eval_s:.3g} s per evaluation × "
+            f"{estimate.evaluations}): ≈ {total} {unit}")
+
+
+def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: Any, runtime: Any,
+                  cpu: CpuEstimate | None = None) -> str:
     """The plan as printed at start (and alone by `train.dry_run=true`); `model` may live on the meta
-    device, since only its shapes are read."""
+    device, since only its shapes are read. `cpu`: the probe's estimate, for a run on the CPU."""
     t, optim = settings.train, settings.optim
     n_params = model.num_params()
     flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
@@ -133,6 +146,8 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f" optimizer state ≈ {_bytes(state_bytes)}{sharded}",
     ]
     lines.append(describe_protocol(settings.protocol, optim["name"], plan, t.grad_clip))
+    if runtime.device.type == "cpu":
+        lines.append(describe_cpu_time(cpu))
     gpus = [t.gpu] if t.gpu in GPU_PEAKS else list(GPU_PEAKS)[:2]
     count = plan.world_size if runtime.device.type == "cuda" else 8
     for gpu in gpus:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,7 @@ class RunDirectory:
         """The console, and `train.log` when this process holds the directory (not for a dry run)."""
         path = self.path / LOG_FILE if self.lock is not None else None
         if path is not None:
-            self._note_creation(path)
+            self.note_creation(path)
         try:
             setup_logging(path, self.is_main)
         except OSError as e:
@@ -138,13 +139,15 @@ class RunDirectory:
 
     def write(self, name: str, content: str) -> None:
         path = self.path / name
-        self._note_creation(path)
+        self.note_creation(path)
         try:
             write_atomic(path, content)
         except OSError as e:
             raise disk_error(path, e) from None
 
-    def _note_creation(self, path: Path) -> None:
+    def note_creation(self, path: Path) -> None:
+        """`path` (a file or a folder) is created by this process if it does not exist yet: removed when the
+        run fails before it starts."""
         if not path.exists() and path not in self.created:
             self.created.append(path)
 
@@ -158,7 +161,10 @@ class RunDirectory:
                 root.removeHandler(handler)
                 handler.close()
         for path in self.created:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         self.created.clear()
 
     def release(self) -> None:

@@ -52,6 +52,8 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "data.num_proc": "preparation threads",
     "data.cache_dir": "the download cache",
     "wandb.": "a logger",
+    "tensorboard.": "a logger",
+    "csv.": "a logger",
 }
 
 

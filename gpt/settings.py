@@ -4,7 +4,7 @@
 device and world size the run will have (`gpt.device_defaults`), resolves the values recorded resolved (the
 schedule's length, the official protocol's extra step and summed micro-steps), and returns them frozen with
 the batch plan they imply. Nothing downstream changes them: what `config.yaml`, the plan and the checkpoints
-record is what the run does.
+record is what the run does, its paths absolute (`gpt.run_paths`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from gpt.config import BatchPlan, Settings, curvature_batch_size, parse_config
 from gpt.device_defaults import resolve_train_settings
 from gpt.distributed import environment_world_size, planned_device
+from gpt.run_paths import absolute_settings
 
 
 def load_settings(cfg: DictConfig, *, world_size: int | None = None, device: torch.device | None = None,
@@ -24,7 +25,7 @@ def load_settings(cfg: DictConfig, *, world_size: int | None = None, device: tor
     """The final settings of `cfg` and their batch plan, for `world_size` ranks (default: this job's, read
     before any rendezvous) on `device` (default: the one this process will train on), whose GPUs have
     `gpu_memory` bytes (default: the device's own). A rule broken is a `UserError`, on every rank."""
-    parsed = parse_config(cfg)
+    parsed = absolute_settings(parse_config(cfg))  # recorded absolute: the run folder reads from anywhere
     world_size = environment_world_size() if world_size is None else world_size
     device = planned_device(parsed.train.device) if device is None else device
     train = resolve_train_settings(parsed, world_size, device, gpu_memory)

@@ -54,8 +54,10 @@ from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.protocol import micro_loss_divisor
 from gpt.run_dir import RunDirectory, disk_error, is_empty, read_config, remove_if_empty
 from gpt.run_identity import check_compatible
+from gpt.run_paths import prefer_recorded_data, with_resolved_identity_paths
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
+from gpt.step_probe import CpuEstimate, cpu_estimate, time_micro_step
 from gpt.stop_signal import StopRequested, measured_cpu_flops, step_time_warning
 from optim import (
     GroupSchedule,
@@ -121,11 +123,13 @@ class Trainer:
                  run_dir: RunDirectory | None = None) -> None:
         """`run_dir`: the run directory all ranks agreed on, held (default: `settings.out_dir`, not held,
         for a dry run)."""
-        self.settings, self.runtime, self.plan = settings, runtime, plan
         t = settings.train
         self.run_dir = run_dir or RunDirectory(settings.out_dir, runtime, lock=False)
         self.out_dir = self.run_dir.path
         self.run_dir.start_logging()
+        if not t.dry_run:
+            settings = prefer_recorded_data(settings, self.out_dir)
+        self.settings, self.runtime, self.plan = settings, runtime, plan
         # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
         self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], plan)
         self.config = settings.record()  # the resolved config, as written to config.yaml
@@ -173,7 +177,8 @@ class Trainer:
     def _check_run_dir(self) -> None:
         previous = read_config(self.out_dir)
         if previous is not None:
-            check_compatible(previous, self.config, f"out_dir {self.out_dir}")
+            recorded = with_resolved_identity_paths(previous, self.out_dir)
+            check_compatible(recorded, self.config, f"out_dir {self.out_dir}")
 
     def _open_loader(self) -> BatchLoader:
         d, runtime, vocab_size = self.settings.data, self.runtime, self.settings.model.vocab_size
@@ -260,7 +265,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         t, rt = self.settings.train, self.runtime
-        plan = describe_plan(self.settings, self.plan, self.model, self.optimizer, rt)
+        plan = describe_plan(self.settings, self.plan, self.model, self.optimizer, rt, self._cpu_estimate())
         log.info(plan)
         if t.dry_run:
             return {}
@@ -271,12 +276,17 @@ class Trainer:
             self.loader = self._open_loader()
             self.checkpoints.data_identity = self.loader.data.identity()
             self.checkpoints.resume()
-            self.run_dir.start(self.config, plan)
             state = self.state
             metrics = MetricsLog(self.out_dir, rt.is_main)
+            # wandb before the directory holds a run: a wandb that cannot start leaves no half-made run
+            self.run_dir.note_creation(self.out_dir / "wandb")
+            state.wandb_id = rt.on_main(lambda: metrics.start_wandb(self.settings.wandb, self.config,
+                                                                    state.wandb_id))
+            self.run_dir.start(self.config, plan)
             rt.on_main(lambda: self._cut_back(metrics))
-            state.wandb_id = metrics.start_wandb(self.settings.wandb, self.config, state.wandb_id,
-                                                 self.out_dir)
+            # this session's first record: step 0's, the pending one of the checkpoint's step, or the next
+            first = state.step + (state.step > 0 and state.pending_record is None)
+            rt.on_main(lambda: metrics.start_files(self.settings, first))
             if state.step >= t.max_steps and state.pending_record is None:
                 log.info("already at step %d = train.max_steps: nothing to do", state.step)
                 return {"step": state.step}
@@ -285,6 +295,20 @@ class Trainer:
         if rt.is_main:
             log.info("run directory: %s (metrics.jsonl, train.log, checkpoints/)", self.out_dir)
         return record
+
+    def _cpu_estimate(self) -> CpuEstimate | None:
+        """The plan's time on this CPU, from micro-steps of the model timed now; None off the CPU, in a dry
+        run (no weights) and under FSDP (sharded weights)."""
+        t, plan = self.settings.train, self.plan
+        if self.runtime.device.type != "cpu" or t.dry_run or self.runtime.strategy == "fsdp":
+            return None
+        micro_step_s = time_micro_step(self.model, plan.micro_batch_size, plan.block_size,
+                                       self.runtime.device, self.autocast)
+        return cpu_estimate(micro_step_s, grad_accum_steps=plan.grad_accum_steps,
+                            micro_batch_size=plan.micro_batch_size,
+                            compute_factor=self.flops_per_token / self.model.flops_per_token(),
+                            max_steps=t.max_steps, eval_interval=t.eval_interval,
+                            eval_sequences=t.eval_sequences)
 
     def _step_time_warning(self) -> str | None:
         """Whether one step will outlast what a stop signal waits for: the plan's FLOPs per rank at the GPU's
@@ -463,4 +487,4 @@ class Trainer:
                                 f"({e.strerror or e}); the file keeps its whole lines. Free disk space and "
                                 f"rerun to resume from the last checkpoint, {last}") from None
         self.runtime.on_main(append)
-        log.info(format_line(record))
+        log.info(format_line(record, self.settings.train.max_steps))

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 # shellcheck disable=SC1091
 source scripts/old_transformers.sh
-setup_env dev,plot,slurm,hf,lm-eval,schedulefree
+setup_env dev,plot,slurm,hf,lm-eval,schedulefree,tensorboard
 SOPHIA_OLD_TRANSFORMERS="$(old_transformers)"
 export SOPHIA_OLD_TRANSFORMERS
 

@@ -33,6 +33,7 @@ from gpt.checkpoint.storage import (
 )
 from gpt.distributed import Runtime
 from gpt.run_identity import check_compatible, check_same_data
+from gpt.run_paths import with_resolved_identity_paths
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -134,7 +135,8 @@ class Checkpointer:
         if path is None:
             return None, {}
         manifest = read_manifest(path)
-        check_compatible(manifest["config"], self.config, f"checkpoint {path}")
+        recorded = with_resolved_identity_paths(manifest["config"], self.dir.root.parent)
+        check_compatible(recorded, self.config, f"checkpoint {path}")
         check_same_data(manifest, self.data_identity, self.config, f"checkpoint {path}")
         return path, manifest
 

@@ -6,7 +6,8 @@
 The sequences are the trainer's fixed validation set (the first --sequences windows of the val split, the
 same for every run and batch layout), so for a run with its own settings the number equals the `val_loss` the
 trainer recorded at the checkpoint's step. A run's data folder, eval sequences, micro-batch and dtype are the
-defaults; for Hugging Face weights pass --data-dir (its tokenizer must be the model's). See
+defaults (found from any working directory, also for runs that recorded it relative); for Hugging Face
+weights pass --data-dir (its tokenizer must be the model's). See
 docs/evaluation.md.
 """
 
@@ -24,9 +25,11 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from data.loader import BatchLayout, BatchLoader, TokenData
+from data.prepare_command import prepare_command
 from gpt.cli import entry_point
 from gpt.distributed import autocast_factory, pick_device
 from gpt.eval.pretrained import check_exists_or_hub_name, is_project_checkpoint, load_pretrained
+from gpt.run_paths import resolve_recorded
 
 TRAIN_DEFAULTS = OmegaConf.load(resources.files("configs") / "train.yaml").train
 
@@ -67,7 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_pretrained(args.model, device)
     run = loaded.run_config or {}
     train = run.get("train", {})
-    data_dir = args.data_dir or run["data"]["dir"]
+    if args.data_dir is not None:
+        data_dir = Path(args.data_dir)
+    else:  # the checkpoint lives in <run>/checkpoints/step_N
+        data_dir = resolve_recorded(run["data"]["dir"], Path(loaded.source).parent.parent, run, "data.dir")
+    if not data_dir.exists():
+        where = "--data-dir" if args.data_dir is not None else f"the run's data.dir ({run['data']['dir']})"
+        raise UserError(f"data folder {data_dir} does not exist ({where}): prepare it with "
+                        f"{prepare_command(run['data'], data_dir) if run else 'python -m data.prepare ...'} "
+                        "or pass --data-dir <a prepared folder>")
     sequences = args.sequences or train.get("eval_sequences", defaults.eval_sequences)
     batch_size = args.batch_size or train.get("micro_batch_size")
     if batch_size is None:

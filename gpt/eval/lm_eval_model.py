@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from common.errors import UserError
 
@@ -75,7 +76,8 @@ class SophiaGPT(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """A document's total log-likelihood, in disjoint windows of the model's context."""
         results = []
-        for (text,) in (request.args for request in requests):
+        for (text,) in tqdm([request.args for request in requests], desc="rolling log-likelihoods",
+                            unit="document", disable=disable_tqdm):
             windows = [make_disjoint_window(window) for window in get_rolling_token_windows(
                 self.tok_encode(text), self.eot_token_id, self.max_length, context_len=1)]
             scores = score_continuations(self.model, windows, batch_size=self.batch_size,
@@ -88,7 +90,8 @@ class SophiaGPT(TemplateLM):
         """Greedy continuation, ended at the end-of-text token, cut before the first stop string, or after
         `max_gen_toks` tokens."""
         outputs = []
-        for context, kwargs in (request.args for request in requests):
+        for context, kwargs in tqdm([request.args for request in requests], desc="generating",
+                                    unit="request", disable=disable_tqdm):
             until = kwargs.get("until") or []
             continuation = Continuation(self.tokenizer_, [until] if isinstance(until, str) else until)
             ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gpt.metrics import MetricsLog
+from gpt.metrics import MetricsLog, clock_time, eta_seconds, format_line
 
 
 def records(*entries: dict) -> str:
@@ -33,3 +33,17 @@ def test_resume_keeps_only_what_the_resumed_run_does_not_write_again(lines, step
     MetricsLog(tmp_path, enabled=True).resume(step, record_pending=pending)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == kept
+
+
+def test_the_console_line_shows_step_of_total_elapsed_and_eta():
+    """Wrong if the line lacked the step out of the total, the elapsed time or the ETA, or the ETA were not
+    the remaining steps at the average time per step so far: 30 of 300 steps in 90 s leave 270 × 3 s."""
+    record = {"step": 30, "train_loss": 2.5, "tokens_per_sec": 1234.0, "mfu": 0.4, "elapsed_s": 90.0}
+    line = format_line(record, 300)
+    assert line.startswith("step  30/300 | loss 2.5000")
+    assert "1,234 tok/s | mfu 40.0% | 0:01:30 elapsed | ETA 0:13:30" in line
+    assert eta_seconds(90.0, 30, 300) == pytest.approx(810.0)
+    assert eta_seconds(0.0, 0, 300) is None  # nothing measured yet
+    assert "ETA" not in format_line({"step": 0, "val_loss": 5.0, "elapsed_s": 0.0}, 300)
+    assert clock_time(3 * 3600 + 61.4) == "3:01:01" and clock_time(26 * 3600) == "26:00:00"
+    assert "mfu" not in format_line({**record, "mfu": None}, 300)  # no peak known (a CPU)

@@ -9,8 +9,9 @@ import torch
 from gpt.distributed import init_runtime
 from gpt.plan import peak_flops
 from gpt.settings import load_settings
-from gpt.trainer import Trainer
-from tests.hydra_compose import compose_train
+from gpt.step_probe import cpu_estimate
+from gpt.trainer import Trainer, train
+from tests.hydra_compose import compose_train, tiny_run
 
 
 def dry_run(tmp_path, *overrides: str) -> Trainer:
@@ -110,3 +111,36 @@ def test_the_plan_states_the_optimizer_memory_its_registry_entry_declares(tmp_pa
         per_block = sides(3 * d, d) + sides(d, d) + sides(4 * d, d) + sides(d, 4 * d)
         numel = 2 * params + layers * per_block + 2 * d**2 + sides(context, d)  # wte: its short side only
     assert f"optimizer state ≈ {numel * 4 / 2**30:.2f} GiB" in plan
+
+
+def test_cpu_estimate_arithmetic():
+    """Wrong if a step were not its micro-steps (times the curvature share), or the evaluations were
+    miscounted: the quick start evaluates at step 0 and every 10 of its 300 steps (31 times), 128
+    sequences in 8 micro-batches of 16, each a third of a forward+backward."""
+    estimate = cpu_estimate(0.3, grad_accum_steps=2, micro_batch_size=16, compute_factor=1.0, max_steps=300,
+                            eval_interval=10, eval_sequences=128)
+    assert estimate.step_s == pytest.approx(0.6) and estimate.evaluations == 31
+    assert estimate.eval_s == pytest.approx(0.3 * 8 / 3)
+    assert estimate.total_s == pytest.approx(300 * 0.6 + 31 * 0.8)
+    uneven = cpu_estimate(1.0, grad_accum_steps=1, micro_batch_size=4, compute_factor=1.5, max_steps=25,
+                          eval_interval=10, eval_sequences=6)
+    assert uneven.evaluations == 4 and uneven.step_s == pytest.approx(1.5)  # steps 0, 10, 20 and 25
+    assert uneven.eval_s == pytest.approx(2 / 3)  # 6 sequences: 2 micro-batches of 4
+
+
+def test_a_cpu_run_plans_its_time_from_a_probe_of_its_model(tmp_path, byte_data, capsys):
+    """Wrong if a CPU run's plan gave only GPU times, or its estimate were not the probe's arithmetic; a dry
+    run (no weights to time) says when it will be measured."""
+    dry_run(tmp_path / "dry", "experiment=quickstart").run()
+    assert "time on this CPU: measured when the run starts" in capsys.readouterr().out
+    train(compose_train(tiny_run(tmp_path / "run", byte_data, steps=2, interval=2)))
+    plan = (tmp_path / "run" / "plan.txt").read_text()
+    found = re.search(r"time on this CPU \(measured at start: ([\d.e-]+) s per micro-step → ([\d.e-]+) s per "
+                      r"step, ([\d.e-]+) s per evaluation × 2\): ≈ ([\d.,]+) (seconds|minutes)", plan)
+    assert found, plan
+    micro, step, evaluation, total = (float(found[i].replace(",", "")) for i in range(1, 5))
+    assert step == pytest.approx(2 * micro, rel=0.01)  # 8 sequences in micro-batches of 4
+    assert evaluation == pytest.approx(2 * micro / 3, rel=0.01)  # 8 validation sequences: 2 forwards
+    seconds = total * (60 if found[5] == "minutes" else 1)
+    assert seconds == pytest.approx(2 * step + 2 * evaluation, rel=0.05)
+    assert "time at 40% MFU on A100" in plan  # and the GPU table still

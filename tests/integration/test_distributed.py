@@ -336,7 +336,7 @@ def test_one_run_directory_written_by_rank_0_only(runs, name):
     steps = [r["step"] for r in records(run)]
     assert steps == [0, *range(1, STEPS + 1)], steps
     log = (run / "train.log").read_text()
-    assert log.count("world size: 2") == 1 and log.count(f"step {STEPS:>6} |") == 1
+    assert log.count("world size: 2") == 1 and log.count(f"step {STEPS}/{STEPS} |") == 1
 
 
 def test_batch_that_does_not_split_over_the_ranks_is_a_one_line_error(runs, tmp_path):

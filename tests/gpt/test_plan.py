@@ -23,7 +23,8 @@ def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     """Wrong if any printed number drifts from the arithmetic: 24 blocks of 12·d² + 2·d parameters (no
     biases) plus the final LayerNorm, tied 50304×1024 embedding, 1024 positions; FLOPs per token
     6·N + 12·L·d·T with N all but the position table (the head's matmul counts); a GNB pass over a full batch
-    every 10 steps adds 10%; A100 at 312 TFLOP/s bf16 and 40% MFU."""
+    every 10 steps adds 10%; 101 evaluations (step 0 and every 1,000) of the fixed 2,400 sequences, a forward
+    each (a third of a training token's FLOPs), count in the time; A100 at 312 TFLOP/s bf16 and 40% MFU."""
     trainer = dry_run(tmp_path, "optim=sophia_g", "model=gpt2_medium")
     trainer.run()
     plan = capsys.readouterr().out
@@ -31,14 +32,18 @@ def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     non_embedding = layers * (12 * d * d + 2 * d) + d
     params = non_embedding + vocab * d + context * d
     tokens_per_step = 480 * 1024
-    flops_per_step = (6 * (non_embedding + vocab * d) + 12 * layers * d * context) * tokens_per_step * 1.1
+    flops_per_token = 6 * (non_embedding + vocab * d) + 12 * layers * d * context
+    flops_per_step = flops_per_token * tokens_per_step * 1.1
     total_flops = flops_per_step * 100_000
-    a100_hours = total_flops / (312e12 * 0.4) / 3600
+    eval_flops = 101 * 2400 * context * flops_per_token / 3
+    a100_hours = (total_flops + eval_flops) / (312e12 * 0.4) / 3600
     assert f"({params / 1e6:.2f} M parameters)" in plan
     assert "world size: 1" in plan
     assert "micro 12 × accumulation 40 × world 1 = 480 sequences × 1024 tokens = 491,520 tokens/step" in plan
     assert f"100,000 → {100_000 * tokens_per_step / 1e9:.2f} B tokens" in plan
     assert f"{flops_per_step / 1e15:.2f} PFLOP per step, {total_flops / 1e18:.2f} EFLOP in total" in plan
+    assert (f"evaluation: 101 × 2,400 validation sequences (a fixed set): {eval_flops / 1e15:.2f} PFLOP, "
+            f"{eval_flops / total_flops:.2%} of training") in plan
     assert f"optimizer state ≈ {2 * params * 4 / 2**30:.2f} GiB" in plan
     hours = re.search(r"40% MFU on A100 .*: ([\d,]+) GPU-hours = ([\d.]+) h on 8 GPUs", plan)
     assert hours and int(hours[1].replace(",", "")) == round(a100_hours)

@@ -62,7 +62,7 @@ def test_dry_run_allocates_no_model(tmp_path):
 def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     """Wrong if a run of a few minutes prints "0.00 B tokens", "0.00 GiB" or "0 GPU-hours": the quick start's
     300 steps of 4,096 tokens are 1.23 M tokens, its 836,736 fp32 weights 3.19 MiB, and its 7.0 TFLOP at 40%
-    of an A100's 156 TFLOP/s fp32 peak a fraction of a GPU-second."""
+    of an A100's 156 TFLOP/s fp32 peak (with its 31 evaluations' share) a fraction of a GPU-second."""
     dry_run(tmp_path, "experiment=quickstart").run()
     plan = capsys.readouterr().out
     params = 836_736
@@ -70,7 +70,8 @@ def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     assert f"weights {params * 4 / 2**20:.2f} MiB fp32" in plan
     seconds = re.search(r"40% MFU on A100 .*: ([\d.]+) GPU-seconds = ([\d.]+) s on 8 GPUs", plan)
     flops = float(re.search(r"([\d.]+) TFLOP in total", plan)[1]) * 1e12
-    assert seconds and float(seconds[1]) == pytest.approx(flops / (156e12 * 0.4), rel=0.05)
+    evaluation = float(re.search(r"evaluation: 31 × 128 .*, ([\d.]+)% of training", plan)[1]) / 100
+    assert seconds and float(seconds[1]) == pytest.approx(flops * (1 + evaluation) / (156e12 * 0.4), rel=0.05)
     assert float(seconds[2]) == pytest.approx(float(seconds[1]) / 8, rel=0.05)
     assert " 0 GPU" not in plan and "0.00 " not in plan
 

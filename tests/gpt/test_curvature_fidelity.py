@@ -24,10 +24,12 @@ STEPS = 200
 
 
 @pytest.mark.parametrize(("optim", "optimizer_class", "interval", "at_start"), [
-    ("sophia_g", SophiaG, 7, False),
-    ("sophia_h", SophiaH, 7, False),
-    ("adahessian", AdaHessian, 3, True),  # refuses to step without an estimate: one pass before step 0
-], ids=["sophia_g", "sophia_h", "adahessian"])
+    pytest.param("sophia_g", SophiaG, 7, False, id="sophia_g"),
+    # the same schedule code; their double backward makes each run slower
+    pytest.param("sophia_h", SophiaH, 7, False, id="sophia_h", marks=pytest.mark.slow),
+    # refuses to step without an estimate: one pass before step 0
+    pytest.param("adahessian", AdaHessian, 3, True, id="adahessian", marks=pytest.mark.slow),
+])
 def test_curvature_passes_run_after_step_s_minus_1_for_s_a_multiple_of_k(
     tmp_path, byte_data, monkeypatch, optim, optimizer_class, interval, at_start,
 ):

@@ -5,8 +5,11 @@ A batch has no hidden RNG state: for (seed, stream, step) the *global* batch's w
 `(k * world_size + r) * micro_batch_size` onwards. Resuming is therefore exact, runs with the same seed see
 the same tokens whatever the optimizer, and 1 process × 2 micro-steps sees the same sequences as 2 ranks × 1
 micro-step. The validation set is fixed: sequence j is drawn from `default_rng([VAL_SEED, VAL_STREAM, j])`,
-independent of the training seed, the micro-batch size and the world size. Every batch's blocks are verified
-against the hashes preparation recorded before the batch is returned (`data/blocks.py`).
+independent of the training seed, the micro-batch size and the world size. The official scripts' estimate
+(`protocol.eval_batches`) draws fresh windows instead, the evaluation after `step` steps from
+`default_rng([seed, SAMPLED_VAL_STREAM, step])`: new ones at every evaluation, the same ones after a resume.
+Every batch's blocks are verified against the hashes preparation recorded before the batch is returned
+(`data/blocks.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from common.errors import UserError
 from data import blocks
 from data.prepare import DTYPES, FORMAT_VERSION, damaged_split, read_meta
 
-TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM = 0, 1, 2
+TRAIN_STREAM, HESSIAN_STREAM, VAL_STREAM, SAMPLED_VAL_STREAM = 0, 1, 2, 3
 VAL_SEED = 1234  # constant on purpose: every run is evaluated on the same sequences
 
 
@@ -174,18 +177,36 @@ class BatchLoader:
         return self._windows("val", np.array(offsets))
 
     def val_schedule(self, sequences: int) -> list[tuple[int, int, float]]:
-        """This rank's share of a `sequences`-long validation set: (first, count, weight) per micro-batch.
-        Micro-batches of `micro_batch_size` go to the ranks in turn; every rank gets the same number (a rank
-        past the end repeats the last one with weight 0), so that collective forwards stay matched."""
-        micro, world = self.plan.micro_batch_size, self.plan.world_size
-        batches = math.ceil(sequences / micro)
+        """This rank's share of a `sequences`-long validation set: (first, count, weight) per micro-batch,
+        micro-batches of `micro_batch_size` handed to the ranks in turn (`rank_share`)."""
+        micro = self.plan.micro_batch_size
         schedule = []
-        rounds = math.ceil(batches / world)
-        for index in range(self.rank, rounds * world, world):
-            first = min(index, batches - 1) * micro
+        for index, counts in self.rank_share(math.ceil(sequences / micro)):
+            first = index * micro
             count = min(micro, sequences - first)
-            schedule.append((first, count, float(count) if index < batches else 0.0))
+            schedule.append((first, count, float(count) if counts else 0.0))
         return schedule
+
+    def rank_share(self, batches: int) -> list[tuple[int, bool]]:
+        """This rank's batches of `batches` handed to the ranks in turn: (index, whether it counts). Every
+        rank gets the same number (a rank past the end repeats the last batch, not counted), so that
+        collective forwards stay matched."""
+        world = self.plan.world_size
+        turns = range(self.rank, math.ceil(batches / world) * world, world)
+        return [(min(index, batches - 1), index < batches) for index in turns]
+
+    def sampled_val_batch(self, step: int, index: int, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `index` of the `batches` drawn for the evaluation after `step` steps, as the official scripts
+        draw them: `micro_batch_size` windows at uniformly random offsets of the whole val split, new at every
+        evaluation. The draw is a pure function of (seed, step), so a resumed run evaluates the windows the
+        straight run did; it does not depend on the world size (batch `index` is the same on any rank)."""
+        micro = self.plan.micro_batch_size
+        if not 0 <= index < batches:
+            raise ValueError(f"batch {index} of {batches}")
+        high = len(self.data.split("val")) - self.block_size
+        offsets = np.random.default_rng([self.seed, SAMPLED_VAL_STREAM, step]).integers(
+            0, high, size=batches * micro)
+        return self._windows("val", offsets[index * micro : (index + 1) * micro])
 
     def _global_batch_rows(
         self, stream: int, step: int, micro_step: int, global_batch_size: int,

@@ -105,6 +105,7 @@ class ProtocolSettings:
     summed_accumulation: tuple[str, ...] = ()
     warmup_from_zero: bool = False
     extra_final_step: bool = False
+    eval_batches: int = 0  # 0: the fixed set of train.eval_sequences; n: n micro-batches of fresh windows
     summed_micro_steps: int = 0  # resolved at start (`gpt.settings`): micro-steps per rank summed, 0 if none
 
 
@@ -240,6 +241,9 @@ def _check(s: Settings) -> None:
     if s.schedule.decay_steps is not None and s.schedule.decay_steps < 1:
         raise UserError(f"schedule.decay_steps={s.schedule.decay_steps} must be at least 1 (or null: "
                         "train.max_steps)")
+    if s.protocol.eval_batches < 0:
+        raise UserError(f"protocol.eval_batches={s.protocol.eval_batches} must be 0 (the fixed validation "
+                        "set of train.eval_sequences) or a number of batches of fresh windows")
     unknown = sorted(set(s.protocol.summed_accumulation) - set(OPTIMIZERS))
     if unknown:
         raise UserError(f"protocol.summed_accumulation names unknown optimizer(s) {', '.join(unknown)}; "

@@ -3,8 +3,9 @@ memory, the protocol, and the wall-clock it should take on a named GPU at a stat
 this CPU, from a probe of the model (`gpt.step_probe`).
 
 FLOPs per token are the model's (`GPT.flops_per_token`); a curvature pass adds a forward and backward over
-its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two). Peaks are
-dense bf16 tensor-core numbers from the vendors' data sheets.
+its own batch every `hessian_interval` steps (Hutchinson's double backward is counted as two); an evaluation
+is a forward (a third of a training token's FLOPs) over its validation sequences, at step 0, every
+`eval_interval` steps and at the end. Peaks are dense bf16 tensor-core numbers from the vendors' data sheets.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from gpt.config import BatchPlan, Settings
-from gpt.protocol import describe_protocol
+from gpt.protocol import describe_protocol, evaluation_sequences
 from gpt.step_probe import CpuEstimate
 from optim import entry_for
 
@@ -49,6 +50,11 @@ def training_flops_per_token(model: Any, optim: Mapping[str, Any], global_batch_
     share = (optim.get("hessian_batch_size") or global_batch_size) / global_batch_size
     per_step = share * CURVATURE_PASSES[kind] / (optim.get("hessian_interval") or 1)
     return model.flops_per_token() * (1 + per_step)
+
+
+def evaluation_count(steps: int, eval_interval: int) -> int:
+    """Evaluations in a run of `steps` steps: at step 0, every `eval_interval` steps and after the last."""
+    return steps // eval_interval + 1 + (steps % eval_interval != 0)
 
 
 def _gpu_peak(name: str, dtype: str) -> float | None:
@@ -128,6 +134,11 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     flops_per_step = training_flops_per_token(model, optim, t.global_batch_size) * plan.tokens_per_step
     curvature = getattr(optimizer, "curvature", None)
     total_flops = flops_per_step * t.max_steps
+    evaluations = evaluation_count(t.max_steps, t.eval_interval)
+    sequences = evaluation_sequences(settings.protocol, t)
+    eval_flops = evaluations * sequences * plan.block_size * model.flops_per_token() / 3  # forward only
+    batches = settings.protocol.eval_batches
+    drawn = f"{batches} micro-batches of fresh windows" if batches else "a fixed set"
     state_bytes = entry_for(optim).state_numel(model, optim) * 4  # float32, as the entry declares
     sharded = f" ({_bytes(state_bytes / plan.world_size)} per rank)" if runtime.strategy == "fsdp" else ""
     lines = [
@@ -142,6 +153,8 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
         f"  compute: {_human(flops_per_step, 'FLOP')} per step, {_human(total_flops, 'FLOP')} in total"
         + (f" (incl. {curvature} curvature passes every {optim.get('hessian_interval')} steps)"
            if curvature else ""),
+        f"  evaluation: {evaluations:,} × {sequences:,} validation sequences ({drawn}):"
+        f" {_human(eval_flops, 'FLOP')}, {eval_flops / total_flops:.2%} of training",
         f"  memory: weights {_bytes(n_params * 4)} fp32,"
         f" optimizer state ≈ {_bytes(state_bytes)}{sharded}",
     ]
@@ -152,7 +165,7 @@ def describe_plan(settings: Settings, plan: BatchPlan, model: Any, optimizer: An
     count = plan.world_size if runtime.device.type == "cuda" else 8
     for gpu in gpus:
         peak = _gpu_peak(gpu, t.dtype)
-        gpu_hours = total_flops / (peak * t.assumed_mfu) / 3600
+        gpu_hours = (total_flops + eval_flops) / (peak * t.assumed_mfu) / 3600
         lines.append(f"  time at {t.assumed_mfu:.0%} MFU on {gpu} ({_human(peak, 'FLOP/s')} {t.dtype} peak):"
                      f" {_gpu_time(gpu_hours, count)}")
     return "\n".join(lines)

@@ -36,6 +36,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "train.hellaswag_interval": "evaluation only",
     "train.hellaswag_data": "evaluation only",
     "train.hellaswag_limit": "evaluation only",
+    "protocol.eval_batches": "evaluation only",
     "train.dry_run": "prints the plan only",
     "train.gpu": "the plan's time estimate",
     "train.assumed_mfu": "the plan's time estimate",

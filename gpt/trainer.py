@@ -17,7 +17,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -218,20 +220,34 @@ class Trainer:
         with self.evaluation_weights():
             return self._evaluate(stop)
 
+    def _validation_batches(self) -> Iterator[tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], float]]:
+        """This rank's validation micro-batches (each a loader call) and their weights (0: a repeat that keeps
+        the ranks' forwards matched): the fixed set of `train.eval_sequences` sequences, or, where
+        `protocol.eval_batches` asks for the official estimate, that many micro-batches of fresh windows
+        drawn for this step, whose mean over all ranks is the mean of the batch means."""
+        loader, batches, step = self.loader, self.settings.protocol.eval_batches, self.state.step
+        if batches:
+            weight = float(self.plan.micro_batch_size)
+            for index, counts in loader.rank_share(batches):
+                yield partial(loader.sampled_val_batch, step, index, batches), weight if counts else 0.0
+        else:
+            for first, count, weight in loader.val_schedule(self.settings.train.eval_sequences):
+                yield partial(loader.val_batch, first, count), weight
+
     @torch.no_grad()
     def _evaluate(self, stop: StopRequested | None) -> float | None:
-        """Mean loss over the fixed validation set (`train.eval_sequences` sequences), split across ranks in
+        """Mean loss over the validation sequences (`_validation_batches`), split across ranks in
         micro-batches, each weighted by its number of sequences. Every rank runs the same number of forwards
         (FSDP's all-gathers are collectives); a rank past the end repeats a batch with weight 0. A stop
         signal (on any rank) abandons it between two micro-batches: None."""
         self.model.eval()
         total = torch.zeros(2, device=self.runtime.device)
-        for first, count, weight in self.loader.val_schedule(self.settings.train.eval_sequences):
+        for batch, weight in self._validation_batches():
             if stop is not None and self._stop_agreed(stop):
                 log.warning("evaluation abandoned for the stop signal: a rerun evaluates this step again")
                 self.model.train()
                 return None
-            x, y = self.loader.val_batch(first, count)
+            x, y = batch()
             with self.autocast():
                 _, loss = self.model(x, y)
             total += torch.stack([loss.float() * weight, torch.full((), weight, device=self.runtime.device)])

@@ -41,8 +41,11 @@ def model_card(model: GPT, tokenizer: Tokenizer, checkpoint: Path) -> str:
         loss = f"not in the run's {METRICS_FILE} for step {step}"
     else:
         value = record["val_loss"]
+        batches = config.get("protocol", {}).get("eval_batches", 0)
+        sequences = (f"{batches} micro-batches of {train['micro_batch_size']} fresh random validation windows"
+                     if batches else f"{train['eval_sequences']} validation sequences")
         loss = (f"{value:.4f} nats/token (perplexity {math.exp(value):.2f}) at step {step}, on "
-                f"{train['eval_sequences']} validation sequences of {m['block_size']} tokens")
+                f"{sequences} of {m['block_size']} tokens")
     attention = ("; attention scores are also divided by the layer index + 1 "
                  "(`scale_attn_by_inverse_layer_idx`), so config.json asks for eager attention: transformers "
                  "before 5.4 ignores that scaling on its default SDPA path"

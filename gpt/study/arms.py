@@ -30,6 +30,7 @@ from common.errors import UserError
 from gpt.config import ModelSettings, Settings, describe_composition_error, parse_config
 from gpt.model import GPT
 from gpt.plan import training_flops_per_token
+from gpt.protocol import evaluation_sequences
 from gpt.study.schema import Budget, LadderSpec, OptimizerSpec, Study
 from gpt.study.search import Ladder, Point, values_of
 from optim import build_optimizer, check_run, entry_for
@@ -202,6 +203,7 @@ def resolve_arm(study: Study, model: str, spec: OptimizerSpec) -> Arm:
         check_run(settings.optim, strategy="single", schedule=settings.schedule.name)
         tokens_per_step = settings.train.global_batch_size * settings.model.block_size
         build_optimizer(settings.optim, network, tokens_per_step)
+        eval_tokens = evaluation_sequences(settings.protocol, settings.train) * settings.model.block_size
     except UserError as error:
         raise UserError(f"{where}: {error}") from None
     for ladder in ladders:
@@ -209,7 +211,7 @@ def resolve_arm(study: Study, model: str, spec: OptimizerSpec) -> Arm:
             raise UserError(f"{where}, tune.{ladder.name}: its limits reach values that are not finite")
     return Arm(model, spec, ladders, tuple([*choices, *settings_overrides]), settings, network.num_params(),
                training_flops_per_token(network, settings.optim, settings.train.global_batch_size),
-               settings.train.eval_sequences * settings.model.block_size, float(settings.optim["lr"]))
+               eval_tokens, float(settings.optim["lr"]))
 
 
 def resolve_arms(study: Study) -> list[Arm]:

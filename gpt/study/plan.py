@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from gpt.plan import GPU_PEAKS, _gpu_peak, _gpu_time, _human, _tokens
+from gpt.plan import GPU_PEAKS, _gpu_peak, _gpu_time, _human, _tokens, evaluation_count
 from gpt.study.arms import Arm
 from gpt.study.schema import Study
 from gpt.study.search import Point, descend
@@ -67,7 +67,7 @@ def plan_cells(study: Study, arms: list[Arm]) -> list[CellPlan]:
             expected = (expected_tuning + extra_seeds) if tuned_here else len(study.seeds)
             most = (most_tuning + extra_seeds) if tuned_here else len(study.seeds)
             tokens = steps[index] * arm.tokens_per_step
-            evaluations = steps[index] // t.eval_interval + 1 + (steps[index] % t.eval_interval != 0)
+            evaluations = evaluation_count(steps[index], t.eval_interval)
             eval_flops = evaluations * arm.eval_tokens * arm.flops_per_token / 3  # forward only
             cells.append(CellPlan(
                 arm.model, arm.label, budget.label(), steps[index], tokens, expected, most,

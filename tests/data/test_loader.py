@@ -148,6 +148,58 @@ def test_validation_set_is_the_same_sequences_whatever_the_batch_layout(data_dir
         assert len(rounds) == 1, "ranks would run different numbers of forwards"
 
 
+def sampled_offsets(batches: BatchLoader, step: int, count: int = 200) -> np.ndarray:
+    """The offsets of the windows the official estimate draws after `step` steps (a window's first token
+    is 30000 + its offset in the val split)."""
+    rows = [batches.sampled_val_batch(step, index, count) for index in range(count)]
+    for x, y in rows:
+        assert torch.equal(y, x + 1)
+    return torch.cat([x[:, 0] for x, _ in rows]).numpy() - 30000
+
+
+def test_official_estimate_draws_fresh_windows_that_a_resume_repeats(data_dir):
+    """The official scripts draw 200 micro-batches of new random windows at every evaluation. Wrong if two
+    evaluations see the same windows, if the windows are the fixed set's, if a new loader (a resumed process)
+    draws other windows for the same step, or if the draw ignores the seed like the fixed set does."""
+    batches = loader(data_dir, seed=5)
+    first, later = sampled_offsets(batches, 10), sampled_offsets(batches, 20)
+    assert first.shape == (400,)  # 200 batches × micro-batch 2
+    assert np.mean(first == later) < 0.05  # fresh: independent draws of 992 offsets agree ~0.1% of the time
+    fixed = batches.val_batch(0, 400)[0][:, 0].numpy() - 30000
+    assert np.mean(first == fixed) < 0.05
+    assert np.array_equal(sampled_offsets(loader(data_dir, seed=5), 10), first)  # a resumed process
+    assert np.mean(sampled_offsets(loader(data_dir, seed=6), 10) == first) < 0.05
+    # the draw is per evaluation, not per micro-batch size's prefix only: batch i is rows 2i, 2i + 1
+    assert np.array_equal(batches.sampled_val_batch(10, 7, 200)[0][:, 0].numpy() - 30000, first[14:16])
+
+
+def test_official_estimate_draws_uniform_start_positions_over_the_whole_split(data_dir):
+    """The official `get_batch` draws offsets uniformly from [0, len(val) − block_size): here 992 of them.
+    Pooled over 50 evaluations (20,000 windows) the offsets must reach both ends and pass a χ² test of
+    uniformity over 31 bins of 32 offsets (χ² with 30 degrees of freedom: 59.7 at p = 0.001). Wrong if the
+    draw is confined to part of the split (the fixed set's first windows, a prefix) or skewed."""
+    batches = loader(data_dir, seed=0)
+    pooled = np.concatenate([sampled_offsets(batches, step) for step in range(0, 500, 10)])
+    assert pooled.min() == 0 and pooled.max() == 1000 - T - 1
+    counts = np.bincount(pooled // 32, minlength=31)
+    expected = len(pooled) / 31
+    assert ((counts - expected) ** 2 / expected).sum() < 59.7, counts
+
+
+@pytest.mark.parametrize("count", [1, 7, 200])
+def test_every_batch_counts_once_over_the_ranks(data_dir, count):
+    """The official estimate's batches shared over ranks: each of the `count` batches counted on exactly one
+    rank, every rank running the same number of forwards (padding repeats a batch, not counted). Wrong if a
+    batch is lost or counted twice, which would change the number of sequences evaluated."""
+    for world_size in (1, 2, 3, 4):
+        shares = [loader(data_dir, world_size=world_size, global_batch_size=24, rank=rank).rank_share(count)
+                  for rank in range(world_size)]
+        counted = sorted(index for share in shares for index, counts in share if counts)
+        assert counted == list(range(count)), world_size
+        assert len({len(share) for share in shares}) == 1
+        assert all(0 <= index < count for share in shares for index, _ in share)
+
+
 def test_token_ids_beyond_the_model_vocabulary_are_one_clear_error(data_dir):
     """Otherwise a damaged token file crashes training with an IndexError deep inside the embedding."""
     batches = loader(data_dir, vocab_limit=31000)

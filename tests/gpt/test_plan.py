@@ -24,7 +24,8 @@ def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     """Wrong if any printed number drifts from the arithmetic: 24 blocks of 12·d² + 2·d parameters (no
     biases) plus the final LayerNorm, tied 50304×1024 embedding, 1024 positions; FLOPs per token
     6·N + 12·L·d·T with N all but the position table (the head's matmul counts); a GNB pass over a full batch
-    every 10 steps adds 10%; A100 at 312 TFLOP/s bf16 and 40% MFU."""
+    every 10 steps adds 10%; 101 evaluations (step 0 and every 1,000) of the fixed 2,400 sequences, a forward
+    each (a third of a training token's FLOPs), count in the time; A100 at 312 TFLOP/s bf16 and 40% MFU."""
     trainer = dry_run(tmp_path, "optim=sophia_g", "model=gpt2_medium")
     trainer.run()
     plan = capsys.readouterr().out
@@ -32,14 +33,18 @@ def test_gpt2_medium_sophia_g_plan(tmp_path, capsys):
     non_embedding = layers * (12 * d * d + 2 * d) + d
     params = non_embedding + vocab * d + context * d
     tokens_per_step = 480 * 1024
-    flops_per_step = (6 * (non_embedding + vocab * d) + 12 * layers * d * context) * tokens_per_step * 1.1
+    flops_per_token = 6 * (non_embedding + vocab * d) + 12 * layers * d * context
+    flops_per_step = flops_per_token * tokens_per_step * 1.1
     total_flops = flops_per_step * 100_000
-    a100_hours = total_flops / (312e12 * 0.4) / 3600
+    eval_flops = 101 * 2400 * context * flops_per_token / 3
+    a100_hours = (total_flops + eval_flops) / (312e12 * 0.4) / 3600
     assert f"({params / 1e6:.2f} M parameters)" in plan
     assert "world size: 1" in plan
     assert "micro 12 × accumulation 40 × world 1 = 480 sequences × 1024 tokens = 491,520 tokens/step" in plan
     assert f"100,000 → {100_000 * tokens_per_step / 1e9:.2f} B tokens" in plan
     assert f"{flops_per_step / 1e15:.2f} PFLOP per step, {total_flops / 1e18:.2f} EFLOP in total" in plan
+    assert (f"evaluation: 101 × 2,400 validation sequences (a fixed set): {eval_flops / 1e15:.2f} PFLOP, "
+            f"{eval_flops / total_flops:.2%} of training") in plan
     assert f"optimizer state ≈ {2 * params * 4 / 2**30:.2f} GiB" in plan
     hours = re.search(r"40% MFU on A100 .*: ([\d,]+) GPU-hours = ([\d.]+) h on 8 GPUs", plan)
     assert hours and int(hours[1].replace(",", "")) == round(a100_hours)
@@ -58,7 +63,7 @@ def test_dry_run_allocates_no_model(tmp_path):
 def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     """Wrong if a run of a few minutes prints "0.00 B tokens", "0.00 GiB" or "0 GPU-hours": the quick start's
     300 steps of 4,096 tokens are 1.23 M tokens, its 836,736 fp32 weights 3.19 MiB, and its 7.0 TFLOP at 40%
-    of an A100's 156 TFLOP/s fp32 peak a fraction of a GPU-second."""
+    of an A100's 156 TFLOP/s fp32 peak (with its 31 evaluations' share) a fraction of a GPU-second."""
     dry_run(tmp_path, "experiment=quickstart").run()
     plan = capsys.readouterr().out
     params = 836_736
@@ -66,7 +71,8 @@ def test_small_run_plan_uses_units_that_fit(tmp_path, capsys):
     assert f"weights {params * 4 / 2**20:.2f} MiB fp32" in plan
     seconds = re.search(r"40% MFU on A100 .*: ([\d.]+) GPU-seconds = ([\d.]+) s on 8 GPUs", plan)
     flops = float(re.search(r"([\d.]+) TFLOP in total", plan)[1]) * 1e12
-    assert seconds and float(seconds[1]) == pytest.approx(flops / (156e12 * 0.4), rel=0.05)
+    evaluation = float(re.search(r"evaluation: 31 × 128 .*, ([\d.]+)% of training", plan)[1]) / 100
+    assert seconds and float(seconds[1]) == pytest.approx(flops * (1 + evaluation) / (156e12 * 0.4), rel=0.05)
     assert float(seconds[2]) == pytest.approx(float(seconds[1]) / 8, rel=0.05)
     assert " 0 GPU" not in plan and "0.00 " not in plan
 

@@ -20,9 +20,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FAULTS = int(os.environ.get("KILL_SOAK_FAULTS", "5"))
-# 60 tiny steps: a checkpoint every 2 (written in the background), an evaluation every 5 (64 sequences, a few
-# steps long), a record at every step; far more steps than the faults need to make progress.
-SOAK = ["experiment=quickstart", "train.max_steps=60", "schedule.decay_steps=60", "train.log_interval=1",
+# 12 tiny steps per fault (60 for the suite's 5): a checkpoint every 2 (written in the background), an
+# evaluation every 5 (64 sequences, a few steps long), a record at every step; more steps than the faults need
+# to make progress even on a loaded machine, where a fault aimed seconds into a phase lands steps later.
+STEPS = 12 * max(FAULTS, 5)
+SOAK = ["experiment=quickstart", f"train.max_steps={STEPS}", f"schedule.decay_steps={STEPS}",
+        "train.log_interval=1",
         "train.eval_interval=5", "train.eval_sequences=64", "train.ckpt_interval=2",
         "train.async_checkpoint=true", "train.keep_checkpoints=2", "train.global_batch_size=8",
         "train.micro_batch_size=4", "model.n_layer=2", "model.n_embd=128", "model.block_size=32"]

@@ -12,7 +12,6 @@ A run directory stands for its newest complete checkpoint; sharded (FSDP) checkp
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from gpt.cli import entry_point
@@ -27,10 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (new or empty)")
     args = parser.parse_args(argv)
     require_hf()
-    print(f"loading {args.path} ...", file=sys.stderr, flush=True)  # the stages of a long export
+    print(f"loading {args.path} ...", flush=True)  # the stages of a long export (stderr: errors only)
     loaded = load_checkpoint(args.path)
     card = model_card(loaded.model, loaded.tokenizer, Path(loaded.source))
-    print(f"writing {loaded.model.num_params():,} parameters to {args.out} ...", file=sys.stderr, flush=True)
+    print(f"writing {loaded.model.num_params():,} parameters to {args.out} ...", flush=True)
     export_hf(loaded.model, loaded.tokenizer, args.out, card)
     print(f"exported {loaded.source} -> {args.out} (tokenizer {loaded.tokenizer.name})")
 

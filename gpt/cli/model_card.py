@@ -46,9 +46,9 @@ def model_card(model: GPT, tokenizer: Tokenizer, checkpoint: Path) -> str:
                      if batches else f"{train['eval_sequences']} validation sequences")
         loss = (f"{value:.4f} nats/token (perplexity {math.exp(value):.2f}) at step {step}, on "
                 f"{sequences} of {m['block_size']} tokens")
-    attention = ("; attention scores are also divided by the layer index + 1 "
-                 "(`scale_attn_by_inverse_layer_idx`), so config.json asks for eager attention: transformers "
-                 "before 5.4 ignores that scaling on its default SDPA path"
+    attention = ("; trained with attention scores divided by the layer index + 1 "
+                 "(`scale_attn_by_inverse_layer_idx`), exported with that factor folded into each layer's "
+                 "query projection, since transformers before 5.4 ignores the flag on its default SDPA path"
                  if m.get("scale_attn_by_inverse_layer_idx") else "")
     rows = [
         ("architecture", f"GPT-2 (`GPT2LMHeadModel`): {m['n_layer']} layers, {m['n_head']} heads, width "

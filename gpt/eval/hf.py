@@ -7,10 +7,13 @@ Importing pads them back with the mean of the real rows, whose logits are then t
 rises by at most log(1 + pad/vocab) (< 0.001 for GPT-2's 47 rows), and training pushes them down again.
 `transformers` and `safetensors` are an optional extra (`pip install -e '.[hf]'`).
 
-The export is read alike by every `transformers` the `hf` extra allows (4.40 on). A model that scales its
-attention by the inverse layer index names eager attention in its config.json: before 5.4.0 (the fix is
-huggingface/transformers#44397), GPT-2's SDPA and FlashAttention paths silently ignore that scaling, and
-the later 4.x versions pick SDPA by default. Files get the permissions the user's umask gives (safetensors
+The export is read alike by every `transformers` the `hf` extra allows (4.40 on). Before 5.4.0 (the fix is
+huggingface/transformers#44397), GPT-2's SDPA and FlashAttention paths silently ignore
+`scale_attn_by_inverse_layer_idx`, the later 4.x versions pick SDPA by default, and `from_pretrained`
+overrides a config.json's `attn_implementation`. So a model that scales its attention by 1/(layer + 1) is
+exported with that factor folded into each layer's query projection (c_attn's q weights and bias) and the
+flag off: the same function under every attention path of every version. `LAYER_SCALE_KEY` records the
+fold, and importing such a folder undoes it. Files get the permissions the user's umask gives (safetensors
 writes 0600).
 """
 
@@ -22,6 +25,7 @@ import os
 import pickle
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ WEIGHTS_FILE = "model.safetensors"
 GENERATION_FILE = "generation_config.json"
 CARD_FILE = "README.md"
 TOKENIZER_KEY = "sophia_gpt_tokenizer"  # config.json: the tokenizer this project trained the model with
+LAYER_SCALE_KEY = "sophia_gpt_layer_scale_in_query"  # config.json: 1/(layer + 1) folded into c_attn's q
 # Fields a Hugging Face model must match exactly (block_size and vocab_size may be larger there: cut, padded)
 MATCHED = tuple(f.name for f in fields(GPTConfig)
                 if f.name not in ("block_size", "vocab_size", "dropout", "bias", "mlp_hidden"))
@@ -66,10 +71,11 @@ def require_hf() -> None:
 # ------------------------------------------------------------------------------------------------- export
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """config.json of the exported model: its architecture's keys, the real vocabulary, the EOT id, and eager
-    attention where 4.x's default attention would compute another function."""
+    """config.json of the exported model: its architecture's keys, the real vocabulary, the EOT id; a layer
+    scale folded into the queries (module docstring)."""
     architecture = architecture_for(config)
-    scaled = {"attn_implementation": "eager"} if config.scale_attn_by_inverse_layer_idx else {}
+    scaled = ({"scale_attn_by_inverse_layer_idx": False, LAYER_SCALE_KEY: True}
+              if config.scale_attn_by_inverse_layer_idx else {})
     return {"architectures": [architecture.name], "model_type": architecture.model_type,
             "vocab_size": tokenizer.vocab_size, **architecture.config(config),
             "bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id, TOKENIZER_KEY: tokenizer.name,
@@ -91,7 +97,23 @@ def to_hf_state(model: GPT, vocab_size: int) -> dict[str, Tensor]:
     if vocab_size > model.config.vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {model.config.vocab_size}")
     own = {name: p.detach().float().cpu() for name, p in model.state_dict().items()}
-    return to_hf_tensors(own, model.config, vocab_size)
+    tensors = to_hf_tensors(own, model.config, vocab_size)
+    if model.config.scale_attn_by_inverse_layer_idx:
+        fold_layer_scale(tensors, model.config.n_layer, model.config.n_embd, lambda layer: 1 / (layer + 1))
+    return tensors
+
+
+def fold_layer_scale(tensors: dict[str, Tensor], n_layer: int, n_embd: int,
+                     factor: Callable[[int], float]) -> None:
+    """Multiply each layer's query projection (the first n_embd outputs of GPT-2's c_attn, a Conv1D stored
+    (in, out), and its bias) by factor(layer): q·k scales by the same factor, as the layer scale does."""
+    for layer in range(n_layer):
+        for kind in ("weight", "bias"):
+            name = f"transformer.h.{layer}.attn.c_attn.{kind}"
+            if name in tensors:
+                tensor = tensors[name].clone()
+                tensor[..., :n_embd] *= factor(layer)
+                tensors[name] = tensor
 
 
 def write_export_files(model: GPT, tokenizer: Tokenizer, folder: Path, card: str | None = None) -> None:
@@ -185,7 +207,11 @@ def read_hf(source: str) -> tuple[Architecture, dict[str, Any], dict[str, Tensor
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load Hugging Face model {source!r} ({first}); pass an existing folder, or a "
                         "hub name with internet access (or one already in the Hugging Face cache)") from None
-    return architecture, hf_model.config.to_dict(), {k: v.detach() for k, v in hf_model.state_dict().items()}
+    hf, state = hf_model.config.to_dict(), {k: v.detach() for k, v in hf_model.state_dict().items()}
+    if hf.get(LAYER_SCALE_KEY):  # this project's export of a layer-scaled model: unfold it
+        fold_layer_scale(state, hf["n_layer"], hf["n_embd"], lambda layer: layer + 1)
+        hf["scale_attn_by_inverse_layer_idx"] = True
+    return architecture, hf, state
 
 
 def tokenizer_of(hf: dict[str, Any], source: str) -> Tokenizer:

@@ -3,7 +3,6 @@ the periodic evaluation in metrics.jsonl, and bad input as one line."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -152,9 +151,9 @@ def test_script_scores_a_run_and_reports_offline_hub_in_one_line(tmp_path, capsy
     write_checkpoint(random_byte_model(), run, "byte")
     data = write_items(tmp_path / "items.jsonl", ITEMS)
     script = str(REPO / "scripts" / "eval_hellaswag.py")
-    sys.path.insert(0, str(REPO / "scripts"))
-    importlib.import_module("eval_hellaswag").main([str(run), "--data", str(data), "--json",
-                                                     str(tmp_path / "out.json")])
+    from gpt.cli.eval_hellaswag import main
+
+    main([str(run), "--data", str(data), "--json", str(tmp_path / "out.json")])
     record = json.loads((tmp_path / "out.json").read_text())
     assert record["n"] == 3 and 0 <= record["acc"] <= 1 and 0 <= record["acc_norm"] <= 1
     assert "HellaSwag (3 items" in capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_exported_model_computes_the_same_logits(tmp_path, bias, scaled):
     model = random_model(bias=bias, **extra)
     export_hf(model, get_tokenizer("byte"), tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    assert hf.config.scale_attn_by_inverse_layer_idx == scaled
+    assert not hf.config.scale_attn_by_inverse_layer_idx  # a scaled model's factor is in its queries
     idx = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(idx)[0][..., :256]
@@ -147,19 +147,31 @@ def test_export_files_follow_the_umask(tmp_path, umask):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
 
 
-def test_scaled_attention_is_marked_eager_and_generation_config_samples_like_the_project(tmp_path):
-    """Wrong if a model scaling attention by layer is left to transformers 4.x's default SDPA (which ignores
-    the scaling: tests/gpt/test_hf_versions.py shows the difference), an unscaled one is forced to eager for
-    nothing, or generation_config.json does not stop at the end-of-text token or samples with other
-    settings than configs/sample.yaml's."""
+def test_scaled_attention_is_folded_into_the_queries_and_generation_config_samples_like_the_project(tmp_path):
+    """Wrong if a model scaling attention by layer is exported with the flag that transformers' SDPA before
+    5.4 ignores (tests/gpt/test_hf_versions.py runs that version), if the fold computes another function on
+    SDPA or eager attention, if importing the export does not give back the scaled model, or if
+    generation_config.json does not stop at the end-of-text token or samples with other settings than
+    configs/sample.yaml's."""
+    from gpt.eval.hf import LAYER_SCALE_KEY
     from gpt.sampling import sampling_defaults
 
-    export_hf(random_model(50304, scale_attn_by_inverse_layer_idx=True), get_tokenizer("gpt2"),
-              tmp_path / "scaled")
-    export_hf(random_model(), get_tokenizer("byte"), tmp_path / "plain")
+    model = random_model(50304, scale_attn_by_inverse_layer_idx=True)
+    export_hf(model, get_tokenizer("gpt2"), tmp_path / "scaled")
     config = json.loads((tmp_path / "scaled" / "config.json").read_text())
-    assert config["attn_implementation"] == "eager" and config["scale_attn_by_inverse_layer_idx"]
-    assert "attn_implementation" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config[LAYER_SCALE_KEY] and not config["scale_attn_by_inverse_layer_idx"]
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(ids)[0][..., :50257]
+        for attention in ("sdpa", "eager"):
+            hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "scaled",
+                                                              attn_implementation=attention)
+            torch.testing.assert_close(hf(ids).logits, ours, rtol=0, atol=1e-5)
+        back, _ = load_hf(str(tmp_path / "scaled"))
+        assert back.config.scale_attn_by_inverse_layer_idx
+        torch.testing.assert_close(back(ids)[0], ours, rtol=0, atol=1e-5)
+    export_hf(random_model(), get_tokenizer("byte"), tmp_path / "plain")
+    assert LAYER_SCALE_KEY not in json.loads((tmp_path / "plain" / "config.json").read_text())
     generation = transformers.GenerationConfig.from_pretrained(tmp_path / "scaled")
     defaults = sampling_defaults()
     assert generation.eos_token_id == generation.bos_token_id == generation.pad_token_id == 50256

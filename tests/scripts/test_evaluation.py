@@ -174,6 +174,8 @@ def test_harness_hf_model_runs_a_local_task_on_an_export(run, tmp_path, monkeypa
     needs) or scores the items otherwise than `sophia-gpt` does with this project's model and tokenizer."""
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")  # lm-eval's `hf` model needs it: the lm-eval extra installs lm-eval[hf]
+    import lm_eval.models.huggingface  # noqa: F401  (registers `hf`; lm-eval's CLI imports it, simple_evaluate not)
+
     from data.tokenizers import get_tokenizer
     from gpt.eval.hf import export_hf
     from gpt.eval.lm_eval_model import SophiaGPT

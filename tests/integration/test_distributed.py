@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -383,7 +384,7 @@ def test_error_found_by_rank_0_alone_stops_every_rank(runs, tmp_path):
         for rank in ranks:
             rank.kill()
     assert [rank.returncode for rank in ranks] == [2, 2], rank0_err[-2000:] + rank1_err[-2000:]
-    assert rank0_err.startswith("error: out_dir run holds a different experiment ("), rank0_err
+    assert re.match(r"error: out_dir \S*run holds a different experiment \(", rank0_err), rank0_err
     assert "optim.name: 'lion' -> 'adamw'" in rank0_err and rank0_err.count("\n") == 1
     assert rank1_err == ""
 

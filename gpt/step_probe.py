@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 PROBE_BUDGET_S = 1.0  # timed micro-steps go on until this long has passed (at least 1, at most 3)
+# At most this many tokens per timed micro-step: a longer micro-batch (a huge context) is timed on a shorter
+# one and scaled by the FLOPs, so that the probe itself never outlasts a stop signal's grace.
+PROBE_MAX_TOKENS = 4096
 FORWARD_SHARE = 1 / 3  # a forward's share of a forward+backward (2 of 6 FLOPs per parameter and token)
 
 
@@ -50,6 +53,12 @@ def time_micro_step(model: torch.nn.Module, micro_batch_size: int, block_size: i
                 break
     model.zero_grad(set_to_none=True)
     return best
+
+
+def probe_shape(micro_batch_size: int, block_size: int) -> tuple[int, int]:
+    """The (sequences, tokens each) timed: the run's micro-batch, or a part of it of PROBE_MAX_TOKENS."""
+    length = min(block_size, PROBE_MAX_TOKENS)
+    return max(1, min(micro_batch_size, PROBE_MAX_TOKENS // length)), length
 
 
 def cpu_estimate(micro_step_s: float, *, grad_accum_steps: int, micro_batch_size: int, compute_factor: float,

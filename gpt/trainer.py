@@ -59,7 +59,7 @@ from gpt.run_identity import check_compatible
 from gpt.run_paths import prefer_recorded_data, with_resolved_identity_paths
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
-from gpt.step_probe import CpuEstimate, cpu_estimate, time_micro_step
+from gpt.step_probe import CpuEstimate, cpu_estimate, probe_shape, time_micro_step
 from gpt.stop_signal import StopRequested, measured_cpu_flops, step_time_warning
 from optim import (
     GroupSchedule,
@@ -318,8 +318,11 @@ class Trainer:
         t, plan = self.settings.train, self.plan
         if self.runtime.device.type != "cpu" or t.dry_run or self.runtime.strategy == "fsdp":
             return None
-        micro_step_s = time_micro_step(self.model, plan.micro_batch_size, plan.block_size,
-                                       self.runtime.device, self.autocast)
+        sequences, length = probe_shape(plan.micro_batch_size, plan.block_size)
+        probe_s = time_micro_step(self.model, sequences, length, self.runtime.device, self.autocast)
+        flops = self.model.flops_per_token
+        micro_step_s = probe_s * (plan.micro_batch_size * plan.block_size * flops(plan.block_size)
+                                  / (sequences * length * flops(length)))
         return cpu_estimate(micro_step_s, grad_accum_steps=plan.grad_accum_steps,
                             micro_batch_size=plan.micro_batch_size,
                             compute_factor=self.flops_per_token / self.model.flops_per_token(),

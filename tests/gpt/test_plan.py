@@ -150,3 +150,15 @@ def test_a_cpu_run_plans_its_time_from_a_probe_of_its_model(tmp_path, byte_data,
     seconds = total * (60 if found[5] == "minutes" else 1)
     assert seconds == pytest.approx(2 * step + 2 * evaluation, rel=0.05)
     assert "time at 40% MFU on A100" in plan  # and the GPU table still
+
+
+def test_the_cpu_probe_times_at_most_its_token_budget_and_small_micro_batches_whole():
+    """Wrong if a huge context is timed whole (a 100,000-token forward takes longer than a stop signal's
+    grace, before the run has even started) or a micro-batch that fits is timed in part (the quick start's
+    estimate would then rest on a FLOPs scaling it does not need)."""
+    from gpt.step_probe import PROBE_MAX_TOKENS, probe_shape
+
+    assert probe_shape(16, 128) == (16, 128)
+    assert probe_shape(1, 100_000) == (1, PROBE_MAX_TOKENS)
+    sequences, length = probe_shape(64, 1024)
+    assert length == 1024 and sequences * length <= PROBE_MAX_TOKENS and sequences >= 1

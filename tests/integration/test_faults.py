@@ -656,7 +656,7 @@ BAD_CONFIGS = [
     (["data.tokenizer=gpt2", "data.auto_prepare=false"],
      ["prepared with other settings", "tokenizer", "python -m data.prepare"]),
     (["data.dir={tmp}/absent", "data.auto_prepare=false"],
-     ["no prepared data", "data.prepare data=shakespeare data.tokenizer=byte data.dir={tmp}/absent"]),
+     ["absent does not exist", "data.prepare data=shakespeare data.tokenizer=byte data.dir={tmp}/absent"]),
     (["model.n_layer=0"], ["model.n_layer must be at least 1 (got 0)"]),
     (["model.n_embd=0"], ["model.n_embd must be at least 1 (got 0)"]),
     (["model.dropout=2.0"], ["model.dropout=2.0 must be in [0, 1)"]),

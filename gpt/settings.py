@@ -10,6 +10,7 @@ record is what the run does, its paths absolute (`gpt.run_paths`).
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from gpt.config import BatchPlan, Settings, curvature_batch_size, parse_config
 from gpt.device_defaults import resolve_train_settings
 from gpt.distributed import environment_world_size, planned_device
-from gpt.run_paths import absolute_settings
+from gpt.run_paths import absolute_settings, prefer_recorded_data
 
 
 def load_settings(cfg: DictConfig, *, world_size: int | None = None, device: torch.device | None = None,
@@ -26,6 +27,8 @@ def load_settings(cfg: DictConfig, *, world_size: int | None = None, device: tor
     before any rendezvous) on `device` (default: the one this process will train on), whose GPUs have
     `gpu_memory` bytes (default: the device's own). A rule broken is a `UserError`, on every rank."""
     parsed = absolute_settings(parse_config(cfg))  # recorded absolute: the run folder reads from anywhere
+    if not parsed.train.dry_run:  # a resume from elsewhere reads the data folder the run recorded
+        parsed = prefer_recorded_data(parsed, Path(parsed.out_dir))
     world_size = environment_world_size() if world_size is None else world_size
     device = planned_device(parsed.train.device) if device is None else device
     train = resolve_train_settings(parsed, world_size, device, gpu_memory)

@@ -56,7 +56,7 @@ from gpt.plan import describe_plan, peak_flops, training_flops_per_token
 from gpt.protocol import micro_loss_divisor
 from gpt.run_dir import RunDirectory, disk_error, is_empty, read_config, remove_if_empty
 from gpt.run_identity import check_compatible
-from gpt.run_paths import prefer_recorded_data, with_resolved_identity_paths
+from gpt.run_paths import with_resolved_identity_paths
 from gpt.seeding import derive_seed
 from gpt.settings import load_settings
 from gpt.step_probe import CpuEstimate, cpu_estimate, probe_shape, time_micro_step
@@ -129,8 +129,6 @@ class Trainer:
         self.run_dir = run_dir or RunDirectory(settings.out_dir, runtime, lock=False)
         self.out_dir = self.run_dir.path
         self.run_dir.start_logging()
-        if not t.dry_run:
-            settings = prefer_recorded_data(settings, self.out_dir)
         self.settings, self.runtime, self.plan = settings, runtime, plan
         # the protocol's: the accumulation count (a mean), or 1 where the official AdamW script sums
         self.micro_loss_divisor = micro_loss_divisor(settings.protocol, settings.optim["name"], plan)

@@ -180,6 +180,18 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
                      vocab_size=50304)
 
 
+def pass_floor(variant: Variant, baseline: Variant | None, args: argparse.Namespace) -> float | None:
+    """The step ratio to AdamW that a Gauss-Newton-Bartlett pass cannot go below: every k steps, one forward
+    and backward over its sequences at the cost of AdamW's training forward and backward over as many, and
+    nothing else (no sampling, no update, an optimizer step as cheap as AdamW's). None without a GNB pass."""
+    if baseline is None or variant.schedule is None or variant.schedule.kind != "gnb":
+        return None
+    fwd_bwd = statistics.median(block["fwd_bwd"] for block in baseline.block_breakdowns)
+    step = statistics.median(baseline.block_seconds) / args.block
+    share = variant.schedule.batch_size / args.batch
+    return 1 + share * fwd_bwd / (variant.schedule.interval * step)
+
+
 def summarize(variant: Variant, baseline: Variant | None, args: argparse.Namespace, peak: float,
               flops_per_token: float) -> dict[str, Any]:
     ms_per_step = 1e3 * statistics.median(variant.block_seconds) / args.block
@@ -189,10 +201,14 @@ def summarize(variant: Variant, baseline: Variant | None, args: argparse.Namespa
     def median_ms(key: str) -> float:  # over blocks: one disturbed block does not skew the breakdown
         return 1e3 * statistics.median(block.get(key, 0.0) for block in variant.block_breakdowns)
 
+    ratio = statistics.median(ratios) if ratios else None
+    floor = pass_floor(variant, baseline, args)
     return {
         "variant": variant.name,
         "ms_per_step": ms_per_step,
-        "ratio_vs_adamw": statistics.median(ratios) if ratios else None,
+        "ratio_vs_adamw": ratio,
+        "floor_vs_adamw": floor,
+        "ratio_over_floor": ratio / floor if ratio is not None and floor is not None else None,
         "ratio_range": [min(ratios), max(ratios)] if ratios else None,
         "ratios_per_round": ratios,
         "breakdown_ms_per_step": {phase: median_ms(phase) for phase in PHASES},
@@ -289,13 +305,14 @@ def main() -> None:
 
     baseline = next((v for v in variants if v.name == "adamw"), None)
     results = [summarize(v, baseline, args, peak["flops"], flops_per_token) for v in variants]
-    header = (f"{'variant':<14} {'ms/step':>8} {'× AdamW':>8} {'fwd+bwd':>8} {'opt step':>9} "
+    header = (f"{'variant':<14} {'ms/step':>8} {'× AdamW':>8} {'floor':>6} {'fwd+bwd':>8} {'opt step':>9} "
               f"{'curv fwd':>9} {'sampling':>9} {'curv bwd':>9} {'curv upd':>9} {'tok/s':>7} {'MFU':>6}")
     print(header)
     for r in results:
         b, c = r["breakdown_ms_per_step"], r["curvature_ms_per_step"]
         ratio = f"{r['ratio_vs_adamw']:.3f}" if r["ratio_vs_adamw"] is not None else "-"
-        print(f"{r['variant']:<14} {r['ms_per_step']:8.1f} {ratio:>8} {b['fwd_bwd']:8.1f} "
+        floor = f"{r['floor_vs_adamw']:.3f}" if r["floor_vs_adamw"] is not None else "-"
+        print(f"{r['variant']:<14} {r['ms_per_step']:8.1f} {ratio:>8} {floor:>6} {b['fwd_bwd']:8.1f} "
               f"{b['optimizer_step']:9.1f} {c['forward']:9.1f} {c['sampling']:9.1f} {c['backward']:9.1f} "
               f"{c['update']:9.1f} {r['tokens_per_s']:7.0f} {r['mfu']:6.1%}")
     with open(args.out, "w") as f:

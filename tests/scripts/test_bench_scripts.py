@@ -31,6 +31,11 @@ def test_bench_step_times_the_curvature_pass_phases(tmp_path):
     adamw, sophia = report["results"]
     assert adamw["ratio_vs_adamw"] == 1.0 and sophia["steps"] == 2
     assert all(sophia["curvature_ms_per_step"][phase] > 0 for phase in ("forward", "sampling", "backward"))
+    # The floor: a pass every step (k = 1) over half the batch, at AdamW's forward+backward cost.
+    assert adamw["floor_vs_adamw"] is None
+    floor = 1 + 0.5 * adamw["breakdown_ms_per_step"]["fwd_bwd"] / adamw["ms_per_step"]
+    assert sophia["floor_vs_adamw"] == pytest.approx(floor)
+    assert sophia["ratio_over_floor"] == pytest.approx(sophia["ratio_vs_adamw"] / floor)
     for result in report["results"]:
         parts = sum(result["breakdown_ms_per_step"].values())
         assert 0 < parts <= result["ms_per_step"] * 1.001

@@ -80,10 +80,13 @@ def test_a_resume_changing_the_clip_is_refused_naming_it_and_keeps_the_record(tm
     """End to end: wrong if the resume trains on, or rewrites config.yaml (the record of how the first steps
     were trained), or does not name the key."""
     out = tmp_path / "run"
-    train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", "train.ckpt_interval=2")))
+    # The schedule's length is fixed apart from max_steps, so that the longer resume differs in nothing else.
+    fixed = ("train.ckpt_interval=2", "schedule.decay_steps=4")
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=2", *fixed)))
     before = (out / "config.yaml").read_text()
     for override, change in (("train.grad_clip=0.5", "train.grad_clip: 1.0 -> 0.5"),
                              ("train.dtype=bfloat16", "train.dtype: 'float32' -> 'bfloat16'")):
         with pytest.raises(UserError, match=re.escape(change)):
-            train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", override)))
+            train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", *fixed, override)))
         assert (out / "config.yaml").read_text() == before
+    train(compose_train(tiny_run(out, byte_data, "train.max_steps=4", *fixed)))  # without the change: resumes

@@ -77,7 +77,8 @@ def draw_sensitivity(state: StudyState, model: str, name: str, out: Path) -> Non
             values += [value for value, _ in points]
             log_scale = ladder.scale == "log"
         ax.set(xscale="log" if log_scale else "linear", xlim=_x_range(values, log_scale), xlabel=name,
-               ylabel="final validation loss (nats/token)\nat the tuning seed", title=f"{model}, {state.study.budgets[budget].label()}")
+               ylabel="final validation loss (nats/token)\nat the tuning seed",
+               title=f"{model}, {state.study.budgets[budget].label()}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle(f"sensitivity to {name}\n(★ tuned; × diverged)")
@@ -107,7 +108,8 @@ def draw_curves(state: StudyState, model: str, out: Path) -> None:
         if tops:
             margin = 0.05 * (max(tops) - min(bottoms)) or 0.05
             ax.set_ylim(min(bottoms) - margin, max(tops) + margin)
-        ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title=f"{model}, {state.study.budgets[budget].label()}")
+        ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)",
+               title=f"{model}, {state.study.budgets[budget].label()}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     figure.suptitle("validation loss of the tuned runs\n(mean over seeds, min–max band)")

@@ -30,6 +30,17 @@ def test_gpt2_matches_tiktoken_and_treats_special_text_as_text():
     assert tokenizer.encode_batch(TEXTS) == [reference.encode_ordinary(t) for t in TEXTS]
 
 
+def test_gpt2_arrays_equal_the_lists_even_with_lone_surrogates():
+    """Otherwise the token files (written from encode_arrays) differ from nanoGPT's encode_ordinary, or a
+    lone surrogate (possible in JSON input) fails a whole preparation. The reference repairs it by hand."""
+    reference = tiktoken.get_encoding("r50k_base")
+    texts = [*TEXTS, "broken \ud800 pair", "<|endoftext|> in text"]
+    arrays = get_tokenizer("gpt2").encode_arrays(texts)
+    for text, array in zip(texts, arrays, strict=True):
+        repaired = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        assert array.dtype.kind == "u" and array.tolist() == reference.encode_ordinary(repaired)
+
+
 @pytest.mark.parametrize("name", ["gpt2", "byte"])
 def test_round_trip(name):
     """Otherwise text would be lost or altered between a document and its tokens."""

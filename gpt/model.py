@@ -328,23 +328,30 @@ class GPT(nn.Module):
         tokens, not every token, so that the cache (`use_cache`) is rebuilt once per shift instead of the
         whole window being recomputed for every token. With or without the cache the windows, hence the
         tokens, are the same."""
+        from gpt.decode import Decoder  # here, not above: gpt.decode builds on this module
+
         block = self.config.block_size
         keep = max(1, block - max(1, block // 4))
         start = max(0, idx.shape[1] - block)
         cache, cached_start = None, None
+        # Dropout in training mode needs the modules; otherwise a token after the window's first is decoded
+        # by the lean one-token forward.
+        decoder = Decoder(self) if use_cache and not (self.training and self.config.dropout) else None
         finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for produced in range(max_new_tokens):
             if idx.shape[1] - start > block:
                 start = idx.shape[1] - keep
             if not use_cache:
-                logits = self(idx[:, start:])[0]
+                logits = self(idx[:, start:])[0][:, -1]
             elif cached_start != start:  # a new window: its tokens fill a new cache, as long as it can grow
                 capacity = min(block, idx.shape[1] - start + max_new_tokens - produced)
                 cache, cached_start = KVCache(self.config.n_layer, capacity), start
-                logits = self(idx[:, start:], cache=cache)[0]
+                logits = self(idx[:, start:], cache=cache)[0][:, -1]
+            elif decoder is not None:
+                logits = decoder.step(idx[:, -1:], cache)
             else:
-                logits = self(idx[:, -1:], cache=cache)[0]
-            token = next_tokens(logits[:, -1, :], temperature, top_k, top_p)
+                logits = self(idx[:, -1:], cache=cache)[0][:, -1]
+            token = next_tokens(logits, temperature, top_k, top_p)
             if stop_id is not None:
                 token = torch.where(finished[:, None], stop_id, token)
                 finished |= token[:, 0] == stop_id

@@ -151,7 +151,7 @@ def test_llama_parameter_count_matches_llama_2_7b():
 
 # ----------------------------------------------------------------------------------- generation, cached
 
-@pytest.mark.parametrize("name", ["gpt2", "neox", "llama"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_cached_greedy_decoding_equals_recomputing_the_window(name):
     """Wrong if a cached key or value, a rotary position after the prompt, or the window's shift once the
     context is full (35 tokens on a 16-token model: shifts by 4 at 17, 21, ...) differ between the paths."""
@@ -162,6 +162,40 @@ def test_cached_greedy_decoding_equals_recomputing_the_window(name):
     long_prompt = tokens(2, 20)  # longer than the context: cropped to its last 16 tokens, as before
     assert torch.equal(model.generate(long_prompt, 10, temperature=0),
                        model.generate(long_prompt, 10, temperature=0, use_cache=False))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_token_decoder_gives_the_forward_passs_logits(name, dtype, tolerance):
+    """Wrong if the lean one-token forward (gpt/decode.py) leaves out or reorders anything the module forward
+    does: a bias, a norm's kind or eps, rotary positions, the parallel block, SwiGLU's gate, the score scale
+    or the cache's positions. The reference is a plain forward over the whole sequence, no cache."""
+    from gpt.decode import Decoder
+    from gpt.model import KVCache
+
+    model = small(name).to(dtype)
+    seq = tokens(2, 4)
+    cache = KVCache(model.config.n_layer, model.config.block_size)
+    with torch.no_grad():
+        model(seq, cache=cache)
+        decoder = Decoder(model)
+        for _ in range(model.config.block_size - seq.shape[1]):
+            seq = torch.cat([seq, tokens(2, 1, seed=seq.shape[1])], dim=1)
+            step = decoder.step(seq[:, -1:], cache)
+            torch.testing.assert_close(step, model(seq)[0][:, -1], rtol=tolerance, atol=tolerance)
+    assert cache.length == model.config.block_size
+
+
+def test_generate_in_training_mode_with_dropout_decodes_through_the_modules():
+    """The lean decoder has no dropout: in training mode with dropout the modules decode every token (a hook
+    on the first block sees one-token forwards); in eval mode only the window's first forward reaches them."""
+    model = small("gpt2", dropout=0.5)
+    lengths = []
+    model.transformer.h[0].register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    model.generate(tokens(1, 3), 6, temperature=0)
+    assert lengths == [3]
+    model.train().generate(tokens(1, 3), 6, temperature=0)
+    assert lengths[1:] == [3, 1, 1, 1, 1, 1]
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

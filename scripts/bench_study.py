@@ -33,15 +33,15 @@ from gpt.study.state import StudyState
 
 from study import compose_study
 
-TOKENS_PER_STEP = 16 * 128  # the CPU study's batch
 
-
-def bench_study(runs: int, steps: int, work: Path) -> Any:
-    """The CPU study reduced to `runs` seeds of AdamW at `steps` steps, its runs under `work`."""
-    name, node, _ = compose_study(["study=cpu"])
+def bench_study(runs: int, steps: int, work: Path, overrides: list[str]) -> Any:
+    """The CPU study (with the study `overrides`) reduced to `runs` seeds of AdamW at `steps` steps, its runs
+    under `work`."""
+    name, node, _ = compose_study(["study=cpu", *overrides])
     node.update(optimizers={"adamw": {}}, tune={}, seeds=list(range(runs)), tuning_seed=0,
-                budgets=[{"tokens": steps * TOKENS_PER_STEP}], out_dir=str(work / "study"),
-                run_root=str(work / "runs"))
+                out_dir=str(work / "study"), run_root=str(work / "runs"))
+    tokens_per_step = resolve_arms(load_study(node, name))[0].tokens_per_step
+    node.update(budgets=[{"tokens": steps * tokens_per_step}])
     study = load_study(node, name)
     return study, resolve_arms(study)
 
@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repetitions of both ways")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_study"), help="scratch folder")
     parser.add_argument("--out", type=Path, default=Path("bench_study.json"))
+    parser.add_argument("overrides", nargs="*", help="overrides of the study file, e.g. smaller runs: "
+                        "study.overrides.model.n_embd=64")
     args = parser.parse_args(argv)
     cores = usable_cores()
-    study, arms = bench_study(args.runs, args.steps, args.work)
+    study, arms = bench_study(args.runs, args.steps, args.work, args.overrides)
     prepare_data(arms)
     ways = {"parallel": (cores, 1), "sequential": (1, cores)}
     seconds: dict[str, list[float]] = {way: [] for way in ways}
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {way} | {parallel} × {threads} | {medians[way]:.1f} | "
               f"{medians[way] / medians['sequential']:.2f}× |")
     print(f"\nratio parallel / sequential: {ratio:.2f} (a study wants it at most 0.67)")
-    record = {"runs": args.runs, "steps": args.steps, "repeats": args.repeats, "cores": cores,
+    record = {"runs": args.runs, "steps": args.steps, "repeats": args.repeats, "overrides": args.overrides,
+              "model": arms[0].model, "parameters": arms[0].params,
+              "tokens_per_step": arms[0].tokens_per_step, "cores": cores,
               "machine": machine(), "seconds": seconds, "median_seconds": medians,
               "ratio_parallel_to_sequential": ratio, "ways": {w: {"parallel": p, "threads": t}
                                                               for w, (p, t) in ways.items()}}

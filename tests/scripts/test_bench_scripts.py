@@ -69,8 +69,16 @@ def test_bench_prepare_hash_rate_extrapolates_to_openwebtext(tmp_path):
 def test_bench_study_times_the_same_runs_both_ways(tmp_path):
     """Otherwise the runner's two ways are timed on different work, or one of them trains nothing: both
     train every run from scratch (the scratch folder is gone afterwards) and the ratio is of their medians."""
-    report = run_script("bench_study", tmp_path, "--runs", "2", "--steps", "41", "--repeats", "1",
-                        "--work", str(tmp_path / "work"))
+    small = ["+study.overrides.model.n_layer=2", "+study.overrides.model.n_embd=64",
+             "+study.overrides.model.block_size=32", "study.overrides.train.global_batch_size=8",
+             "study.overrides.train.micro_batch_size=8", "study.overrides.schedule.warmup_steps=2"]
+    report = run_script("bench_study", tmp_path, "--runs", "2", "--steps", "12", "--repeats", "1",
+                        "--work", str(tmp_path / "work"), *small)
+    # The overrides reach the runs: 8 × 32 tokens a step, and 2 layers × 64 with a 256-byte vocabulary and
+    # 32 positions: tables 256·64 + 32·64, per layer 4·64² (attention) + 8·64² (MLP) + 2·64 (norms), a
+    # final norm.
+    assert report["tokens_per_step"] == 256 and report["overrides"] == small
+    assert report["parameters"] == 256 * 64 + 32 * 64 + 2 * (12 * 64 * 64 + 2 * 64) + 64
     parallel, sequential = report["median_seconds"]["parallel"], report["median_seconds"]["sequential"]
     assert report["ways"]["parallel"]["threads"] == 1 and report["ways"]["sequential"]["parallel"] == 1
     assert report["ratio_parallel_to_sequential"] == pytest.approx(parallel / sequential)

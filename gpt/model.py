@@ -10,7 +10,8 @@ Llama-style is rotary + RMSNorm + SwiGLU, no biases, untied. Every family has ca
 `scaled_dot_product_attention`, the GPT-2 initialisation (N(0, 0.02), residual projections scaled by
 1/√(2·n_layer)) and, as an option, the official Sophia runs' division of layer l's attention scores by
 l + 1 (`scale_attn_by_inverse_layer_idx`, Hugging Face's name). `generate` decodes with a cache of keys and
-values. Parallelism, precision and compilation wrap this module from outside.
+values, each token after a window's first through the lean one-token forward of gpt/decode.py.
+Parallelism, precision and compilation wrap this module from outside.
 """
 
 from __future__ import annotations

@@ -100,9 +100,11 @@ class Decoder:
             x = x + self.wpe[pos]
         rope = (self.cos[pos:pos + 1], self.sin[pos:pos + 1]) if config.positions == "rotary" else None
         for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(layer.norm_1(x)).view(B, 3, H, 1, C // H).unbind(1)
-            if rope is not None:
-                q, k = rotate(q, *rope), rotate(k, *rope)
+            qkv = layer.qkv(layer.norm_1(x)).view(B, 3, H, 1, C // H)
+            if rope is None:
+                q, k, v = qkv.unbind(1)
+            else:  # queries and keys rotated in one call
+                (q, k), v = rotate(qkv[:, :2], *rope).unbind(1), qkv[:, 2]
             keys, values = cache.update(i, k, v)
             y = F.scaled_dot_product_attention(q, keys, values, scale=layer.scale).reshape(B, C)
             if config.block == "parallel":

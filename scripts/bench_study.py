@@ -1,7 +1,7 @@
 """Benchmark the study runner: a batch of small runs several at once (one thread each) against the same runs
 one after another with every thread, on this machine.
 
-    python scripts/bench_study.py [--runs 4] [--steps 300] [--repeats 3] [--out bench_study.json]
+    python scripts/bench_study.py [--runs 4] [--steps 300] [--repeats 3] [--out FILE] [OVERRIDE ...]
 
 The runs are the CPU study's (configs/study/cpu.yaml: the 0.84M-parameter byte-level GPT, 16 × 128 tokens per
 step) with AdamW at its configured rate, one run per seed, `--steps` steps each. Both ways train the same runs
@@ -9,7 +9,8 @@ from scratch, through the study's own local launcher (each run a `python train.p
 as many runs at once as there are usable cores, one thread each; "sequential" one run at a time with all
 cores' threads. They alternate, `--repeats` times, so that a change of load hits both; the table gives each
 way's median wall-clock and the ratio of the medians (a study wants it at most 2/3), and the JSON every
-repetition and the machine. Time a quiet machine: other processes on the cores decide these numbers.
+repetition and the machine. Study overrides after the options change the runs' shape (docs/study.md times a
+smaller model this way). Time a quiet machine: other processes on the cores decide these numbers.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class Layer(NamedTuple):
     up: Linear  # c_fc
     gate: Linear | None  # SwiGLU's c_gate
     down: Linear  # the MLP's c_proj
+    activation: nn.Module  # the MLP's own
     scale: float | None
 
 
@@ -76,18 +77,17 @@ class Decoder:
         self.layers = [
             Layer(norm(block.ln_1), norm(block.ln_2), linear(block.attn.c_attn), linear(block.attn.c_proj),
                   linear(block.mlp.c_fc), linear(block.mlp.c_gate) if config.mlp == "swiglu" else None,
-                  linear(block.mlp.c_proj), block.attn.scale)
+                  linear(block.mlp.c_proj), block.mlp.act, block.attn.scale)
             for block in model.transformer.h
         ]
         self.norm_f = norm(model.transformer.ln_f)
         self.head = Linear(model.lm_head.weight.t(), None)
-        activations = {"gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "gelu": F.gelu}
-        self.activation = activations.get(config.mlp)
 
-    def mlp(self, layer: Layer, x: Tensor, residual: Tensor) -> Tensor:
+    @staticmethod
+    def mlp(layer: Layer, x: Tensor, residual: Tensor) -> Tensor:
         if layer.gate is None:
-            return layer.down(self.activation(layer.up(x)), residual)
-        return layer.down(F.silu(layer.gate(x)) * layer.up(x), residual)
+            return layer.down(layer.activation(layer.up(x)), residual)
+        return layer.down(layer.activation(layer.gate(x)) * layer.up(x), residual)
 
     @torch.inference_mode()
     def step(self, token: Tensor, cache: KVCache) -> Tensor:
